@@ -1,0 +1,32 @@
+# `make run` and `make test` work on a fresh machine: both set everything up first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHONPATH := $(CURDIR)/services
+
+.PHONY: setup run test lint proto bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(PY) -m clawdbot.runner
+
+lint: setup
+	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(PY) -m pytest
+
+proto: setup
+	$(PY) -m clawdbot.devtools.protogen
+	$(PY) -m clawdbot.runner.envoy_config
+
+bench: setup
+	@bash scripts/setup.sh wrk
+	$(PY) -m clawdbot.devtools.bench
+
+clean:
+	rm -rf .clawdbot/run .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Installs everything Clawdbot needs to run and test, on a fresh Debian machine or an
+# existing checkout: build tools, the virtualenv with pinned Python packages, the local
+# model runtime (llama-cpp-python, built once and cached as a wheel), and grpcurl.
+# Idempotent: a stamp skips the Python part when nothing it depends on changed.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${CLAWDBOT_VENV:-$ROOT/.venv}
+CACHE=${CLAWDBOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/clawdbot}
+WHEELS=$CACHE/wheels
+TOOLS=$ROOT/.tools/bin
+LLAMA_VERSION=0.3.36
+GRPCURL_VERSION=v1.9.4
+PYTHON=${PYTHON:-python3}
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+apt_install() {
+  # Only what is missing, so a ready machine never touches apt.
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  say "installing Debian packages: ${missing[*]}"
+  local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# Compilers for llama.cpp, Go for grpcurl, venv support for Python.
+command -v cmake >/dev/null && command -v g++ >/dev/null || apt_install build-essential cmake
+command -v go >/dev/null || apt_install golang-go
+"$PYTHON" -c 'import ensurepip' 2>/dev/null || apt_install python3-venv
+for extra in "$@"; do apt_install "$extra"; done
+
+stamp_input() { cat pyproject.toml scripts/setup.sh; "$PYTHON" --version; }
+STAMP=$VENV/.clawdbot-setup
+want=$(stamp_input | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+  say "python environment up to date ($VENV)"
+else
+  [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+  "$VENV/bin/pip" install -q --upgrade pip wheel
+  mkdir -p "$WHEELS"
+  if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
+    say "building llama-cpp-python $LLAMA_VERSION from source (about ten minutes, once; cached in $WHEELS)"
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$VENV/bin/pip" wheel -q --no-deps \
+      "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
+  fi
+  say "installing Python packages"
+  "$VENV/bin/pip" install -q --find-links "$WHEELS" -e ".[dev,local]"
+  echo "$want" > "$STAMP"
+fi
+
+if [ ! -x "$TOOLS/grpcurl" ]; then
+  say "installing grpcurl $GRPCURL_VERSION"
+  mkdir -p "$TOOLS"
+  GOBIN=$TOOLS GOFLAGS=-mod=mod go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+fi
+say "ready"

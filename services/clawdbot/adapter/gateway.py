@@ -1,0 +1,109 @@
+"""The protocol-independent core of the adapter.
+
+Every protocol plugin turns what it received into a ModelRequest (through accept() and
+model_request()) and hands it here; this is where the router is called, traced, timed
+and counted, so REST, gRPC and WebSocket behave the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+
+import grpc
+import orjson
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from clawdbot.adapter.auth import Authenticator
+from clawdbot.adapter.metadata import build_meta
+from clawdbot.adapter.openai_requests import ParsedRequest
+from clawdbot.common.errors import GatewayError
+from clawdbot.common.logging import request_id_var
+from clawdbot.common.metrics import Metrics
+from clawdbot.common.telemetry import extract_context, inject_headers
+from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, router: router_pb2_grpc.RouterStub, auth: Authenticator, metrics: Metrics,
+                 router_timeout_s: float) -> None:
+        self._router = router
+        self._auth = auth
+        self._metrics = metrics
+        self._timeout = router_timeout_s
+        self._tracer = trace.get_tracer("clawdbot.adapter")
+
+    # --- intake ------------------------------------------------------------------------
+
+    def accept(self, headers: Mapping[str, str], protocol: str, peer: str = "",
+               api_key: str | None = None) -> router_pb2.RequestMeta:
+        """Authenticate and describe the caller. Raises GatewayError(401)."""
+        key_id = self._auth.check_key(api_key) if api_key else self._auth.check(headers.get("authorization"))
+        meta = build_meta(headers, protocol, key_id, peer)
+        request_id_var.set(meta.request_id)
+        return meta
+
+    @staticmethod
+    def model_request(parsed: ParsedRequest, meta: router_pb2.RequestMeta, raw: bytes | None) -> router_pb2.ModelRequest:
+        return router_pb2.ModelRequest(
+            meta=meta, task=parsed.task, model=parsed.model, stream=parsed.stream,
+            openai_json=raw if raw is not None else orjson.dumps(parsed.body),
+        )
+
+    @contextlib.contextmanager
+    def span(self, name: str, headers: Mapping[str, str], protocol: str) -> Iterator[Span]:
+        with self._tracer.start_as_current_span(name, context=extract_context(headers), kind=SpanKind.SERVER) as span:
+            span.set_attribute("clawdbot.protocol", protocol)
+            yield span
+
+    def record(self, operation: str, protocol: str, status: int, started: float) -> None:
+        self._metrics.requests.labels("adapter", operation, protocol, str(status)).inc()
+        self._metrics.request_duration.labels("adapter", operation, protocol).observe(time.perf_counter() - started)
+
+    # --- calls to the router -------------------------------------------------------------
+
+    def _call_metadata(self) -> list[tuple[str, str]]:
+        return list(inject_headers().items())
+
+    async def complete(self, request: router_pb2.ModelRequest) -> router_pb2.ModelResponse:
+        try:
+            response: router_pb2.ModelResponse = await self._router.Complete(
+                request, timeout=self._timeout, metadata=self._call_metadata()
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self._failure(err) from None
+        return response
+
+    async def stream(self, request: router_pb2.ModelRequest) -> AsyncIterator[router_pb2.StreamEvent]:
+        """Events from the router. GatewayError before or during the stream."""
+        call = self._router.CompleteStream(request, timeout=self._timeout, metadata=self._call_metadata())
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as err:
+            raise self._failure(err) from None
+        finally:
+            # An abandoned stream (client went away) must not keep the upstream busy.
+            call.cancel()
+
+    async def list_models(self, meta: router_pb2.RequestMeta) -> list[router_pb2.ModelInfo]:
+        try:
+            response = await self._router.ListModels(
+                router_pb2.RouterListModelsRequest(meta=meta), timeout=10.0, metadata=self._call_metadata()
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self._failure(err) from None
+        return list(response.models)
+
+    def _failure(self, err: grpc.aio.AioRpcError) -> GatewayError:
+        failure = GatewayError.from_rpc_error(err, "router")
+        span = trace.get_current_span()
+        span.set_status(Status(StatusCode.ERROR, failure.message))
+        if failure.status >= 500:
+            log.warning("router call failed", extra={"status": failure.status, "error": failure.message})
+        return failure

@@ -1,0 +1,163 @@
+"""Parse and check OpenAI request bodies, once, whatever protocol they came on.
+
+Only the fields the gateway relies on are checked (a wrong type there would fail later
+in a confusing way); every other field, known or not, passes through untouched.
+Messages copy OpenAI's own wording, so SDK users see familiar errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from clawdbot.common.errors import GatewayError
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_TYPE_WORDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+               float: "a decimal", type(None): "null"}
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    task: str
+    model: str
+    stream: bool
+    include_usage: bool
+    body: dict[str, Any]
+
+
+def _kind(value: Any) -> str:
+    return _TYPE_WORDS.get(type(value), type(value).__name__)
+
+
+def _wrong_type(param: str, expected: str, value: Any) -> GatewayError:
+    return GatewayError.bad_request(
+        f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead.",
+        param, "invalid_type",
+    )
+
+
+def _missing(param: str) -> GatewayError:
+    return GatewayError.bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+
+
+def load_json_object(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise GatewayError.bad_request("The request body is empty; expected a JSON object.", None, "invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError.bad_request(
+            f"We could not parse the JSON body of your request ({exc}).", None, "invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise GatewayError.bad_request(
+            f"The request body must be a JSON object, not {_kind(body)}.", None, "invalid_json"
+        )
+    return body
+
+
+def _model(body: dict[str, Any]) -> str:
+    if "model" not in body:
+        raise _missing("model")
+    model = body["model"]
+    if not isinstance(model, str):
+        raise _wrong_type("model", "a string", model)
+    if not model.strip():
+        raise GatewayError.bad_request("'model' must not be empty.", "model", "invalid_value")
+    return model
+
+
+def _optional(body: dict[str, Any], param: str, types: tuple[type, ...], expected: str) -> Any:
+    value = body.get(param)
+    # bool is an int in Python, but never a valid number in these fields.
+    if value is not None and (isinstance(value, bool) and bool not in types or not isinstance(value, types)):
+        raise _wrong_type(param, expected, value)
+    return value
+
+
+def _check_messages(body: dict[str, Any]) -> None:
+    if "messages" not in body:
+        raise _missing("messages")
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise _wrong_type("messages", "an array", messages)
+    if not messages:
+        raise GatewayError.bad_request(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.", "messages", "empty_array"
+        )
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _wrong_type(where, "an object", message)
+        role = message.get("role")
+        if role is None:
+            raise _missing(f"{where}.role")
+        if not isinstance(role, str):
+            raise _wrong_type(f"{where}.role", "a string", role)
+        if role not in _ROLES:
+            raise GatewayError.bad_request(
+                f"Invalid value for '{where}.role': '{role}'. Supported values are: "
+                + ", ".join(f"'{r}'" for r in sorted(_ROLES)) + ".",
+                f"{where}.role", "invalid_value",
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise _wrong_type(f"{where}.content", "a string or an array of content parts", content)
+
+
+def parse_chat(body: dict[str, Any]) -> ParsedRequest:
+    model = _model(body)
+    _check_messages(body)
+    stream = _optional(body, "stream", (bool,), "a boolean") or False
+    options = _optional(body, "stream_options", (dict,), "an object") or {}
+    include_usage = _optional(options, "include_usage", (bool,), "a boolean") if options else False
+    for param in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        _optional(body, param, (int, float), "a decimal")
+    for param in ("max_tokens", "max_completion_tokens", "n", "seed"):
+        value = _optional(body, param, (int,), "an integer")
+        if value is not None and param != "seed" and value < 1:
+            raise GatewayError.bad_request(
+                f"Invalid '{param}': integer below minimum value. Expected a value >= 1, but got {value} instead.",
+                param, "integer_below_min_value",
+            )
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+        isinstance(stop, list) and all(isinstance(s, str) for s in stop)
+    ):
+        raise _wrong_type("stop", "a string or an array of strings", stop)
+    _optional(body, "user", (str,), "a string")
+    return ParsedRequest("chat", model, bool(stream), bool(include_usage), body)
+
+
+def parse_embeddings(body: dict[str, Any]) -> ParsedRequest:
+    model = _model(body)
+    if "input" not in body:
+        raise _missing("input")
+    value = body["input"]
+    valid = isinstance(value, str) or (
+        isinstance(value, list)
+        and value
+        and (
+            all(isinstance(v, str) for v in value)
+            or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value)
+        )
+    )
+    if not valid:
+        if isinstance(value, list) and not value:
+            raise GatewayError.bad_request("'input' must not be empty.", "input", "empty_array")
+        raise _wrong_type("input", "a string, an array of strings or an array of token arrays", value)
+    fmt = _optional(body, "encoding_format", (str,), "a string")
+    if fmt is not None and fmt not in ("float", "base64"):
+        raise GatewayError.bad_request(
+            f"Invalid value for 'encoding_format': '{fmt}'. Supported values are: 'float' and 'base64'.",
+            "encoding_format", "invalid_value",
+        )
+    dims = _optional(body, "dimensions", (int,), "an integer")
+    if dims is not None and dims < 1:
+        raise GatewayError.bad_request("'dimensions' must be at least 1.", "dimensions", "integer_below_min_value")
+    _optional(body, "user", (str,), "a string")
+    return ParsedRequest("embeddings", model, False, False, body)

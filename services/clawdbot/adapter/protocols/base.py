@@ -1,0 +1,63 @@
+"""The protocol plugin contract.
+
+A protocol is a module exposing `create_protocol() -> ProtocolPlugin`. Its install()
+gets a ProtocolContext and wires itself in: Gateway gRPC methods (set on the servicer),
+HTTP routes (added to the adapter's aiohttp app), shutdown hooks. Adding a protocol is a
+new module plus a line of config (`adapter.protocol_modules: {name: module}` and the name
+in `adapter.types` / ADAPTER_TYPES).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from clawdbot.adapter.gateway import Gateway
+from clawdbot.common.config import Config
+from clawdbot.common.errors import GatewayError
+from clawdbot.common.service import ServiceHost
+from clawdbot.gen.v1 import gateway_pb2_grpc
+
+BUILTIN_PROTOCOLS: Mapping[str, str] = {
+    "rest": "clawdbot.adapter.protocols.rest",
+    "grpc": "clawdbot.adapter.protocols.grpc_typed",
+    "ws": "clawdbot.adapter.protocols.websocket",
+}
+
+
+@dataclass(frozen=True)
+class ProtocolContext:
+    config: Config
+    gateway: Gateway
+    servicer: gateway_pb2_grpc.GatewayServicer
+    host: ServiceHost
+
+
+class ProtocolPlugin(Protocol):
+    name: str
+
+    def install(self, ctx: ProtocolContext) -> None: ...
+
+
+def load_protocols(config: Config) -> list[ProtocolPlugin]:
+    modules = {**BUILTIN_PROTOCOLS, **config.adapter.protocol_modules}
+    plugins: list[ProtocolPlugin] = []
+    for name in config.adapter.types:
+        module = importlib.import_module(modules[name])
+        plugin: ProtocolPlugin = module.create_protocol()
+        plugins.append(plugin)
+    return plugins
+
+
+def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """Invocation metadata as a dict of text values (what Envoy forwarded as headers)."""
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+async def abort_grpc(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
+    """End a typed gRPC call with the error's status and its OpenAI-shaped copy."""
+    await context.abort(err.grpc_code(), err.message, trailing_metadata=err.trailing_metadata())

@@ -1,0 +1,141 @@
+"""gRPC: the typed Gateway methods (grpcurl, generated clients).
+
+Typed messages are mapped to OpenAI JSON by json_format (field names match OpenAI's),
+`extra` is merged in as-is, and from there the request follows the same path as REST.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import orjson
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from clawdbot.adapter.openai_requests import ParsedRequest, parse_chat, parse_embeddings
+from clawdbot.adapter.protocols.base import ProtocolContext, abort_grpc, metadata_dict
+from clawdbot.common.errors import GatewayError, internal_error
+from clawdbot.gen.v1 import gateway_pb2
+
+log = logging.getLogger(__name__)
+
+
+def to_openai(message: Message) -> dict[str, Any]:
+    body = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    extra = body.pop("extra", None)
+    if isinstance(extra, dict):
+        for key, value in extra.items():
+            body.setdefault(key, value)
+    return body
+
+
+def from_openai(data: bytes, message: Message) -> Message:
+    json_format.ParseDict(orjson.loads(data), message, ignore_unknown_fields=True)
+    return message
+
+
+class GrpcProtocol:
+    name = "grpc"
+
+    def install(self, ctx: ProtocolContext) -> None:
+        self._gateway = ctx.gateway
+        servicer = ctx.servicer
+        servicer.CreateChatCompletion = self.create_chat_completion  # type: ignore[method-assign]
+        servicer.StreamChatCompletion = self.stream_chat_completion  # type: ignore[method-assign]
+        servicer.CreateEmbeddings = self.create_embeddings  # type: ignore[method-assign]
+        servicer.ListModels = self.list_models  # type: ignore[method-assign]
+
+    async def _unary(self, operation: str, parsed_of: Any, request: Message, reply: Message,
+                     context: grpc.aio.ServicerContext) -> Message:
+        started = time.perf_counter()
+        headers = metadata_dict(context)
+        status = 200
+        with self._gateway.span(f"grpc {operation}", headers, "grpc"):
+            try:
+                meta = self._gateway.accept(headers, "grpc", context.peer())
+                parsed: ParsedRequest = parsed_of(to_openai(request))
+                response = await self._gateway.complete(self._gateway.model_request(parsed, meta, None))
+                await context.send_initial_metadata([("x-clawdbot-instance", response.instance)])
+                return from_openai(response.openai_json, reply)
+            except GatewayError as err:
+                status = err.status
+                await abort_grpc(context, err)
+            except Exception:
+                log.exception("%s failed", operation)
+                status = 500
+                await abort_grpc(context, internal_error())
+            finally:
+                self._gateway.record(operation, "grpc", status, started)
+        raise AssertionError("unreachable: abort raises")
+
+    async def create_chat_completion(
+        self, request: gateway_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> Message:
+        def parsed_of(body: dict[str, Any]) -> ParsedRequest:
+            body["stream"] = False
+            return parse_chat(body)
+
+        return await self._unary("chat", parsed_of, request, gateway_pb2.ChatCompletion(), context)
+
+    async def create_embeddings(
+        self, request: gateway_pb2.EmbeddingsRequest, context: grpc.aio.ServicerContext
+    ) -> Message:
+        def parsed_of(body: dict[str, Any]) -> ParsedRequest:
+            body["encoding_format"] = "float"  # the typed reply holds floats
+            return parse_embeddings(body)
+
+        return await self._unary("embeddings", parsed_of, request, gateway_pb2.EmbeddingsResponse(), context)
+
+    async def stream_chat_completion(
+        self, request: gateway_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.ChatCompletionChunk]:
+        started = time.perf_counter()
+        headers = metadata_dict(context)
+        status = 200
+        with self._gateway.span("grpc chat.stream", headers, "grpc"):
+            try:
+                meta = self._gateway.accept(headers, "grpc", context.peer())
+                body = to_openai(request)
+                body["stream"] = True
+                parsed = parse_chat(body)
+                model_request = self._gateway.model_request(parsed, meta, None)
+                async with contextlib.aclosing(self._gateway.stream(model_request)) as events:
+                    async for event in events:
+                        if event.HasField("instance"):
+                            await context.send_initial_metadata([("x-clawdbot-instance", event.instance)])
+                        else:
+                            chunk = from_openai(event.chunk_json, gateway_pb2.ChatCompletionChunk())
+                            yield chunk  # type: ignore[misc]
+            except GatewayError as err:
+                status = err.status
+                await abort_grpc(context, err)
+            except Exception:
+                log.exception("chat stream failed")
+                status = 500
+                await abort_grpc(context, internal_error())
+            finally:
+                self._gateway.record("chat", "grpc", status, started)
+
+    async def list_models(
+        self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListModelsResponse:
+        headers = metadata_dict(context)
+        try:
+            meta = self._gateway.accept(headers, "grpc", context.peer())
+            models = await self._gateway.list_models(meta)
+        except GatewayError as err:
+            await abort_grpc(context, err)
+            raise
+        return gateway_pb2.ListModelsResponse(
+            object="list",
+            data=[gateway_pb2.Model(id=m.id, object="model", created=m.created, owned_by=m.owned_by) for m in models],
+        )
+
+
+def create_protocol() -> GrpcProtocol:
+    return GrpcProtocol()

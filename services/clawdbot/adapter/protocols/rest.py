@@ -1,0 +1,155 @@
+"""REST: the OpenAI routes, as Envoy's gRPC-JSON transcoder delivers them.
+
+Bodies arrive and leave as google.api.HttpBody, so the caller's JSON (unknown fields
+included) reaches the router byte for byte, and SSE leaves exactly as OpenAI frames it.
+Errors are OpenAI-shaped JSON bodies; their HTTP status rides in the x-clawdbot-status
+response header, which Envoy's Lua filter moves into :status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import orjson
+from google.api import httpbody_pb2
+from google.protobuf import empty_pb2
+
+from clawdbot.adapter.openai_requests import load_json_object, parse_chat, parse_embeddings
+from clawdbot.adapter.protocols.base import ProtocolContext, metadata_dict
+from clawdbot.common.errors import GatewayError, internal_error
+from clawdbot.gen.v1 import router_pb2
+
+log = logging.getLogger(__name__)
+
+STATUS_HEADER = "x-clawdbot-status"
+JSON = "application/json"
+SSE = "text/event-stream"
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+def models_json(models: list[router_pb2.ModelInfo]) -> bytes:
+    return orjson.dumps(
+        {"object": "list",
+         "data": [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by} for m in models]}
+    )
+
+
+class RestProtocol:
+    name = "rest"
+
+    def install(self, ctx: ProtocolContext) -> None:
+        self._gateway = ctx.gateway
+        servicer = ctx.servicer
+        # The generated add_GatewayServicer_to_server reads these attributes by name.
+        servicer.ChatCompletionsHttp = self.chat_completions  # type: ignore[method-assign]
+        servicer.EmbeddingsHttp = self.embeddings  # type: ignore[method-assign]
+        servicer.ListModelsHttp = self.list_models  # type: ignore[method-assign]
+
+    async def _error(self, context: grpc.aio.ServicerContext, err: GatewayError) -> httpbody_pb2.HttpBody:
+        headers = [(STATUS_HEADER, str(err.status))]
+        if err.retry_after:
+            headers.append(("retry-after", err.retry_after))
+        await context.send_initial_metadata(headers)
+        return httpbody_pb2.HttpBody(content_type=JSON, data=err.to_json())
+
+    async def chat_completions(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        started = time.perf_counter()
+        headers = metadata_dict(context)
+        gateway = self._gateway
+        status = 200
+        with gateway.span("POST /v1/chat/completions", headers, "rest") as span:
+            try:
+                meta = gateway.accept(headers, "rest", context.peer())
+                span.set_attribute("clawdbot.request_id", meta.request_id)
+                parsed = parse_chat(load_json_object(request.data))
+                model_request = gateway.model_request(parsed, meta, request.data)
+                if not parsed.stream:
+                    response = await gateway.complete(model_request)
+                    await context.send_initial_metadata([("x-clawdbot-instance", response.instance)])
+                    yield httpbody_pb2.HttpBody(content_type=JSON, data=response.openai_json)
+                    return
+                async with contextlib.aclosing(gateway.stream(model_request)) as events:
+                    # Wait for the router's first event before answering: failures that
+                    # come before any token (unknown model, upstream 429) keep their status.
+                    first = await anext(events)
+                    await context.send_initial_metadata([("x-clawdbot-instance", first.instance)])
+                    try:
+                        async for event in events:
+                            if event.HasField("chunk_json"):
+                                yield httpbody_pb2.HttpBody(content_type=SSE, data=sse_event(event.chunk_json))
+                    except GatewayError as err:
+                        # Headers are gone already; OpenAI reports a mid-stream failure as
+                        # an SSE event carrying an error object, which the SDKs raise.
+                        status = err.status
+                        yield httpbody_pb2.HttpBody(content_type=SSE, data=sse_event(err.to_json()))
+                        return
+                    yield httpbody_pb2.HttpBody(content_type=SSE, data=SSE_DONE)
+            except StopAsyncIteration:
+                status = 502
+                yield await self._error(
+                    context, GatewayError(502, "The router ended the stream without an answer.", "upstream_error")
+                )
+            except GatewayError as err:
+                status = err.status
+                yield await self._error(context, err)
+            except Exception:
+                log.exception("chat completion failed")
+                status = 500
+                yield await self._error(context, internal_error())
+            finally:
+                gateway.record("chat", "rest", status, started)
+
+    async def embeddings(self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        started = time.perf_counter()
+        headers = metadata_dict(context)
+        gateway = self._gateway
+        status = 200
+        with gateway.span("POST /v1/embeddings", headers, "rest"):
+            try:
+                meta = gateway.accept(headers, "rest", context.peer())
+                parsed = parse_embeddings(load_json_object(request.data))
+                response = await gateway.complete(gateway.model_request(parsed, meta, request.data))
+                await context.send_initial_metadata([("x-clawdbot-instance", response.instance)])
+                return httpbody_pb2.HttpBody(content_type=JSON, data=response.openai_json)
+            except GatewayError as err:
+                status = err.status
+                return await self._error(context, err)
+            except Exception:
+                log.exception("embeddings failed")
+                status = 500
+                return await self._error(context, internal_error())
+            finally:
+                gateway.record("embeddings", "rest", status, started)
+
+    async def list_models(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        started = time.perf_counter()
+        headers = metadata_dict(context)
+        gateway = self._gateway
+        status = 200
+        with gateway.span("GET /v1/models", headers, "rest"):
+            try:
+                meta = gateway.accept(headers, "rest", context.peer())
+                return httpbody_pb2.HttpBody(content_type=JSON, data=models_json(await gateway.list_models(meta)))
+            except GatewayError as err:
+                status = err.status
+                return await self._error(context, err)
+            except Exception:
+                log.exception("list models failed")
+                status = 500
+                return await self._error(context, internal_error())
+            finally:
+                gateway.record("models", "rest", status, started)
+
+
+def create_protocol() -> RestProtocol:
+    return RestProtocol()

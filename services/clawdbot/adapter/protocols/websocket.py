@@ -1,0 +1,178 @@
+"""WebSocket: streaming chat on GET /v1/ws.
+
+Frames, client -> server (text, or binary holding the same JSON as UTF-8, optionally
+gzip-compressed):
+    {"type": "chat.completions", "id": "c1", "body": {<OpenAI chat request>}}
+or just the OpenAI chat request itself. Streaming is the default on a socket; say
+"stream": false in the body for one answer.
+
+Frames, server -> client (always text JSON; `id` echoes the request's):
+    {"type": "chat.completion.chunk", "id", "data": {<chunk>}}   one per chunk
+    {"type": "chat.completion", "id", "data": {<completion>}}    non-streamed answer
+    {"type": "done", "id", "instance", "request_id"}             end of one request
+    {"type": "error", "id", "status", "error": {<OpenAI error>}} the request failed;
+                                                                  the socket stays open
+Several requests may be in flight on one socket; their frames interleave by id.
+Auth: Authorization: Bearer <key> on the upgrade, or ?api_key= for browsers, which
+cannot set headers on a WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import logging
+import time
+import uuid
+import weakref
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from clawdbot.adapter.openai_requests import parse_chat
+from clawdbot.adapter.protocols.base import ProtocolContext
+from clawdbot.common.errors import GatewayError, internal_error
+from clawdbot.common.logging import request_id_var
+from clawdbot.gen.v1 import router_pb2
+
+log = logging.getLogger(__name__)
+
+WS_PATH = "/v1/ws"
+_REQUEST_TYPES = frozenset({"chat.completions", "chat.completions.create", "chat"})
+
+
+def decode_frame(data: str | bytes) -> tuple[Any, dict[str, Any]]:
+    """(correlation id, OpenAI request body) from a frame; GatewayError(400) if broken."""
+    if isinstance(data, bytes):
+        if data[:2] == b"\x1f\x8b":
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as exc:
+                raise GatewayError.bad_request(f"Binary frame is not valid gzip: {exc}", None, "invalid_frame") from None
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GatewayError.bad_request(
+                "Binary frames must hold UTF-8 JSON (optionally gzip-compressed).", None, "invalid_frame"
+            ) from None
+    try:
+        frame = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError.bad_request(f"Frame is not valid JSON ({exc}).", None, "invalid_json") from None
+    if not isinstance(frame, dict):
+        raise GatewayError.bad_request("A frame must be a JSON object.", None, "invalid_frame")
+    if "messages" in frame and "body" not in frame:
+        return None, frame
+    frame_type = frame.get("type", "chat.completions")
+    if frame_type not in _REQUEST_TYPES:
+        raise GatewayError.bad_request(
+            f"Unknown frame type {frame_type!r}; send 'chat.completions'.", "type", "invalid_frame"
+        )
+    body = frame.get("body")
+    if not isinstance(body, dict):
+        raise GatewayError.bad_request("The frame needs a 'body' object with the chat request.", "body", "invalid_frame")
+    return frame.get("id"), body
+
+
+class WebSocketProtocol:
+    name = "ws"
+
+    def install(self, ctx: ProtocolContext) -> None:
+        self._gateway = ctx.gateway
+        self._max_frame = ctx.config.gateway.max_request_bytes
+        self._grace = ctx.config.adapter.shutdown_grace_s
+        self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        self._tasks: set[asyncio.Task[None]] = set()
+        ctx.host.http_app.router.add_get(WS_PATH, self.handle)
+        ctx.host.on_shutdown(self.shutdown)
+
+    async def shutdown(self) -> None:
+        """Let in-flight requests finish (within the grace period), then say goodbye."""
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=self._grace)
+            for task in pending:
+                task.cancel()
+        for ws in list(self._sockets):
+            await ws.close(code=1001, message=b"server shutting down")
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            meta = self._gateway.accept(headers, "ws", request.remote or "", api_key=request.query.get("api_key"))
+        except GatewayError as err:
+            return web.Response(status=err.status, body=err.to_json(), content_type="application/json")
+        ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=self._max_frame)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        mine: set[asyncio.Task[None]] = set()
+        try:
+            async for msg in ws:
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    task = asyncio.create_task(self._serve_frame(ws, msg.data, meta, headers))
+                    for group in (mine, self._tasks):
+                        group.add(task)
+                        task.add_done_callback(group.discard)
+                elif msg.type == WSMsgType.ERROR:
+                    log.warning("websocket error", extra={"error": str(ws.exception())})
+        finally:
+            # A client that hangs up abandons its requests: stop them upstream as well.
+            for task in mine:
+                task.cancel()
+        return ws
+
+    async def _send(self, ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
+        if not ws.closed:
+            await ws.send_str(orjson.dumps(frame).decode())
+
+    async def _serve_frame(self, ws: web.WebSocketResponse, data: str | bytes,
+                           conn_meta: router_pb2.RequestMeta, headers: dict[str, str]) -> None:
+        started = time.perf_counter()
+        status = 200
+        frame_id: Any = None
+        meta = router_pb2.RequestMeta()
+        meta.CopyFrom(conn_meta)
+        # Each frame is its own request, with its own id.
+        meta.request_id = uuid.uuid4().hex
+        request_id_var.set(meta.request_id)
+        gateway = self._gateway
+        with gateway.span("ws chat.completions", headers, "ws"):
+            try:
+                frame_id, body = decode_frame(data)
+                body.setdefault("stream", True)
+                parsed = parse_chat(body)
+                model_request = gateway.model_request(parsed, meta, None)
+                instance = ""
+                if parsed.stream:
+                    async with contextlib.aclosing(gateway.stream(model_request)) as events:
+                        async for event in events:
+                            if event.HasField("instance"):
+                                instance = event.instance
+                            else:
+                                await self._send(ws, {"type": "chat.completion.chunk", "id": frame_id,
+                                                      "data": orjson.Fragment(event.chunk_json)})
+                else:
+                    response = await gateway.complete(model_request)
+                    instance = response.instance
+                    await self._send(ws, {"type": "chat.completion", "id": frame_id,
+                                          "data": orjson.Fragment(response.openai_json)})
+                await self._send(ws, {"type": "done", "id": frame_id, "instance": instance,
+                                      "request_id": meta.request_id})
+            except GatewayError as err:
+                status = err.status
+                await self._send(ws, {"type": "error", "id": frame_id, "status": err.status, **err.to_dict()})
+            except (ConnectionResetError, asyncio.CancelledError):
+                status = 499
+                raise
+            except Exception:
+                log.exception("websocket request failed")
+                status = 500
+                err = internal_error()
+                await self._send(ws, {"type": "error", "id": frame_id, "status": 500, **err.to_dict()})
+            finally:
+                gateway.record("chat", "ws", status, started)
+
+
+def create_protocol() -> WebSocketProtocol:
+    return WebSocketProtocol()

@@ -1,0 +1,58 @@
+"""The adapter service: the protocol front of the mesh.
+
+It serves the public clawdbot.v1.Gateway (behind Envoy), turns every protocol's request
+into one internal ModelRequest with metadata, and calls the router.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+
+from clawdbot.adapter.auth import Authenticator
+from clawdbot.adapter.gateway import Gateway
+from clawdbot.adapter.protocols.base import ProtocolContext, load_protocols
+from clawdbot.common.config import Config
+from clawdbot.common.metrics import Metrics
+from clawdbot.common.service import ServiceHost
+from clawdbot.gen.v1 import gateway_pb2_grpc, router_pb2_grpc
+
+GATEWAY_SERVICE = "clawdbot.v1.Gateway"
+
+
+def api_keys_from_env(env: dict[str, str] | None = None) -> list[str]:
+    value = (env if env is not None else dict(os.environ)).get("CLAWDBOT_API_KEY", "")
+    return [k.strip() for k in value.split(",") if k.strip()]
+
+
+def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceHost:
+    metrics = Metrics("adapter")
+    host = ServiceHost(
+        "adapter", config.adapter, metrics, reflection_services=(GATEWAY_SERVICE,),
+        http_client_max_size=config.gateway.max_request_bytes,
+    )
+    router_channel = grpc.aio.insecure_channel(
+        f"{config.router.host}:{config.router.grpc_port}",
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # Reconnect quickly after a router restart instead of backing off for seconds.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ],
+    )
+    auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env())
+    gateway = Gateway(router_pb2_grpc.RouterStub(router_channel), auth, metrics, config.adapter.router_timeout_s)
+    servicer = gateway_pb2_grpc.GatewayServicer()
+    ctx = ProtocolContext(config=config, gateway=gateway, servicer=servicer, host=host)
+    for plugin in load_protocols(config):
+        plugin.install(ctx)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, host.grpc_server)
+    host.add_service_name(GATEWAY_SERVICE)
+
+    async def close_channel() -> None:
+        await router_channel.close()
+
+    host.on_shutdown(close_channel)
+    return host

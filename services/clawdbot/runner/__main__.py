@@ -1,0 +1,209 @@
+"""`python -m clawdbot.runner` (what `make run` calls): the whole mesh in the foreground.
+
+Start order, each waiting for the one before to report ready: local model upstreams,
+router, adapter, then Envoy last, so the public port only opens onto a working mesh.
+Ctrl-C or SIGTERM stops everything in the reverse order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from clawdbot.common.config import REPO_ROOT, Config, ConfigError, dump_config, load_config
+from clawdbot.common.logging import setup_logging
+from clawdbot.common.service import run_service
+from clawdbot.runner import envoy_config
+from clawdbot.runner.local_models import LocalModelUnavailable, server_argv
+from clawdbot.runner.supervisor import Child, Supervisor, grpc_serving, http_ok
+
+log = logging.getLogger("clawdbot.runner")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_api_key(state_dir: Path) -> tuple[str, bool]:
+    """CLAWDBOT_API_KEY, or the stored key, or a new one stored with mode 0600."""
+    from_env = os.environ.get("CLAWDBOT_API_KEY", "").strip()
+    if from_env:
+        return from_env, False
+    key_file = state_dir / "api_key"
+    if key_file.exists():
+        return key_file.read_text().strip(), False
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = "cb-" + secrets.token_urlsafe(32)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return key, True
+
+
+def with_ephemeral_ports(config: Config) -> Config:
+    """Every port taken fresh from the OS, for tests and benchmarks beside a running mesh."""
+    local = tuple(m.model_copy(update={"port": free_port()}) for m in config.local_models)
+    moved = {m.name: m.port for m in local}
+    models = tuple(
+        m.model_copy(update={"base_url": f"http://127.0.0.1:{moved[m.name]}/v1"}) if m.name in moved else m
+        for m in config.models
+    )
+    return config.model_copy(
+        update={
+            "gateway": config.gateway.model_copy(update={"port": free_port(), "admin_port": free_port()}),
+            "adapter": config.adapter.model_copy(update={"grpc_port": free_port(), "http_port": free_port()}),
+            "router": config.router.model_copy(update={"grpc_port": free_port(), "http_port": free_port()}),
+            "local_models": local,
+            "models": models,
+        }
+    )
+
+
+class Runner:
+    def __init__(self, config: Config, state_dir: Path, api_key: str, ready_file: Path | None) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.api_key = api_key
+        self.ready_file = ready_file
+        self.supervisor = Supervisor(on_change=self.write_ready_file)
+        self.run_dir = state_dir / "run"
+        self.url = f"http://{config.gateway.host}:{config.gateway.port}"
+
+    def _service_child(self, name: str, grpc_port: int, config_file: Path) -> Child:
+        env = {"CLAWDBOT_CONFIG": str(config_file), "CLAWDBOT_API_KEY": self.api_key,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "services"), os.environ.get("PYTHONPATH")]))}
+        return Child(name, [sys.executable, "-m", f"clawdbot.{name}"], grpc_serving(f"127.0.0.1:{grpc_port}"), env,
+                     stop_timeout_s=self.config.adapter.shutdown_grace_s + 10)
+
+    def _envoy_child(self) -> Child:
+        cfg = self.config
+        params = envoy_config.EnvoyParams(
+            listen_host=cfg.gateway.host, listen_port=cfg.gateway.port, admin_port=cfg.gateway.admin_port,
+            adapter_host=cfg.adapter.host, adapter_grpc_port=cfg.adapter.grpc_port,
+            adapter_http_port=cfg.adapter.http_port, max_request_bytes=cfg.gateway.max_request_bytes,
+            request_timeout_s=cfg.gateway.request_timeout_s,
+            enable_rest="rest" in cfg.adapter.types, enable_ws="ws" in cfg.adapter.types,
+        )
+        rendered = envoy_config.write(params, self.run_dir / "envoy.yaml")
+        admin = f"http://127.0.0.1:{cfg.gateway.admin_port}"
+
+        async def drain() -> None:
+            # Stop taking new connections, then give open streams time to finish.
+            async with aiohttp.ClientSession() as session:
+                await session.post(f"{admin}/drain_listeners?graceful", timeout=aiohttp.ClientTimeout(total=5))
+                for _ in range(40):
+                    async with session.get(f"{admin}/stats?filter=downstream_rq_active$&format=json",
+                                           timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                        stats = await resp.json()
+                    if all(s.get("value", 0) == 0 for s in stats.get("stats", [])):
+                        return
+                    await asyncio.sleep(0.5)
+
+        argv = [
+            envoy_config.envoy_binary(), "-c", str(rendered), "--log-level", "warn",
+            "--log-format", '{"ts":"%Y-%m-%dT%T.%eZ","level":"%l","service":"envoy","logger":"%n","msg":"%j"}',
+            "--drain-time-s", "5", "--parent-shutdown-time-s", "10",
+        ]
+        # Ready when a request through the public port reaches a healthy adapter.
+        return Child("envoy", argv, http_ok(f"{self.url}/healthz"), before_stop=drain, stop_timeout_s=15)
+
+    def write_ready_file(self) -> None:
+        if self.ready_file is None:
+            return
+        info = {
+            "url": self.url,
+            "grpc_target": f"{self.config.gateway.host}:{self.config.gateway.port}",
+            "api_key": self.api_key,
+            "admin_url": f"http://127.0.0.1:{self.config.gateway.admin_port}",
+            "state_dir": str(self.state_dir),
+            "services": {
+                c.name: {"pid": c.pid, "restarts": c.restarts} for c in self.supervisor.children
+            },
+            "ports": {
+                "adapter_grpc": self.config.adapter.grpc_port, "adapter_http": self.config.adapter.http_port,
+                "router_grpc": self.config.router.grpc_port, "router_http": self.config.router.http_port,
+            },
+        }
+        tmp = self.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, self.ready_file)
+
+    async def run(self) -> int:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_file = self.run_dir / "clawdbot.yaml"
+        config_file.write_text(dump_config(self.config))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            for model in self.config.local_models:
+                try:
+                    argv = server_argv(model, self.state_dir / "models")
+                except LocalModelUnavailable as exc:
+                    log.error("local model unavailable; requests for it will fail",
+                              extra={"model": model.name, "error": str(exc)})
+                    continue
+                await self.supervisor.launch(
+                    Child(f"local-{model.name}", argv, http_ok(f"http://{model.host}:{model.port}/v1/models"))
+                )
+            await self.supervisor.launch(self._service_child("router", self.config.router.grpc_port, config_file))
+            await self.supervisor.launch(self._service_child("adapter", self.config.adapter.grpc_port, config_file))
+            await self.supervisor.launch(self._envoy_child())
+        except RuntimeError as exc:
+            log.error("start-up failed", extra={"error": str(exc)})
+            await self.supervisor.stop_all()
+            return 1
+        print(f"\nClawdbot is up: {self.url}  (gRPC: {self.config.gateway.host}:{self.config.gateway.port})", flush=True)
+        print(f"API key: {self.api_key}", flush=True)
+        print("Ctrl-C stops everything.\n", flush=True)
+        await stop.wait()
+        log.info("stopping")
+        await self.supervisor.stop_all()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clawdbot.runner", description=__doc__)
+    parser.add_argument("--config", type=Path, help="YAML file (default: CLAWDBOT_CONFIG or config/clawdbot.yaml)")
+    parser.add_argument("--state-dir", type=Path, default=Path(".clawdbot"), help="key, model files, run files")
+    parser.add_argument("--ephemeral-ports", action="store_true", help="take every port fresh from the OS")
+    parser.add_argument("--ready-file", type=Path, help="write URL, key and pids here (JSON) once serving")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"clawdbot: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("runner", config.logging.level)
+    if args.ephemeral_ports:
+        config = with_ephemeral_ports(config)
+    state_dir = args.state_dir.resolve()
+    api_key, created = ensure_api_key(state_dir)
+    if created:
+        print(f"Generated an API key and stored it in {state_dir / 'api_key'} (mode 0600).", flush=True)
+    runner = Runner(config, state_dir, api_key, args.ready_file.resolve() if args.ready_file else None)
+    result = 1
+
+    async def _run() -> None:
+        nonlocal result
+        result = await runner.run()
+
+    run_service(_run)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

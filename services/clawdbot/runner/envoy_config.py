@@ -1,0 +1,205 @@
+"""Render Envoy's bootstrap from envoy/envoy.yaml.tmpl.
+
+`python -m clawdbot.runner.envoy_config` writes the default rendering to envoy/envoy.yaml,
+the checked-in example; the runner renders its own copy with the ports it actually uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+TEMPLATE_PATH = REPO_ROOT / "envoy" / "envoy.yaml.tmpl"
+DEFAULT_OUTPUT = REPO_ROOT / "envoy" / "envoy.yaml"
+DEFAULT_DESCRIPTOR = REPO_ROOT / "envoy" / "clawdbot.pb"
+
+# Envoy's own replies, per status, as (OpenAI error type, error code, message). The
+# message may use Envoy command operators; %LOCAL_REPLY_BODY% is Envoy's terse reason
+# ("no healthy upstream") and %RESPONSE_CODE_DETAILS% the machine-readable one.
+_DETAIL = "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"
+LOCAL_REPLY_ERRORS: dict[int, tuple[str, str, str]] = {
+    400: ("invalid_request_error", "bad_request", f"Bad request: {_DETAIL}"),
+    401: ("authentication_error", "unauthorized", f"Unauthorized: {_DETAIL}"),
+    403: ("permission_error", "forbidden", f"Forbidden: {_DETAIL}"),
+    # Same wording as OpenAI's own answer to an unknown route.
+    404: (
+        "invalid_request_error",
+        "not_found",
+        "Invalid URL (%REQ(:METHOD)% %REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%)",
+    ),
+    405: ("invalid_request_error", "method_not_allowed", f"Method not allowed: {_DETAIL}"),
+    408: ("timeout", "request_timeout", f"Request not received in time: {_DETAIL}"),
+    413: (
+        "invalid_request_error",
+        "request_too_large",
+        f"Request body too large (limit: {{max_request_bytes}} bytes): {_DETAIL}",
+    ),
+    429: ("rate_limit_error", "rate_limit_exceeded", f"Too many requests: {_DETAIL}"),
+    431: ("invalid_request_error", "headers_too_large", f"Request headers too large: {_DETAIL}"),
+    500: ("server_error", "internal_error", f"Internal error: {_DETAIL}"),
+    502: ("server_error", "bad_gateway", f"Bad gateway: {_DETAIL}"),
+    503: ("service_unavailable", "service_unavailable", f"Service unavailable: {_DETAIL}"),
+    504: ("timeout", "timeout", f"Upstream timed out: {_DETAIL}"),
+}
+_FALLBACK_ERROR = ("api_error", "%RESPONSE_CODE_DETAILS%", f"Gateway error: {_DETAIL}")
+
+@dataclass(frozen=True)
+class EnvoyParams:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    admin_port: int = 9901  # admin is always bound to 127.0.0.1 only
+    adapter_host: str = "127.0.0.1"
+    adapter_grpc_port: int = 7001  # Gateway + reflection + grpc.health.v1
+    adapter_http_port: int = 7002  # aiohttp: /v1/ws, /healthz, /metrics
+    descriptor_path: str = str(DEFAULT_DESCRIPTOR)
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Unary REST responses (embeddings above all) are buffered whole by the transcoder;
+    # a large batch of float vectors as JSON easily passes the 1 MiB default.
+    max_response_bytes: int = 64 * 1024 * 1024
+    request_timeout_s: float = 300  # whole-request ceiling for unary/streamed calls
+    ws_idle_timeout_s: float = 3600
+    enable_rest: bool = True  # False: no transcoder; REST paths get an OpenAI-shaped 404
+    enable_ws: bool = True  # False: no /v1/ws route
+
+    def __post_init__(self) -> None:
+        for name in ("listen_port", "admin_port", "adapter_grpc_port", "adapter_http_port"):
+            port = getattr(self, name)
+            if not 0 < port < 65536:
+                raise ValueError(f"{name} must be in 1..65535, got {port}")
+        # The transcoder's limits are uint32 and must be > 0.
+        for name in ("max_request_bytes", "max_response_bytes"):
+            size = getattr(self, name)
+            if not 0 < size < 2**32:
+                raise ValueError(f"{name} must be in 1..2**32-1, got {size}")
+        # Envoy reads durations in milliseconds at best; 0 would mean "no timeout".
+        for name in ("request_timeout_s", "ws_idle_timeout_s"):
+            if getattr(self, name) < 0.001:
+                raise ValueError(f"{name} must be at least 1 ms")
+        if not Path(self.descriptor_path).is_absolute():
+            # Envoy resolves relative paths against its working directory, not this repo.
+            raise ValueError(f"descriptor_path must be absolute, got {self.descriptor_path}")
+
+
+def _duration(seconds: float) -> str:
+    millis = round(seconds * 1000)
+    whole, frac = divmod(millis, 1000)
+    return f"{whole}.{frac:03d}s" if frac else f"{whole}s"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _yaml_str(value: str) -> str:
+    # A JSON string is a valid double-quoted YAML scalar, escapes included.
+    return json.dumps(value)
+
+
+def _openai_error_format(error_type: str, code: str, message: str, indent: int) -> str:
+    pad = " " * indent
+    lines = [
+        "content_type: application/json",
+        "json_format:",
+        "  error:",
+        f"    message: {_yaml_str(message)}",
+        f"    type: {_yaml_str(error_type)}",
+        "    param: null",
+        f"    code: {_yaml_str(code)}",
+    ]
+    if "%REQ_WITHOUT_QUERY(" in message:
+        lines += [
+            "formatters:",
+            "  - name: envoy.formatter.req_without_query",
+            "    typed_config:",
+            '      "@type": type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery',
+        ]
+    return "\n".join(pad + line for line in lines)
+
+
+def _local_reply_mappers(params: EnvoyParams, indent: int) -> str:
+    pad = " " * indent
+    blocks = []
+    for status, (error_type, code, message) in sorted(LOCAL_REPLY_ERRORS.items()):
+        message = message.replace("{max_request_bytes}", str(params.max_request_bytes))
+        blocks.append(
+            f"{pad}- filter:\n"
+            f"{pad}    status_code_filter:\n"
+            f"{pad}      comparison:\n"
+            f"{pad}        op: EQ\n"
+            f"{pad}        value: {{ default_value: {status}, runtime_key: clawdbot.local_reply.{status} }}\n"
+            f"{pad}  body_format_override:\n"
+            + _openai_error_format(error_type, code, message, indent + 4)
+        )
+    return "\n".join(blocks)
+
+
+def _select_features(text: str, enabled: dict[str, bool]) -> str:
+    """Keep or drop the lines between `#if feature` and `#endif` (column 0; may nest)."""
+    kept: list[str] = []
+    stack: list[bool] = []
+    for lineno, line in enumerate(text.splitlines(keepends=True), start=1):
+        if line.startswith("#if "):
+            feature = line[4:].strip()
+            if feature not in enabled:
+                raise ValueError(f"{TEMPLATE_PATH}:{lineno}: unknown feature {feature!r}")
+            stack.append(enabled[feature])
+        elif line.rstrip() == "#endif":
+            if not stack:
+                raise ValueError(f"{TEMPLATE_PATH}:{lineno}: #endif without #if")
+            stack.pop()
+        elif all(stack):
+            kept.append(line)
+    if stack:
+        raise ValueError(f"{TEMPLATE_PATH}: unterminated #if")
+    return "".join(kept)
+
+
+def render(params: EnvoyParams) -> str:
+    """The bootstrap YAML for params."""
+    template = TEMPLATE_PATH.read_text()
+    selected = _select_features(template, {"rest": params.enable_rest, "ws": params.enable_ws})
+    return Template(selected).substitute(
+        listen_host=params.listen_host,
+        listen_port=params.listen_port,
+        admin_port=params.admin_port,
+        adapter_host=params.adapter_host,
+        adapter_grpc_port=params.adapter_grpc_port,
+        adapter_http_port=params.adapter_http_port,
+        # IP literals need no resolver; a name (e.g. a compose service) is re-resolved.
+        adapter_cluster_type="STATIC" if _is_ip(params.adapter_host) else "STRICT_DNS",
+        descriptor_path=_yaml_str(params.descriptor_path),
+        max_request_bytes=params.max_request_bytes,
+        max_response_bytes=params.max_response_bytes,
+        request_timeout=_duration(params.request_timeout_s),
+        ws_idle_timeout=_duration(params.ws_idle_timeout_s),
+        local_reply_mappers=_local_reply_mappers(params, indent=20),
+        local_reply_default=_openai_error_format(*_FALLBACK_ERROR, indent=20),
+    )
+
+
+def write(params: EnvoyParams, path: Path) -> Path:
+    """Render params into path (parents created); return path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(params))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUTPUT, help="where to write")
+    args = parser.parse_args(argv)
+    print(f"wrote {write(EnvoyParams(), args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""Child processes of the local runner: start, wait until ready, restart with backoff
+when one dies, stop gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ReadyCheck = Callable[[], Awaitable[bool]]
+
+
+def grpc_serving(target: str) -> ReadyCheck:
+    async def check() -> bool:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+            except grpc.aio.AioRpcError:
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    return check
+
+
+def http_ok(url: str) -> ReadyCheck:
+    async def check() -> bool:
+        try:
+            async with aiohttp.ClientSession() as session, session.get(
+                url, timeout=aiohttp.ClientTimeout(total=2.0)
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    return check
+
+
+@dataclass
+class Child:
+    name: str
+    argv: Sequence[str]
+    ready: ReadyCheck
+    env: dict[str, str] = field(default_factory=dict)
+    ready_timeout_s: float = 120.0
+    stop_timeout_s: float = 30.0
+    # Runs before a graceful stop (Envoy: drain listeners first).
+    before_stop: Callable[[], Awaitable[None]] | None = None
+    process: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    stopping: bool = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def start(self) -> None:
+        env = {**os.environ, **self.env}
+        # Children inherit stdout/stderr: their JSON logs go where the runner's go.
+        self.process = await asyncio.create_subprocess_exec(*self.argv, env=env, start_new_session=True)
+        self.started_at = time.monotonic()
+        log.info("started", extra={"child": self.name, "pid": self.process.pid})
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        delay = 0.05
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.returncode is not None:
+                code = self.process.returncode if self.process else None
+                raise RuntimeError(f"{self.name} exited with code {code} before it was ready")
+            if await self.ready():
+                log.info("ready", extra={"child": self.name, "pid": self.pid,
+                                         "after_s": round(time.monotonic() - self.started_at, 2)})
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+        raise RuntimeError(f"{self.name} was not ready within {self.ready_timeout_s:g} s")
+
+    async def stop(self) -> None:
+        self.stopping = True
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return
+        if self.before_stop is not None:
+            try:
+                await self.before_stop()
+            except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                log.warning("pre-stop step failed", extra={"child": self.name, "error": str(exc)})
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
+            log.info("stopped", extra={"child": self.name, "code": proc.returncode})
+        except asyncio.TimeoutError:
+            log.warning("did not stop in time; killing", extra={"child": self.name})
+            proc.kill()
+            await proc.wait()
+
+
+class Supervisor:
+    """Keeps children alive: a child that exits unexpectedly is reported and restarted,
+    with exponential backoff that resets once it has stayed up for a minute."""
+
+    BACKOFF_START_S = 0.5
+    BACKOFF_MAX_S = 30.0
+    STABLE_AFTER_S = 60.0
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self.children: list[Child] = []
+        self._on_change = on_change
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def launch(self, child: Child) -> None:
+        self.children.append(child)
+        await child.start()
+        await child.wait_ready()
+        self._on_change()
+        self._watchers.append(asyncio.create_task(self._watch(child)))
+
+    async def _watch(self, child: Child) -> None:
+        backoff = self.BACKOFF_START_S
+        while not self._stopping:
+            assert child.process is not None
+            code = await child.process.wait()
+            if self._stopping or child.stopping:
+                return
+            uptime = time.monotonic() - child.started_at
+            if uptime > self.STABLE_AFTER_S:
+                backoff = self.BACKOFF_START_S
+            log.error("child exited unexpectedly; restarting",
+                      extra={"child": child.name, "code": code, "uptime_s": round(uptime, 1), "backoff_s": backoff})
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.BACKOFF_MAX_S)
+            if self._stopping:
+                return
+            child.restarts += 1
+            await child.start()
+            try:
+                await child.wait_ready()
+            except RuntimeError as exc:
+                log.error("restart did not become ready", extra={"child": child.name, "error": str(exc)})
+                continue
+            self._on_change()
+
+    async def stop_all(self) -> None:
+        """Stop in reverse start order: the edge first, so no new work reaches the rest."""
+        self._stopping = True
+        for watcher in self._watchers:
+            watcher.cancel()
+        for child in reversed(self.children):
+            await child.stop()

