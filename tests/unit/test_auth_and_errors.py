@@ -35,8 +35,9 @@ def test_error_crosses_a_grpc_hop_intact() -> None:
     err = GatewayError(429, "slow down", "rate_limit_error", "rate_limit_exceeded", None, "7")
     rebuilt = GatewayError.from_rpc_error(_FakeRpcError(err.grpc_code(), err.trailing_metadata()), "router")
     assert rebuilt == err
-    assert err.to_dict() == {"error": {"message": "slow down", "type": "rate_limit_error", "param": None,
-                                       "code": "rate_limit_exceeded"}}
+    assert err.to_dict() == {
+        "error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}
+    }
     assert ERROR_METADATA_KEY.endswith("-bin")
 
 

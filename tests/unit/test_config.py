@@ -20,7 +20,9 @@ def test_default_config_loads() -> None:
 
 
 def test_issue_model_entry_shape(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 models:
   - name: mock-1
     task: chat
@@ -29,7 +31,8 @@ models:
     api_key_env: MOCK_API_KEY
     pricing: {input_per_1k: 0.0005, output_per_1k: 0.0015}
     quality: {chat: 0.7}
-""")
+""",
+    )
     model = load_config(path, env={}).models[0]
     assert model.base_url == "http://127.0.0.1:19000/v1"
     assert model.pricing.output_per_1k == 0.0015
@@ -38,8 +41,15 @@ models:
 
 def test_env_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, "models: []\n")
-    config = load_config(path, env={"CLAWDBOT_PORT": "9999", "CLAWDBOT_HOST": "0.0.0.0",
-                                    "ADAPTER_TYPES": "rest,ws", "MODEL_ROUTER_STRATEGY": "cost_optimized"})
+    config = load_config(
+        path,
+        env={
+            "CLAWDBOT_PORT": "9999",
+            "CLAWDBOT_HOST": "0.0.0.0",
+            "ADAPTER_TYPES": "rest,ws",
+            "MODEL_ROUTER_STRATEGY": "cost_optimized",
+        },
+    )
     assert config.gateway.port == 9999
     assert config.gateway.host == "0.0.0.0"
     assert config.adapter.types == ("rest", "ws")
@@ -70,5 +80,5 @@ def test_bad_config_names_file_and_key(tmp_path: Path, text: str, expected: str)
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read configuration file .*nope.yaml"):
+    with pytest.raises(ConfigError, match=r"cannot read configuration file .*nope\.yaml"):
         load_config(tmp_path / "nope.yaml", env={})

@@ -12,12 +12,18 @@ from clawdbot.adapter.metadata import build_meta, client_ip, device_type
         ("curl/8.5.0", "cli"),
         ("grpcurl/v1.9.4 grpc-go/1.83.2", "cli"),
         ("Python/3.11 websockets/17.4", "cli"),
-        ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0 Safari/537.36",
-         "browser-desktop"),
-        ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148 Safari/604.1",
-         "browser-mobile"),
-        ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 Chrome/156.0 Mobile Safari/537.36",
-         "browser-mobile"),
+        (
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0 Safari/537.36",
+            "browser-desktop",
+        ),
+        (
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148 Safari/604.1",
+            "browser-mobile",
+        ),
+        (
+            "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 Chrome/156.0 Mobile Safari/537.36",
+            "browser-mobile",
+        ),
         ("Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)", "bot"),
         ("", "unknown"),
         ("something-else/1.0", "unknown"),
@@ -35,8 +41,14 @@ def test_client_ip_trusts_only_the_hop_envoy_added() -> None:
 
 
 def test_build_meta_keeps_envoy_request_id_or_makes_one() -> None:
-    meta = build_meta({"x-request-id": "abc", "user-agent": "curl/8", "x-clawdbot-strategy": "quality_first"},
-                      "rest", "key_1")
+    meta = build_meta(
+        {"x-request-id": "abc", "user-agent": "curl/8", "x-clawdbot-strategy": "quality_first"}, "rest", "key_1"
+    )
     assert (meta.request_id, meta.device_type, meta.api_key_id, meta.protocol, meta.strategy) == (
-        "abc", "cli", "key_1", "rest", "quality_first")
+        "abc",
+        "cli",
+        "key_1",
+        "rest",
+        "quality_first",
+    )
     assert len(build_meta({}, "grpc", "key_1").request_id) == 32

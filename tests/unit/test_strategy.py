@@ -4,14 +4,25 @@ from clawdbot.router.strategy import rank
 
 
 def registry() -> Registry:
-    return Registry((
-        ModelEntry(name="fast", base_url="http://a", pricing={"input_per_1k": 1.0, "output_per_1k": 1.0},
-                   quality={"chat": 0.5}),
-        ModelEntry(name="cheap", base_url="http://b", quality={"chat": 0.4}),
-        ModelEntry(name="smart", base_url="http://c", pricing={"input_per_1k": 5.0, "output_per_1k": 5.0},
-                   quality={"chat": 0.9}),
-        ModelEntry(name="embed", task="embeddings", base_url="http://d"),
-    ), env={})
+    return Registry(
+        (
+            ModelEntry(
+                name="fast",
+                base_url="http://a",
+                pricing={"input_per_1k": 1.0, "output_per_1k": 1.0},
+                quality={"chat": 0.5},
+            ),
+            ModelEntry(name="cheap", base_url="http://b", quality={"chat": 0.4}),
+            ModelEntry(
+                name="smart",
+                base_url="http://c",
+                pricing={"input_per_1k": 5.0, "output_per_1k": 5.0},
+                quality={"chat": 0.9},
+            ),
+            ModelEntry(name="embed", task="embeddings", base_url="http://d"),
+        ),
+        env={},
+    )
 
 
 def test_auto_covers_the_task_only() -> None:

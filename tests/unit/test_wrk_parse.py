@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from clawdbot.devtools.bench import SocketErrors, parse_wrk_output, wrk_script
 
 # Captured from `wrk -t1 -c1 -d3s --latency` against the mock upstream.

@@ -24,9 +24,7 @@ class Authenticator:
     def check(self, authorization: str | None) -> str:
         """The key id for a valid header; GatewayError 401 otherwise."""
         if not authorization:
-            raise GatewayError.unauthorized(
-                "You didn't provide an API key. Send it as `Authorization: Bearer <key>`."
-            )
+            raise GatewayError.unauthorized("You didn't provide an API key. Send it as `Authorization: Bearer <key>`.")
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise GatewayError.unauthorized("The Authorization header must be `Bearer <key>`.")

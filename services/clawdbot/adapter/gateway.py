@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 
 import grpc
 import orjson
@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 class Gateway:
-    def __init__(self, router: router_pb2_grpc.RouterStub, auth: Authenticator, metrics: Metrics,
-                 router_timeout_s: float) -> None:
+    def __init__(
+        self, router: router_pb2_grpc.RouterStub, auth: Authenticator, metrics: Metrics, router_timeout_s: float
+    ) -> None:
         self._router = router
         self._auth = auth
         self._metrics = metrics
@@ -40,8 +41,9 @@ class Gateway:
 
     # --- intake ------------------------------------------------------------------------
 
-    def accept(self, headers: Mapping[str, str], protocol: str, peer: str = "",
-               api_key: str | None = None) -> router_pb2.RequestMeta:
+    def accept(
+        self, headers: Mapping[str, str], protocol: str, peer: str = "", api_key: str | None = None
+    ) -> router_pb2.RequestMeta:
         """Authenticate and describe the caller. Raises GatewayError(401)."""
         key_id = self._auth.check_key(api_key) if api_key else self._auth.check(headers.get("authorization"))
         meta = build_meta(headers, protocol, key_id, peer)
@@ -49,9 +51,14 @@ class Gateway:
         return meta
 
     @staticmethod
-    def model_request(parsed: ParsedRequest, meta: router_pb2.RequestMeta, raw: bytes | None) -> router_pb2.ModelRequest:
+    def model_request(
+        parsed: ParsedRequest, meta: router_pb2.RequestMeta, raw: bytes | None
+    ) -> router_pb2.ModelRequest:
         return router_pb2.ModelRequest(
-            meta=meta, task=parsed.task, model=parsed.model, stream=parsed.stream,
+            meta=meta,
+            task=parsed.task,
+            model=parsed.model,
+            stream=parsed.stream,
             openai_json=raw if raw is not None else orjson.dumps(parsed.body),
         )
 
@@ -79,7 +86,7 @@ class Gateway:
             raise self._failure(err) from None
         return response
 
-    async def stream(self, request: router_pb2.ModelRequest) -> AsyncIterator[router_pb2.StreamEvent]:
+    async def stream(self, request: router_pb2.ModelRequest) -> AsyncGenerator[router_pb2.StreamEvent, None]:
         """Events from the router. GatewayError before or during the stream."""
         call = self._router.CompleteStream(request, timeout=self._timeout, metadata=self._call_metadata())
         try:

@@ -11,10 +11,16 @@ from clawdbot.gen.v1 import router_pb2
 # Order matters: the first family that matches wins (bots often claim to be browsers,
 # and mobile browsers claim to be desktop ones too).
 _BOT = re.compile(r"bot\b|crawler|spider|slurp|facebookexternalhit|headlesschrome|python-requests|scrapy", re.I)
-_SDK = re.compile(r"^(openai/|OpenAI/|AsyncOpenAI/)|openai-python|openai-node|langchain|litellm|llama[-_]?index|"
-                  r"grpc-(python|go|java|node|c\+\+|dotnet)|grpc-python-asyncio|anthropic-|clawdbot-sdk", re.I)
-_CLI = re.compile(r"^(curl|wget|httpie|grpcurl|xh|aria2|powershell|python-httpx|python-urllib|"
-                  r"websocat|wscat|python/\S+ websockets|Python/\S+ websockets)", re.I)
+_SDK = re.compile(
+    r"^(openai/|OpenAI/|AsyncOpenAI/)|openai-python|openai-node|langchain|litellm|llama[-_]?index|"
+    r"grpc-(python|go|java|node|c\+\+|dotnet)|grpc-python-asyncio|anthropic-|clawdbot-sdk",
+    re.I,
+)
+_CLI = re.compile(
+    r"^(curl|wget|httpie|grpcurl|xh|aria2|powershell|python-httpx|python-urllib|"
+    r"websocat|wscat|python/\S+ websockets|Python/\S+ websockets)",
+    re.I,
+)
 _MOBILE = re.compile(r"mobile|android|iphone|ipad|ipod|windows phone|opera mini|iemobile", re.I)
 _BROWSER = re.compile(r"mozilla/|chrome/|safari/|firefox/|edg/|opera", re.I)
 

@@ -15,8 +15,15 @@ import orjson
 from clawdbot.common.errors import GatewayError
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-_TYPE_WORDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-               float: "a decimal", type(None): "null"}
+_TYPE_WORDS = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a decimal",
+    type(None): "null",
+}
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,8 @@ def _kind(value: Any) -> str:
 def _wrong_type(param: str, expected: str, value: Any) -> GatewayError:
     return GatewayError.bad_request(
         f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead.",
-        param, "invalid_type",
+        param,
+        "invalid_type",
     )
 
 
@@ -73,7 +81,7 @@ def _model(body: dict[str, Any]) -> str:
 def _optional(body: dict[str, Any], param: str, types: tuple[type, ...], expected: str) -> Any:
     value = body.get(param)
     # bool is an int in Python, but never a valid number in these fields.
-    if value is not None and (isinstance(value, bool) and bool not in types or not isinstance(value, types)):
+    if value is not None and ((isinstance(value, bool) and bool not in types) or not isinstance(value, types)):
         raise _wrong_type(param, expected, value)
     return value
 
@@ -100,8 +108,10 @@ def _check_messages(body: dict[str, Any]) -> None:
         if role not in _ROLES:
             raise GatewayError.bad_request(
                 f"Invalid value for '{where}.role': '{role}'. Supported values are: "
-                + ", ".join(f"'{r}'" for r in sorted(_ROLES)) + ".",
-                f"{where}.role", "invalid_value",
+                + ", ".join(f"'{r}'" for r in sorted(_ROLES))
+                + ".",
+                f"{where}.role",
+                "invalid_value",
             )
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
@@ -121,11 +131,14 @@ def parse_chat(body: dict[str, Any]) -> ParsedRequest:
         if value is not None and param != "seed" and value < 1:
             raise GatewayError.bad_request(
                 f"Invalid '{param}': integer below minimum value. Expected a value >= 1, but got {value} instead.",
-                param, "integer_below_min_value",
+                param,
+                "integer_below_min_value",
             )
     stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-        isinstance(stop, list) and all(isinstance(s, str) for s in stop)
+    if (
+        stop is not None
+        and not isinstance(stop, str)
+        and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
     ):
         raise _wrong_type("stop", "a string or an array of strings", stop)
     _optional(body, "user", (str,), "a string")
@@ -154,7 +167,8 @@ def parse_embeddings(body: dict[str, Any]) -> ParsedRequest:
     if fmt is not None and fmt not in ("float", "base64"):
         raise GatewayError.bad_request(
             f"Invalid value for 'encoding_format': '{fmt}'. Supported values are: 'float' and 'base64'.",
-            "encoding_format", "invalid_value",
+            "encoding_format",
+            "invalid_value",
         )
     dims = _optional(body, "dimensions", (int,), "an integer")
     if dims is not None and dims < 1:

@@ -29,7 +29,10 @@ def api_keys_from_env(env: dict[str, str] | None = None) -> list[str]:
 def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceHost:
     metrics = Metrics("adapter")
     host = ServiceHost(
-        "adapter", config.adapter, metrics, reflection_services=(GATEWAY_SERVICE,),
+        "adapter",
+        config.adapter,
+        metrics,
+        reflection_services=(GATEWAY_SERVICE,),
         http_client_max_size=config.gateway.max_request_bytes,
     )
     router_channel = grpc.aio.insecure_channel(
@@ -52,7 +55,7 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
     host.add_service_name(GATEWAY_SERVICE)
 
     async def close_channel() -> None:
-        await router_channel.close()
+        await router_channel.close(grace=None)
 
     host.on_shutdown(close_channel)
     return host

@@ -161,7 +161,10 @@ class LocalModel(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(19100, ge=0, le=65535)
     n_ctx: int = Field(2048, gt=0)
-    chat_format: str | None = None
+    # Gemma 3 270M is a base model without a chat template: llama.cpp's own fallback
+    # (llama-2) makes it answer with nothing. Of llama.cpp's built-in formats, "snoozy"
+    # ("### Prompt: ... ### Response") with its "###" stop gets short, on-topic answers.
+    chat_format: str | None = "snoozy"
 
 
 class TelemetryConfig(_Strict):

@@ -7,8 +7,9 @@ copy of itself), so that the adapter can answer in the right shape on every prot
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import orjson
@@ -119,7 +120,8 @@ class GatewayError(Exception):
     @classmethod
     def from_rpc_error(cls, err: grpc.aio.AioRpcError, peer: str) -> GatewayError:
         """Rebuild the error a downstream service raised, or describe a transport failure."""
-        for key, value in err.trailing_metadata() or ():
+        trailing = cast("Iterable[tuple[str, str | bytes]]", err.trailing_metadata() or ())
+        for key, value in trailing:
             if key == ERROR_METADATA_KEY and isinstance(value, bytes):
                 data = orjson.loads(value)
                 return cls(

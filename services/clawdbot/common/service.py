@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, cast
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
 from clawdbot.common.config import ServiceEndpoint
@@ -57,8 +58,11 @@ class ServiceHost:
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         if reflection_services:
-            names = (*reflection_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                     reflection.SERVICE_NAME)
+            names = (
+                *reflection_services,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            )
             reflection.enable_server_reflection(names, self.grpc_server)
         self._service_names: list[str] = []
         self.http_app = web.Application(client_max_size=http_client_max_size)
@@ -97,7 +101,8 @@ class ServiceHost:
         await self._http_runner.setup()
         site = web.TCPSite(self._http_runner, self.endpoint.host, self.endpoint.http_port, reuse_port=False)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # noqa: SLF001 - only way to learn port 0
+        server = cast("asyncio.Server | None", site._server)
+        sockets = server.sockets if server else ()
         self.http_port = sockets[0].getsockname()[1] if sockets else self.endpoint.http_port
         await self._set_serving(True)
         log.info(
@@ -143,7 +148,7 @@ async def run_until_signalled(host: ServiceHost) -> None:
     await host.stop()
 
 
-def run_service(main: Callable[[], Awaitable[None]]) -> None:
+def run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run an async main on uvloop when available."""
     try:
         import uvloop

@@ -72,7 +72,9 @@ class Registry:
         counts: dict[str, int] = defaultdict(int)
         for entry in entries:
             counts[entry.name] += 1
-            instance_id = entry.instance or (entry.name if counts[entry.name] == 1 else f"{entry.name}#{counts[entry.name]}")
+            instance_id = entry.instance or (
+                entry.name if counts[entry.name] == 1 else f"{entry.name}#{counts[entry.name]}"
+            )
             instance = Instance(
                 id=instance_id,
                 name=entry.name,

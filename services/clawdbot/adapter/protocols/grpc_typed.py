@@ -50,8 +50,9 @@ class GrpcProtocol:
         servicer.CreateEmbeddings = self.create_embeddings  # type: ignore[method-assign]
         servicer.ListModels = self.list_models  # type: ignore[method-assign]
 
-    async def _unary(self, operation: str, parsed_of: Any, request: Message, reply: Message,
-                     context: grpc.aio.ServicerContext) -> Message:
+    async def _unary(
+        self, operation: str, parsed_of: Any, request: Message, reply: Message, context: grpc.aio.ServicerContext
+    ) -> Message:
         started = time.perf_counter()
         headers = metadata_dict(context)
         status = 200
@@ -110,7 +111,7 @@ class GrpcProtocol:
                             await context.send_initial_metadata([("x-clawdbot-instance", event.instance)])
                         else:
                             chunk = from_openai(event.chunk_json, gateway_pb2.ChatCompletionChunk())
-                            yield chunk  # type: ignore[misc]
+                            yield chunk
             except GatewayError as err:
                 status = err.status
                 await abort_grpc(context, err)

@@ -37,8 +37,10 @@ def sse_event(payload: bytes) -> bytes:
 
 def models_json(models: list[router_pb2.ModelInfo]) -> bytes:
     return orjson.dumps(
-        {"object": "list",
-         "data": [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by} for m in models]}
+        {
+            "object": "list",
+            "data": [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by} for m in models],
+        }
     )
 
 
@@ -109,7 +111,9 @@ class RestProtocol:
             finally:
                 gateway.record("chat", "rest", status, started)
 
-    async def embeddings(self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+    async def embeddings(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
         started = time.perf_counter()
         headers = metadata_dict(context)
         gateway = self._gateway

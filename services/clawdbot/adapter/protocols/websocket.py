@@ -50,7 +50,9 @@ def decode_frame(data: str | bytes) -> tuple[Any, dict[str, Any]]:
             try:
                 data = gzip.decompress(data)
             except (OSError, EOFError) as exc:
-                raise GatewayError.bad_request(f"Binary frame is not valid gzip: {exc}", None, "invalid_frame") from None
+                raise GatewayError.bad_request(
+                    f"Binary frame is not valid gzip: {exc}", None, "invalid_frame"
+                ) from None
         try:
             data = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -72,7 +74,9 @@ def decode_frame(data: str | bytes) -> tuple[Any, dict[str, Any]]:
         )
     body = frame.get("body")
     if not isinstance(body, dict):
-        raise GatewayError.bad_request("The frame needs a 'body' object with the chat request.", "body", "invalid_frame")
+        raise GatewayError.bad_request(
+            "The frame needs a 'body' object with the chat request.", "body", "invalid_frame"
+        )
     return frame.get("id"), body
 
 
@@ -126,8 +130,9 @@ class WebSocketProtocol:
         if not ws.closed:
             await ws.send_str(orjson.dumps(frame).decode())
 
-    async def _serve_frame(self, ws: web.WebSocketResponse, data: str | bytes,
-                           conn_meta: router_pb2.RequestMeta, headers: dict[str, str]) -> None:
+    async def _serve_frame(
+        self, ws: web.WebSocketResponse, data: str | bytes, conn_meta: router_pb2.RequestMeta, headers: dict[str, str]
+    ) -> None:
         started = time.perf_counter()
         status = 200
         frame_id: Any = None
@@ -150,15 +155,23 @@ class WebSocketProtocol:
                             if event.HasField("instance"):
                                 instance = event.instance
                             else:
-                                await self._send(ws, {"type": "chat.completion.chunk", "id": frame_id,
-                                                      "data": orjson.Fragment(event.chunk_json)})
+                                await self._send(
+                                    ws,
+                                    {
+                                        "type": "chat.completion.chunk",
+                                        "id": frame_id,
+                                        "data": orjson.Fragment(event.chunk_json),
+                                    },
+                                )
                 else:
                     response = await gateway.complete(model_request)
                     instance = response.instance
-                    await self._send(ws, {"type": "chat.completion", "id": frame_id,
-                                          "data": orjson.Fragment(response.openai_json)})
-                await self._send(ws, {"type": "done", "id": frame_id, "instance": instance,
-                                      "request_id": meta.request_id})
+                    await self._send(
+                        ws, {"type": "chat.completion", "id": frame_id, "data": orjson.Fragment(response.openai_json)}
+                    )
+                await self._send(
+                    ws, {"type": "done", "id": frame_id, "instance": instance, "request_id": meta.request_id}
+                )
             except GatewayError as err:
                 status = err.status
                 await self._send(ws, {"type": "error", "id": frame_id, "status": err.status, **err.to_dict()})
@@ -168,8 +181,7 @@ class WebSocketProtocol:
             except Exception:
                 log.exception("websocket request failed")
                 status = 500
-                err = internal_error()
-                await self._send(ws, {"type": "error", "id": frame_id, "status": 500, **err.to_dict()})
+                await self._send(ws, {"type": "error", "id": frame_id, "status": 500, **internal_error().to_dict()})
             finally:
                 gateway.record("chat", "ws", status, started)
 

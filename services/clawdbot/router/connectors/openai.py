@@ -3,7 +3,6 @@ upstream's failures translated into the gateway's OpenAI-shaped errors."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -26,8 +25,18 @@ class UpstreamError(GatewayError):
     kind: str = "error"
 
     @classmethod
-    def make(cls, status: int, message: str, type_: str, code: str, *, retryable: bool, kind: str,
-             retry_after: str | None = None, param: str | None = None) -> UpstreamError:
+    def make(
+        cls,
+        status: int,
+        message: str,
+        type_: str,
+        code: str,
+        *,
+        retryable: bool,
+        kind: str,
+        retry_after: str | None = None,
+        param: str | None = None,
+    ) -> UpstreamError:
         err = cls(status, message, type_, code, param, retry_after)
         err.retryable = retryable
         err.kind = kind
@@ -54,26 +63,46 @@ def map_status(instance: Instance, status: int, body: bytes, headers: Mapping[st
     where = f"upstream {instance.id}"
     if status == 429:
         return UpstreamError.make(
-            429, message or f"{where} is rate limiting requests.", "rate_limit_error", "rate_limit_exceeded",
-            retryable=True, kind="rate_limited", retry_after=headers.get("Retry-After"),
+            429,
+            message or f"{where} is rate limiting requests.",
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            retryable=True,
+            kind="rate_limited",
+            retry_after=headers.get("Retry-After"),
         )
     if status in (401, 403):
         # The caller's key was fine; the gateway's credentials for the provider were not.
         return UpstreamError.make(
-            502, f"{where} rejected the gateway's credentials ({status}).", "upstream_error", "upstream_auth_failed",
-            retryable=True, kind="auth",
+            502,
+            f"{where} rejected the gateway's credentials ({status}).",
+            "upstream_error",
+            "upstream_auth_failed",
+            retryable=True,
+            kind="auth",
         )
     if status in (408, 504):
-        return UpstreamError.make(504, f"{where} timed out.", "timeout", "upstream_timeout", retryable=True, kind="timeout")
+        return UpstreamError.make(
+            504, f"{where} timed out.", "timeout", "upstream_timeout", retryable=True, kind="timeout"
+        )
     if 400 <= status < 500:
         code = "model_not_found" if status == 404 else "invalid_request"
         return UpstreamError.make(
-            status, message or f"{where} refused the request ({status}).", type_ or "invalid_request_error", code,
-            retryable=False, kind="client_error", param=param,
+            status,
+            message or f"{where} refused the request ({status}).",
+            type_ or "invalid_request_error",
+            code,
+            retryable=False,
+            kind="client_error",
+            param=param,
         )
     return UpstreamError.make(
-        502, f"{where} failed with HTTP {status}" + (f": {message}" if message else "."), "upstream_error",
-        "upstream_error", retryable=True, kind="server_error",
+        502,
+        f"{where} failed with HTTP {status}" + (f": {message}" if message else "."),
+        "upstream_error",
+        "upstream_error",
+        retryable=True,
+        kind="server_error",
     )
 
 
@@ -104,14 +133,22 @@ class OpenAIConnector:
 
     def _unreachable(self, instance: Instance, exc: BaseException) -> UpstreamError:
         return UpstreamError.make(
-            502, f"upstream {instance.id} is unreachable ({type(exc).__name__}).", "upstream_error",
-            "upstream_unreachable", retryable=True, kind="unreachable",
+            502,
+            f"upstream {instance.id} is unreachable ({type(exc).__name__}).",
+            "upstream_error",
+            "upstream_unreachable",
+            retryable=True,
+            kind="unreachable",
         )
 
     def _timeout(self, instance: Instance) -> UpstreamError:
         return UpstreamError.make(
-            504, f"upstream {instance.id} did not answer within {instance.timeout_s:g} s.", "timeout",
-            "upstream_timeout", retryable=True, kind="timeout",
+            504,
+            f"upstream {instance.id} did not answer within {instance.timeout_s:g} s.",
+            "timeout",
+            "upstream_timeout",
+            retryable=True,
+            kind="timeout",
         )
 
     async def call(
@@ -121,12 +158,15 @@ class OpenAIConnector:
         timeout = aiohttp.ClientTimeout(total=instance.timeout_s)
         try:
             async with self._client().post(
-                url, data=orjson.dumps(body), headers=self._headers(instance, trace_headers, request_id), timeout=timeout
+                url,
+                data=orjson.dumps(body),
+                headers=self._headers(instance, trace_headers, request_id),
+                timeout=timeout,
             ) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     raise map_status(instance, resp.status, raw, resp.headers)
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             raise self._timeout(instance) from exc
         except aiohttp.ClientError as exc:
             raise self._unreachable(instance, exc) from exc
@@ -134,13 +174,21 @@ class OpenAIConnector:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise UpstreamError.make(
-                502, f"upstream {instance.id} answered with invalid JSON.", "upstream_error", "upstream_bad_response",
-                retryable=True, kind="bad_response",
+                502,
+                f"upstream {instance.id} answered with invalid JSON.",
+                "upstream_error",
+                "upstream_bad_response",
+                retryable=True,
+                kind="bad_response",
             ) from exc
         if not isinstance(data, dict):
             raise UpstreamError.make(
-                502, f"upstream {instance.id} answered with a non-object.", "upstream_error", "upstream_bad_response",
-                retryable=True, kind="bad_response",
+                502,
+                f"upstream {instance.id} answered with a non-object.",
+                "upstream_error",
+                "upstream_bad_response",
+                retryable=True,
+                kind="bad_response",
             )
         return data
 
@@ -159,7 +207,10 @@ class OpenAIConnector:
         started = False
         try:
             async with self._client().post(
-                url, data=orjson.dumps(body), headers=self._headers(instance, trace_headers, request_id), timeout=timeout
+                url,
+                data=orjson.dumps(body),
+                headers=self._headers(instance, trace_headers, request_id),
+                timeout=timeout,
             ) as resp:
                 if resp.status != 200:
                     raise map_status(instance, resp.status, await resp.read(), resp.headers)
@@ -184,13 +235,17 @@ class OpenAIConnector:
                 if data_lines:
                     return
                 raise UpstreamError.make(
-                    502, f"upstream {instance.id} ended the stream without [DONE].", "upstream_error",
-                    "upstream_stream_truncated", retryable=not started, kind="truncated",
+                    502,
+                    f"upstream {instance.id} ended the stream without [DONE].",
+                    "upstream_error",
+                    "upstream_stream_truncated",
+                    retryable=not started,
+                    kind="truncated",
                 )
         except UpstreamError as exc:
             exc.retryable = exc.retryable and not started
             raise
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             err = self._timeout(instance)
             err.retryable = not started
             raise err from exc
