@@ -17,9 +17,3 @@ def test_generated_code_is_current() -> None:
     )
     assert result.returncode == 0, result.stderr
 
-
-def test_rendered_envoy_example_is_current() -> None:
-    from clawdbot.runner import envoy_config
-
-    rendered = envoy_config.render(envoy_config.EnvoyParams())
-    assert (REPO_ROOT / "envoy" / "envoy.yaml").read_text() == rendered, "run `make proto` to re-render envoy.yaml"

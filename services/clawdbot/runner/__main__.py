@@ -150,6 +150,9 @@ class Runner:
             "10",
             # Several meshes (tests beside `make run`) must not fight over shared memory.
             "--use-dynamic-base-id",
+            "--concurrency", "2",
+            # Access log lines reach stdout within a second instead of every ten.
+            "--file-flush-interval-msec", "1000",
         ]
         # Ready when a request through the public port reaches a healthy adapter.
         return Child("envoy", argv, http_ok(f"{self.url}/healthz"), before_stop=drain, stop_timeout_s=15)

@@ -18,35 +18,40 @@ TEMPLATE_PATH = REPO_ROOT / "envoy" / "envoy.yaml.tmpl"
 DEFAULT_OUTPUT = REPO_ROOT / "envoy" / "envoy.yaml"
 DEFAULT_DESCRIPTOR = REPO_ROOT / "envoy" / "clawdbot.pb"
 
-# Envoy's own replies, per status, as (OpenAI error type, error code, message). The
-# message may use Envoy command operators; %LOCAL_REPLY_BODY% is Envoy's terse reason
-# ("no healthy upstream") and %RESPONSE_CODE_DETAILS% the machine-readable one.
+# Envoy's own replies say little (%LOCAL_REPLY_BODY%, e.g. "no healthy upstream", may be
+# empty); %RESPONSE_CODE_DETAILS% names the exact cause (e.g. "no_healthy_upstream").
 _DETAIL = "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"
-LOCAL_REPLY_ERRORS: dict[int, tuple[str, str, str]] = {
-    400: ("invalid_request_error", "bad_request", f"Bad request: {_DETAIL}"),
-    401: ("authentication_error", "unauthorized", f"Unauthorized: {_DETAIL}"),
-    403: ("permission_error", "forbidden", f"Forbidden: {_DETAIL}"),
-    # Same wording as OpenAI's own answer to an unknown route.
-    404: (
-        "invalid_request_error",
-        "not_found",
-        "Invalid URL (%REQ(:METHOD)% %REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%)",
-    ),
-    405: ("invalid_request_error", "method_not_allowed", f"Method not allowed: {_DETAIL}"),
-    408: ("timeout", "request_timeout", f"Request not received in time: {_DETAIL}"),
-    413: (
-        "invalid_request_error",
-        "request_too_large",
-        f"Request body too large (limit: {{max_request_bytes}} bytes): {_DETAIL}",
-    ),
-    429: ("rate_limit_error", "rate_limit_exceeded", f"Too many requests: {_DETAIL}"),
-    431: ("invalid_request_error", "headers_too_large", f"Request headers too large: {_DETAIL}"),
-    500: ("server_error", "internal_error", f"Internal error: {_DETAIL}"),
-    502: ("server_error", "bad_gateway", f"Bad gateway: {_DETAIL}"),
-    503: ("service_unavailable", "service_unavailable", f"Service unavailable: {_DETAIL}"),
-    504: ("timeout", "timeout", f"Upstream timed out: {_DETAIL}"),
-}
+# For statuses not listed in local_reply_errors().
 _FALLBACK_ERROR = ("api_error", "%RESPONSE_CODE_DETAILS%", f"Gateway error: {_DETAIL}")
+
+
+def local_reply_errors(max_request_bytes: int) -> dict[int, tuple[str, str, str]]:
+    """Per HTTP status of an Envoy-made reply: (OpenAI error type, code, message format)."""
+    return {
+        400: ("invalid_request_error", "bad_request", f"Bad request: {_DETAIL}"),
+        401: ("authentication_error", "unauthorized", f"Unauthorized: {_DETAIL}"),
+        403: ("permission_error", "forbidden", f"Forbidden: {_DETAIL}"),
+        # OpenAI's own wording for an unknown route.
+        404: (
+            "invalid_request_error",
+            "not_found",
+            "Invalid URL (%REQ(X-ENVOY-ORIGINAL-METHOD?:METHOD)% %REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%)",
+        ),
+        405: ("invalid_request_error", "method_not_allowed", f"Method not allowed: {_DETAIL}"),
+        408: ("timeout", "request_timeout", f"Request not received in time: {_DETAIL}"),
+        413: (
+            "invalid_request_error",
+            "request_too_large",
+            f"Request body larger than {max_request_bytes} bytes: {_DETAIL}",
+        ),
+        429: ("rate_limit_error", "rate_limit_exceeded", f"Too many requests: {_DETAIL}"),
+        431: ("invalid_request_error", "headers_too_large", f"Request headers too large: {_DETAIL}"),
+        500: ("server_error", "internal_error", f"Internal error: {_DETAIL}"),
+        502: ("server_error", "bad_gateway", f"Bad gateway: {_DETAIL}"),
+        503: ("service_unavailable", "service_unavailable", f"Service unavailable: {_DETAIL}"),
+        504: ("timeout", "timeout", f"Upstream timed out: {_DETAIL}"),
+    }
+
 
 @dataclass(frozen=True)
 class EnvoyParams:
@@ -58,10 +63,8 @@ class EnvoyParams:
     adapter_http_port: int = 7002  # aiohttp: /v1/ws, /healthz, /metrics
     descriptor_path: str = str(DEFAULT_DESCRIPTOR)
     max_request_bytes: int = 4 * 1024 * 1024
-    # Unary REST responses (embeddings above all) are buffered whole by the transcoder;
-    # a large batch of float vectors as JSON easily passes the 1 MiB default.
-    max_response_bytes: int = 64 * 1024 * 1024
     request_timeout_s: float = 300  # whole-request ceiling for unary/streamed calls
+    # An open WebSocket is closed after this long without a frame either way.
     ws_idle_timeout_s: float = 3600
     enable_rest: bool = True  # False: no transcoder; REST paths get an OpenAI-shaped 404
     enable_ws: bool = True  # False: no /v1/ws route
@@ -71,11 +74,9 @@ class EnvoyParams:
             port = getattr(self, name)
             if not 0 < port < 65536:
                 raise ValueError(f"{name} must be in 1..65535, got {port}")
-        # The transcoder's limits are uint32 and must be > 0.
-        for name in ("max_request_bytes", "max_response_bytes"):
-            size = getattr(self, name)
-            if not 0 < size < 2**32:
-                raise ValueError(f"{name} must be in 1..2**32-1, got {size}")
+        # The buffer filter and the transcoder take a uint32 that must be > 0.
+        if not 0 < self.max_request_bytes < 2**32:
+            raise ValueError(f"max_request_bytes must be in 1..2**32-1, got {self.max_request_bytes}")
         # Envoy reads durations in milliseconds at best; 0 would mean "no timeout".
         for name in ("request_timeout_s", "ws_idle_timeout_s"):
             if getattr(self, name) < 0.001:
@@ -167,8 +168,7 @@ def _local_reply_mappers(params: EnvoyParams, indent: int) -> str:
             f"WebSocket upgrades are {where} (%RESPONSE_CODE_DETAILS%)",
         ),
     )
-    for status, (error_type, code, message) in sorted(LOCAL_REPLY_ERRORS.items()):
-        message = message.replace("{max_request_bytes}", str(params.max_request_bytes))
+    for status, (error_type, code, message) in sorted(local_reply_errors(params.max_request_bytes).items()):
         lines += _mapper(_status_is(status), _openai_error_format(error_type, code, message))
     return _indented(lines, indent)
 
@@ -198,18 +198,18 @@ def render(params: EnvoyParams) -> str:
     """The bootstrap YAML for params."""
     template = TEMPLATE_PATH.read_text()
     selected = _select_features(template, {"rest": params.enable_rest, "ws": params.enable_ws})
-    return Template(selected).substitute(
-        listen_host=params.listen_host,
+    header = f"# Generated from envoy/envoy.yaml.tmpl by clawdbot.runner.envoy_config: edit those.\n# {params}\n\n"
+    return header + Template(selected).substitute(
+        listen_host=_yaml_str(params.listen_host),
         listen_port=params.listen_port,
         admin_port=params.admin_port,
-        adapter_host=params.adapter_host,
+        adapter_host=_yaml_str(params.adapter_host),
         adapter_grpc_port=params.adapter_grpc_port,
         adapter_http_port=params.adapter_http_port,
         # IP literals need no resolver; a name (e.g. a compose service) is re-resolved.
         adapter_cluster_type="STATIC" if _is_ip(params.adapter_host) else "STRICT_DNS",
         descriptor_path=_yaml_str(params.descriptor_path),
         max_request_bytes=params.max_request_bytes,
-        max_response_bytes=params.max_response_bytes,
         request_timeout=_duration(params.request_timeout_s),
         ws_idle_timeout=_duration(params.ws_idle_timeout_s),
         local_reply_mappers=_local_reply_mappers(params, indent=20),
@@ -220,7 +220,10 @@ def render(params: EnvoyParams) -> str:
 def write(params: EnvoyParams, path: Path) -> Path:
     """Render params into path (parents created); return path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(params))
+    # Written aside then renamed, so an Envoy (re)starting meanwhile never reads half a file.
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(render(params))
+    partial.replace(path)
     return path
 
 
