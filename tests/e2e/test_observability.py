@@ -73,6 +73,12 @@ def test_one_trace_across_adapter_router_and_upstream(mesh: Mesh) -> None:
     adapter = wait_for(lambda: [s for s in spans(mesh, "adapter") if s["trace_id"] == trace_id], 30, "adapter spans")
     router = wait_for(lambda: [s for s in spans(mesh, "router") if s["trace_id"] == trace_id], 30, "router spans")
     assert {s["kind"] for s in router} == {"SERVER", "CLIENT"}
+    # The metadata the adapter attached travelled with the request.
+    served = next(s for s in router if s["kind"] == "SERVER")["attributes"]
+    assert served["clawdbot.client_ip"] == "127.0.0.1"
+    assert served["clawdbot.device_type"] == "cli"  # httpx's python-httpx user agent
+    assert served["clawdbot.protocol"] == "rest"
+    assert served["clawdbot.api_key_id"].startswith("key_")
     assert adapter[0]["service"] == "clawdbot-adapter"
     upstream_call = next(s for s in router if s["kind"] == "CLIENT")
     assert upstream_call["attributes"]["gen_ai.request.model"] == "mock-1"

@@ -278,3 +278,32 @@ async def test_health_and_graceful_stop_finishes_a_stream(stack: Stack) -> None:
 
 async def collect_events(stub: router_pb2_grpc.RouterStub, request: router_pb2.ModelRequest) -> list[Any]:
     return [e async for e in stub.CompleteStream(request)]
+
+
+# --- protocol plugins on and off --------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_adapter_types_turn_protocols_off() -> None:
+    config = Config.model_validate(
+        {"adapter": {"grpc_port": 0, "http_port": 0, "types": "grpc"}, "router": {"grpc_port": closed_port()}}
+    )
+    adapter = create_adapter(config, api_keys=[KEY])
+    await adapter.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{adapter.grpc_port}") as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.EmbeddingsHttp(httpbody_pb2.HttpBody(data=b"{}"), metadata=AUTH)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # gRPC is on: the call gets as far as the (absent) router.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=AUTH, timeout=20)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{adapter.http_port}/v1/ws") as resp,
+        ):
+            assert resp.status == 404
+    finally:
+        await adapter.stop(grace=1, drain_notice=0)

@@ -16,4 +16,3 @@ def test_generated_code_is_current() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-

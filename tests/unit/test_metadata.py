@@ -36,6 +36,7 @@ def test_device_type(user_agent: str, expected: str) -> None:
 def test_client_ip_trusts_only_the_hop_envoy_added() -> None:
     assert client_ip({"x-forwarded-for": "6.6.6.6, 10.1.2.3"}) == "10.1.2.3"
     assert client_ip({"x-forwarded-for": "127.0.0.1"}) == "127.0.0.1"
+    assert client_ip({"x-clawdbot-client-ip": "127.0.0.1", "x-forwarded-for": "192.0.2.2"}) == "127.0.0.1"
     assert client_ip({}, "ipv4:192.168.0.7:5123") == "192.168.0.7"
     assert client_ip({}, "ipv6:[::1]:5123") == "::1"
 

@@ -45,10 +45,14 @@ def device_type(user_agent: str) -> str:
 def client_ip(headers: Mapping[str, str], peer: str = "") -> str:
     """The caller's address.
 
-    Behind Envoy (use_remote_address: true) the last X-Forwarded-For entry is the one
-    Envoy appended from the TCP peer; earlier entries are whatever the client claimed,
-    so they are not trusted. Without Envoy, the gRPC/HTTP peer is the caller.
+    Behind Envoy, x-clawdbot-client-ip is the TCP peer, set by Envoy (overwriting
+    anything the client sent). Otherwise the last X-Forwarded-For entry, the one the
+    nearest proxy appended (earlier entries are whatever the client claimed), or the
+    gRPC/HTTP peer itself.
     """
+    direct = headers.get("x-clawdbot-client-ip", "")
+    if direct:
+        return direct
     forwarded = headers.get("x-forwarded-for", "")
     if forwarded:
         return forwarded.rsplit(",", 1)[-1].strip()

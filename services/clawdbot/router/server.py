@@ -36,6 +36,15 @@ def _record_usage(metrics: Metrics, instance: Instance, task: str, usage: Any) -
             metrics.token_usage.labels(task, instance.name, token_type, instance.id).observe(value)
 
 
+def _describe(span: trace.Span, meta: router_pb2.RequestMeta) -> None:
+    """The caller's metadata on the server span: who asked, from where, on what."""
+    span.set_attribute("clawdbot.request_id", meta.request_id)
+    span.set_attribute("clawdbot.client_ip", meta.client_ip)
+    span.set_attribute("clawdbot.device_type", meta.device_type)
+    span.set_attribute("clawdbot.api_key_id", meta.api_key_id)
+    span.set_attribute("clawdbot.protocol", meta.protocol)
+
+
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, config: Config, registry: Registry, connector: OpenAIConnector, metrics: Metrics) -> None:
         self._config = config
@@ -96,7 +105,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         request_id_var.set(request.meta.request_id)
         parent = extract_context(context.invocation_metadata() or ())
         with self._tracer.start_as_current_span("router.complete", context=parent, kind=SpanKind.SERVER) as span:
-            span.set_attribute("clawdbot.request_id", request.meta.request_id)
+            _describe(span, request.meta)
             try:
                 return await self._complete(request, span)
             except GatewayError as err:
@@ -149,7 +158,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         request_id_var.set(request.meta.request_id)
         parent = extract_context(context.invocation_metadata() or ())
         with self._tracer.start_as_current_span("router.stream", context=parent, kind=SpanKind.SERVER) as span:
-            span.set_attribute("clawdbot.request_id", request.meta.request_id)
+            _describe(span, request.meta)
             try:
                 async for event in self._stream(request):
                     yield event

@@ -90,6 +90,9 @@ class Runner:
         self.supervisor = Supervisor(on_change=self.write_ready_file)
         self.run_dir = state_dir / "run"
         self.url = f"http://{config.gateway.host}:{config.gateway.port}"
+        # The ready file promises a working mesh: written once all of it serves, and
+        # rewritten after each restart (pids change).
+        self.up = False
 
     def _service_child(self, name: str, grpc_port: int, config_file: Path) -> Child:
         env = {
@@ -128,7 +131,9 @@ class Runner:
                 await session.post(f"{admin}/drain_listeners?graceful", timeout=aiohttp.ClientTimeout(total=5))
                 for _ in range(40):
                     async with session.get(
-                        f"{admin}/stats?filter=downstream_rq_active$&format=json",
+                        f"{admin}/stats",
+                        # Only the public listener's requests: the admin's own would never reach 0.
+                        params={"filter": r"^http\.public\.downstream_rq_active$", "format": "json"},
                         timeout=aiohttp.ClientTimeout(total=5),
                     ) as resp:
                         stats = await resp.json()
@@ -150,15 +155,17 @@ class Runner:
             "10",
             # Several meshes (tests beside `make run`) must not fight over shared memory.
             "--use-dynamic-base-id",
-            "--concurrency", "2",
+            "--concurrency",
+            "2",
             # Access log lines reach stdout within a second instead of every ten.
-            "--file-flush-interval-msec", "1000",
+            "--file-flush-interval-msec",
+            "1000",
         ]
         # Ready when a request through the public port reaches a healthy adapter.
         return Child("envoy", argv, http_ok(f"{self.url}/healthz"), before_stop=drain, stop_timeout_s=15)
 
     def write_ready_file(self) -> None:
-        if self.ready_file is None:
+        if self.ready_file is None or not self.up:
             return
         info = {
             "url": self.url,
@@ -206,6 +213,8 @@ class Runner:
             log.error("start-up failed", extra={"error": str(exc)})
             await self.supervisor.stop_all()
             return 1
+        self.up = True
+        self.write_ready_file()
         print(
             f"\nClawdbot is up: {self.url}  (gRPC: {self.config.gateway.host}:{self.config.gateway.port})", flush=True
         )

@@ -4,6 +4,7 @@ when one dies, stop gracefully."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -18,6 +19,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[bool]]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the runner itself dies (even by SIGKILL),
+    so no service outlives it holding its ports."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def grpc_serving(target: str) -> ReadyCheck:
@@ -69,7 +79,10 @@ class Child:
     async def start(self) -> None:
         env = {**os.environ, **self.env}
         # Children inherit stdout/stderr: their JSON logs go where the runner's go.
-        self.process = await asyncio.create_subprocess_exec(*self.argv, env=env, start_new_session=True)
+        # A session of its own: Ctrl-C reaches only the runner, which stops children in order.
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
         self.started_at = time.monotonic()
         log.info("started", extra={"child": self.name, "pid": self.process.pid})
 
