@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -9,6 +10,7 @@ import openai
 import pytest
 
 from tests.conftest import Mesh
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -114,3 +116,23 @@ def test_failure_mid_stream_is_an_sse_error_event(mesh: Mesh) -> None:
 def test_services_still_serve_after_all_that(mesh: Mesh) -> None:
     r = post(mesh, "/chat/completions", json=CHAT)
     assert r.status_code == 200, r.text
+
+
+def test_failures_are_logged_as_json_with_request_and_trace_ids(mesh: Mesh) -> None:
+    r = post(mesh, "/chat/completions", json={**CHAT, "model": "dead-1"}, headers={"x-request-id": "log-check-1"})
+    assert r.status_code == 502
+
+    def logged() -> dict[str, Any] | None:
+        for line in mesh.runner.output().splitlines():
+            if line.startswith("{") and "log-check-1" in line:
+                entry = json.loads(line)
+                if entry.get("msg") == "upstream call failed":
+                    return entry
+        return None
+
+    entry = wait_for(logged, 30, "the router's log line for the failed call")
+    assert entry["service"] == "router" and entry["instance"] == "dead-1"
+    assert len(entry["trace_id"]) == 32 and entry["level"] == "warning"
+    # The runner prints the key once for the operator; no log line ever carries it.
+    log_lines = [line for line in mesh.runner.output().splitlines() if line.startswith("{")]
+    assert log_lines and not any(mesh.api_key in line for line in log_lines)

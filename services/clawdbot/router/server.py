@@ -3,9 +3,10 @@ strategy, call the best one, fall back to the next on a retryable failure."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -80,20 +81,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         ranked = strategy.rank(candidates, request.task, weights, max(1, len(request.openai_json) // 4))
         return body, ranked
 
-    def _failed(self, instance: Instance, err: UpstreamError, started: float, fallback: bool) -> None:
-        instance.stats.observe(time.perf_counter() - started, ok=False)
-        self._metrics.upstream_errors.labels(instance.id, err.kind).inc()
-        log.warning(
-            "upstream call failed",
-            extra={
-                "instance": instance.id,
-                "kind": err.kind,
-                "status": err.status,
-                "falling_back": fallback,
-                "error": err.message,
-            },
-        )
-
     async def _abort(self, context: grpc.aio.ServicerContext, err: GatewayError) -> None:
         await context.abort(err.grpc_code(), err.message, trailing_metadata=err.trailing_metadata())
 
@@ -116,36 +103,57 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 await self._abort(context, internal_error())
         raise AssertionError("unreachable: abort raises")
 
+    @contextlib.contextmanager
+    def _attempt(self, request: router_pb2.ModelRequest, instance: Instance, fallback_left: bool) -> Iterator[None]:
+        """One call to one instance: its client span, in-flight count, stats and metrics."""
+        started = time.perf_counter()
+        with self._tracer.start_as_current_span(
+            f"{request.task} {instance.upstream_model}", kind=SpanKind.CLIENT
+        ) as call_span:
+            call_span.set_attribute("gen_ai.operation.name", request.task)
+            call_span.set_attribute("gen_ai.request.model", instance.upstream_model)
+            call_span.set_attribute("clawdbot.instance", instance.id)
+            instance.stats.in_flight += 1
+            try:
+                yield
+            except UpstreamError as err:
+                call_span.set_status(Status(StatusCode.ERROR, err.message))
+                instance.stats.observe(time.perf_counter() - started, ok=False)
+                self._metrics.upstream_errors.labels(instance.id, err.kind).inc()
+                log.warning(
+                    "upstream call failed",
+                    extra={
+                        "instance": instance.id,
+                        "kind": err.kind,
+                        "status": err.status,
+                        "error": err.message,
+                        "falling_back": err.retryable and fallback_left,
+                    },
+                )
+                raise
+            else:
+                elapsed = time.perf_counter() - started
+                instance.stats.observe(elapsed, ok=True)
+                self._metrics.operation_duration.labels(
+                    request.task, instance.name, instance.connector, instance.id
+                ).observe(elapsed)
+            finally:
+                instance.stats.in_flight -= 1
+
     async def _complete(self, request: router_pb2.ModelRequest, span: trace.Span) -> router_pb2.ModelResponse:
         body, ranked = self._plan(request)
         for position, instance in enumerate(ranked):
+            fallback_left = position + 1 < len(ranked)
             body["model"] = instance.upstream_model
-            started = time.perf_counter()
-            with self._tracer.start_as_current_span(
-                f"{request.task} {instance.upstream_model}", kind=SpanKind.CLIENT
-            ) as call_span:
-                call_span.set_attribute("gen_ai.operation.name", request.task)
-                call_span.set_attribute("gen_ai.request.model", instance.upstream_model)
-                call_span.set_attribute("clawdbot.instance", instance.id)
-                instance.stats.in_flight += 1
-                try:
+            try:
+                with self._attempt(request, instance, fallback_left):
                     data = await self._connector.call(
                         instance, request.task, body, inject_headers(), request.meta.request_id
                     )
-                except UpstreamError as err:
-                    call_span.set_status(Status(StatusCode.ERROR, err.message))
-                    fallback = err.retryable and position + 1 < len(ranked)
-                    self._failed(instance, err, started, fallback)
-                    if fallback:
-                        continue
-                    raise
-                finally:
-                    instance.stats.in_flight -= 1
-            elapsed = time.perf_counter() - started
-            instance.stats.observe(elapsed, ok=True)
-            self._metrics.operation_duration.labels(
-                request.task, instance.name, instance.connector, instance.id
-            ).observe(elapsed)
+            except UpstreamError as err:
+                if err.retryable and fallback_left:
+                    continue
+                raise
             _record_usage(self._metrics, instance, request.task, data.get("usage"))
             data["model"] = instance.name
             span.set_attribute("clawdbot.instance", instance.id)
@@ -172,40 +180,26 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def _stream(self, request: router_pb2.ModelRequest) -> AsyncIterator[router_pb2.StreamEvent]:
         body, ranked = self._plan(request)
         for position, instance in enumerate(ranked):
+            fallback_left = position + 1 < len(ranked)
             body["model"] = instance.upstream_model
             started = time.perf_counter()
-            first_chunk_at: float | None = None
-            with self._tracer.start_as_current_span(
-                f"{request.task} {instance.upstream_model}", kind=SpanKind.CLIENT
-            ) as call_span:
-                call_span.set_attribute("gen_ai.operation.name", request.task)
-                call_span.set_attribute("gen_ai.request.model", instance.upstream_model)
-                call_span.set_attribute("clawdbot.instance", instance.id)
-                instance.stats.in_flight += 1
-                try:
+            first = True
+            try:
+                with self._attempt(request, instance, fallback_left):
                     chunks = self._connector.stream(instance, body, inject_headers(), request.meta.request_id)
                     async for payload in chunks:
-                        if first_chunk_at is None:
-                            first_chunk_at = time.perf_counter()
+                        if first:
+                            first = False
                             self._metrics.time_to_first_token.labels(instance.name, instance.id).observe(
-                                first_chunk_at - started
+                                time.perf_counter() - started
                             )
                             yield router_pb2.StreamEvent(instance=instance.id)
                         yield router_pb2.StreamEvent(chunk_json=self._restamp(payload, instance, request.task))
-                except UpstreamError as err:
-                    call_span.set_status(Status(StatusCode.ERROR, err.message))
-                    fallback = err.retryable and first_chunk_at is None and position + 1 < len(ranked)
-                    self._failed(instance, err, started, fallback)
-                    if fallback:
-                        continue
-                    raise
-                finally:
-                    instance.stats.in_flight -= 1
-            elapsed = time.perf_counter() - started
-            instance.stats.observe(elapsed, ok=True)
-            self._metrics.operation_duration.labels(
-                request.task, instance.name, instance.connector, instance.id
-            ).observe(elapsed)
+            except UpstreamError as err:
+                # The connector clears `retryable` once a chunk went out: no fallback then.
+                if err.retryable and fallback_left:
+                    continue
+                raise
             return
 
     def _restamp(self, payload: bytes, instance: Instance, task: str) -> bytes:
