@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${CLAWDBOT_VENV:-$ROOT/.venv}
-CACHE=${CLAWDBOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/clawdbot}
+CACHE=${CLAWDBOT_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/clawdbot}
 WHEELS=$CACHE/wheels
 TOOLS=$ROOT/.tools/bin
 LLAMA_VERSION=0.3.36
