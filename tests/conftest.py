@@ -74,6 +74,11 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
                 "base_url": mock_url,
                 "upstream_model": "mock-1",
             },
+            # Fault injection goes to these, one breaker each, so that mock-1's stays closed.
+            *(
+                {"name": name, "task": "chat", "base_url": mock_url, "upstream_model": "mock-1"}
+                for name in ("mock-429", "mock-500", "mock-drop")
+            ),
             # Short timeout, for the 504 test.
             {
                 "name": "mock-impatient",

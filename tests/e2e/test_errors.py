@@ -83,7 +83,7 @@ def test_unknown_route(mesh: Mesh) -> None:
 
 
 def test_upstream_rate_limit_keeps_retry_after(mesh: Mesh) -> None:
-    r = post(mesh, "/chat/completions", json={**CHAT, "mock": {"status": 429, "retry_after": 9}})
+    r = post(mesh, "/chat/completions", json={**CHAT, "model": "mock-429", "mock": {"status": 429, "retry_after": 9}})
     assert_openai_error(r, 429, "rate_limit_exceeded")
     assert r.headers["retry-after"] == "9"
 
@@ -98,13 +98,15 @@ def test_upstream_timeout(mesh: Mesh) -> None:
 
 
 def test_upstream_server_error(mesh: Mesh) -> None:
-    assert_openai_error(post(mesh, "/chat/completions", json={**CHAT, "mock": {"status": 500}}), 502)
+    assert_openai_error(
+        post(mesh, "/chat/completions", json={**CHAT, "model": "mock-500", "mock": {"status": 500}}), 502
+    )
 
 
 def test_failure_mid_stream_is_an_sse_error_event(mesh: Mesh) -> None:
     client = openai.OpenAI(base_url=mesh.v1, api_key=mesh.api_key, max_retries=0)
     stream = client.chat.completions.create(
-        model="mock-1",
+        model="mock-drop",
         messages=[{"role": "user", "content": "one two three"}],
         stream=True,
         extra_body={"mock": {"drop_midstream": True}},

@@ -88,7 +88,7 @@ def test_auto_routes_through_the_strategy(mesh: Mesh) -> None:
         json={"model": "auto", "messages": [{"role": "user", "content": "route me"}]},
     )
     assert r.status_code == 200, r.text
-    assert r.headers["x-clawdbot-instance"]
+    assert r.headers["x-clawdbot-model-instance"]
     r = http.post(
         f"{mesh.v1}/chat/completions",
         headers={"x-clawdbot-strategy": "nonsense"},
@@ -103,5 +103,5 @@ def test_group_falls_back_to_live_instance(mesh: Mesh) -> None:
         f"{mesh.v1}/chat/completions", json={"model": "mock-ha", "messages": [{"role": "user", "content": "ha"}]}
     )
     assert r.status_code == 200, r.text
-    assert r.headers["x-clawdbot-instance"] == "mock-ha-live"
+    assert r.headers["x-clawdbot-model-instance"] == "mock-ha-live"
     assert r.json()["model"] == "mock-ha"

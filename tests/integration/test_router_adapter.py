@@ -200,7 +200,7 @@ async def test_rest_body_passes_through_and_errors_carry_status(stack: Stack) ->
     )
     call = stack.gateway.ChatCompletionsHttp(body, metadata=AUTH)
     parts = [m.data async for m in call]
-    assert dict(await call.initial_metadata()).get("x-clawdbot-instance") == "mock-1"
+    assert dict(await call.initial_metadata()).get("x-clawdbot-model-instance") == "mock-1"
     assert parts[-1] == b"data: [DONE]\n\n"
     assert all(p.startswith(b"data: ") and p.endswith(b"\n\n") for p in parts)
 

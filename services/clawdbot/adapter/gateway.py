@@ -98,6 +98,24 @@ class Gateway:
             # An abandoned stream (client went away) must not keep the upstream busy.
             call.cancel()
 
+    async def feedback(self, request: router_pb2.FeedbackRequest) -> router_pb2.FeedbackResponse:
+        try:
+            response: router_pb2.FeedbackResponse = await self._router.Feedback(
+                request, timeout=10.0, metadata=self._call_metadata()
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self._failure(err) from None
+        return response
+
+    async def explain(self, request: router_pb2.ExplainRequest) -> router_pb2.Explanation:
+        try:
+            response: router_pb2.Explanation = await self._router.Explain(
+                request, timeout=10.0, metadata=self._call_metadata()
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self._failure(err) from None
+        return response
+
     async def list_models(self, meta: router_pb2.RequestMeta) -> list[router_pb2.ModelInfo]:
         try:
             response = await self._router.ListModels(

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from clawdbot.common.errors import GatewayError
+from clawdbot.gen.v1 import router_pb2
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _TYPE_WORDS = {
@@ -175,3 +176,19 @@ def parse_embeddings(body: dict[str, Any]) -> ParsedRequest:
         raise GatewayError.bad_request("'dimensions' must be at least 1.", "dimensions", "integer_below_min_value")
     _optional(body, "user", (str,), "a string")
     return ParsedRequest("embeddings", model, False, False, body)
+
+
+def parse_feedback(body: dict[str, Any], meta: router_pb2.RequestMeta) -> router_pb2.FeedbackRequest:
+    request_id = body.get("request_id")
+    if request_id is None:
+        raise _missing("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        raise _wrong_type("request_id", "a non-empty string", request_id)
+    if "score" not in body:
+        raise _missing("score")
+    score = _optional(body, "score", (int, float), "a decimal")
+    if not 0 <= score <= 1:
+        raise GatewayError.bad_request(
+            f"Invalid 'score': expected a value between 0 and 1, but got {score}.", "score", "invalid_value"
+        )
+    return router_pb2.FeedbackRequest(meta=meta, request_id=request_id, score=float(score))

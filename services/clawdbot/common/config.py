@@ -106,9 +106,37 @@ def _default_strategies() -> tuple[Strategy, ...]:
     )
 
 
+class BreakerConfig(_Strict):
+    consecutive_failures: int = Field(5, ge=1)
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    min_requests: int = Field(10, ge=1)  # calls in the window before the ratio counts
+    window_s: float = Field(30.0, gt=0)
+    open_s: float = Field(5.0, gt=0)  # first open period; doubles on each trip in a row
+    max_open_s: float = Field(300.0, gt=0)
+
+
+class RetryConfig(_Strict):
+    max_attempts: int = Field(3, ge=1)  # calls per request, over the ranked instances
+    backoff_s: float = Field(0.05, ge=0)  # before the 2nd attempt; doubles after
+    max_backoff_s: float = Field(1.0, ge=0)
+
+
 class ModelRouterConfig(_Strict):
     strategy: str = "performance_first"
     strategies: tuple[Strategy, ...] = Field(default_factory=_default_strategies)
+    # Choose among the best `top_k` by power of two choices (fewer in flight wins), and
+    # with probability `exploration` try another eligible instance, so none is herded
+    # and cold ones get measured.
+    top_k: int = Field(2, ge=1)
+    exploration: float = Field(0.05, ge=0, le=1)
+    # Latency assumed for an instance never measured; empty: the median of the measured.
+    cold_latency_s: float | None = Field(None, gt=0)
+    default_output_tokens: int = Field(256, gt=0)
+    # How many feedback scores the configured quality prior is worth.
+    quality_prior_weight: float = Field(10.0, gt=0)
+    deadline_s: float = Field(120.0, gt=0)  # whole budget of one request, retries included
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
 
     @model_validator(mode="after")
     def _strategy_exists(self) -> ModelRouterConfig:
@@ -142,6 +170,8 @@ class ModelEntry(_Strict):
     pricing: Pricing = Field(default_factory=Pricing)
     quality: dict[str, float] = Field(default_factory=dict)
     timeout_s: float = Field(120.0, gt=0)
+    context_length: int | None = Field(None, gt=0)
+    max_in_flight: int | None = Field(None, gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("base_url")

@@ -64,6 +64,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.cost = Counter(
+            "clawdbot_cost_usd",
+            "Money spent on model calls, from reported usage and configured prices.",
+            ["api_key_id", "model", "instance"],
+            registry=self.registry,
+        )
+        self.breaker_state = Gauge(
+            "clawdbot_circuit_breaker_open",
+            "1 while an instance's circuit breaker is open or half-open.",
+            ["instance"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

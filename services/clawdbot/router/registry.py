@@ -2,7 +2,8 @@
 
 A model name maps to a group of one or more instances (several deployments of one
 model); the alias `auto` maps to every instance of the requested task and lets the
-strategy choose.
+strategy choose. A registry is immutable once built: a reload builds a new one beside
+it and swaps (see server.py); live measurements live in stats.StatsStore.
 """
 
 from __future__ import annotations
@@ -10,37 +11,14 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from clawdbot.common.config import ModelEntry, Pricing
 
 AUTO_ALIAS = "auto"
 
 
-@dataclass
-class InstanceStats:
-    """Live measurements, kept in-process from every call the router makes."""
-
-    # Exponentially decayed moving average of total latency; None until the first call.
-    latency_ewma_s: float | None = None
-    in_flight: int = 0
-    calls: int = 0
-    failures: int = 0
-    last_failure_at: float = 0.0
-
-    ALPHA = 0.2
-
-    def observe(self, latency_s: float, ok: bool) -> None:
-        self.calls += 1
-        if ok:
-            prev = self.latency_ewma_s
-            self.latency_ewma_s = latency_s if prev is None else prev + self.ALPHA * (latency_s - prev)
-        else:
-            self.failures += 1
-            self.last_failure_at = time.monotonic()
-
-
-@dataclass
+@dataclass(frozen=True)
 class Instance:
     id: str
     name: str
@@ -54,7 +32,9 @@ class Instance:
     timeout_s: float
     labels: dict[str, str]
     created: int
-    stats: InstanceStats = field(default_factory=InstanceStats)
+    version: str = ""
+    context_length: int | None = None
+    max_in_flight: int | None = None
 
     def quality_for(self, task: str) -> float | None:
         return self.quality.get(task)
@@ -88,6 +68,9 @@ class Registry:
                 timeout_s=entry.timeout_s,
                 labels=dict(entry.labels),
                 created=created,
+                version=entry.version,
+                context_length=entry.context_length,
+                max_in_flight=entry.max_in_flight,
             )
             self._by_name[entry.name].append(instance)
             self._by_task[entry.task].append(instance)

@@ -1,12 +1,20 @@
-"""The router's gRPC servicer: resolve a model name to instances, order them by the
-strategy, call the best one, fall back to the next on a retryable failure."""
+"""The router's gRPC servicer: resolve a model name to instances, score them by the
+strategy, call the chosen one, retry the next-best on a retryable failure.
+
+What the router knows lives in two places. The snapshot (registry + routing config) is
+immutable and replaced whole on reload; a request keeps the snapshot it started with.
+Live knowledge (latency averages, breakers, feedback) is keyed by instance id and
+outlives snapshots.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -14,27 +22,51 @@ import orjson
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from clawdbot.common.config import Config
+from clawdbot.common.config import Config, ModelRouterConfig, StrategyWeights
 from clawdbot.common.errors import GatewayError, internal_error
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost
 from clawdbot.common.telemetry import extract_context, inject_headers
 from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
-from clawdbot.router import strategy
+from clawdbot.router.attempts import Attempts
+from clawdbot.router.breaker import CircuitBreaker
 from clawdbot.router.connectors.openai import OpenAIConnector, UpstreamError
+from clawdbot.router.quality import QualityBook
 from clawdbot.router.registry import Instance, Registry
+from clawdbot.router.scoring import Candidate, RequestShape, Scorer, explain_choice
+from clawdbot.router.stats import StatsStore
 
 log = logging.getLogger(__name__)
 
+# Gateway options ride in the OpenAI body under this key; they never reach a provider.
+GATEWAY_FIELD = "clawdbot"
+# Failures that say something about the instance's health (a 400 says nothing).
+_BREAKER_KINDS = frozenset({"unreachable", "server_error", "timeout", "rate_limited", "bad_response", "truncated"})
 
-def _record_usage(metrics: Metrics, instance: Instance, task: str, usage: Any) -> None:
+
+@dataclass(frozen=True)
+class Snapshot:
+    registry: Registry
+    routing: ModelRouterConfig
+    scorer: Scorer
+
+
+@dataclass
+class Plan:
+    body: dict[str, Any]
+    shape: RequestShape
+    strategy: str
+    weights: StrategyWeights
+    ranked: list[Candidate]
+    snapshot: Snapshot
+
+
+def _usage_tokens(usage: Any) -> tuple[int, int]:
     if not isinstance(usage, dict):
-        return
-    for key, token_type in (("prompt_tokens", "input"), ("completion_tokens", "output")):
-        value = usage.get(key)
-        if isinstance(value, int):
-            metrics.token_usage.labels(task, instance.name, token_type, instance.id).observe(value)
+        return 0, 0
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (prompt if isinstance(prompt, int) else 0), (completion if isinstance(completion, int) else 0)
 
 
 def _describe(span: trace.Span, meta: router_pb2.RequestMeta) -> None:
@@ -47,44 +79,145 @@ def _describe(span: trace.Span, meta: router_pb2.RequestMeta) -> None:
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, config: Config, registry: Registry, connector: OpenAIConnector, metrics: Metrics) -> None:
-        self._config = config
-        self._registry = registry
+    def __init__(self, config: Config, connector: OpenAIConnector, metrics: Metrics) -> None:
         self._connector = connector
         self._metrics = metrics
         self._tracer = trace.get_tracer("clawdbot.router")
+        self._stats = StatsStore()
+        self._quality = QualityBook(config.model_router.quality_prior_weight)
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self.snapshot = self.build_snapshot(config)
 
-    # --- shared steps ----------------------------------------------------------------
+    def build_snapshot(self, config: Config) -> Snapshot:
+        registry = Registry(config.models)
+        for instance in registry.instances():
+            if instance.id not in self._breakers:
+                self._breakers[instance.id] = CircuitBreaker(config.model_router.breaker)
+        scorer = Scorer(config.model_router, self._stats, self._quality, self._breakers)
+        return Snapshot(registry, config.model_router, scorer)
 
-    def _plan(self, request: router_pb2.ModelRequest) -> tuple[dict[str, Any], list[Instance]]:
+    # --- planning --------------------------------------------------------------------
+
+    def _plan(self, request: router_pb2.ModelRequest) -> Plan:
+        snapshot = self.snapshot  # this request's view, whatever reloads happen meanwhile
         try:
             body = orjson.loads(request.openai_json)
         except orjson.JSONDecodeError as exc:
             raise GatewayError.bad_request(f"request body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise GatewayError.bad_request("request body must be a JSON object")
-        if not self._registry.knows(request.model):
-            raise GatewayError.model_not_found(request.model)
-        candidates = self._registry.candidates(request.model, request.task)
+        options = body.pop(GATEWAY_FIELD, None)
+        body_strategy = options.get("strategy") if isinstance(options, dict) else None
+        candidates = self._candidates(snapshot, request.model, request.task)
+        strategy, weights = self._strategy(snapshot, request.meta.strategy or body_strategy)
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        shape = RequestShape(
+            task=request.task,
+            # About four bytes a token: all the comparison between candidates needs.
+            input_tokens=max(1, len(request.openai_json) // 4),
+            max_tokens=max_tokens if isinstance(max_tokens, int) else None,
+        )
+        ranked = snapshot.scorer.score(candidates, shape, weights)
+        return Plan(body, shape, strategy, weights, ranked, snapshot)
+
+    @staticmethod
+    def _candidates(snapshot: Snapshot, model: str, task: str) -> list[Instance]:
+        if not snapshot.registry.knows(model):
+            raise GatewayError.model_not_found(model)
+        candidates = snapshot.registry.candidates(model, task)
         if not candidates:
             raise GatewayError.bad_request(
-                f"The model `{request.model}` does not serve {request.task} requests.", "model", "model_not_supported"
+                f"The model `{model}` does not serve {task} requests.", "model", "model_not_supported"
             )
+        return candidates
+
+    @staticmethod
+    def _strategy(snapshot: Snapshot, asked: Any) -> tuple[str, StrategyWeights]:
+        name = asked if isinstance(asked, str) and asked else snapshot.routing.strategy
         try:
-            weights = self._config.model_router.weights(request.meta.strategy or None)
+            return name, snapshot.routing.weights(name)
         except KeyError:
-            names = [s.name for s in self._config.model_router.strategies]
+            names = ", ".join(s.name for s in snapshot.routing.strategies)
             raise GatewayError.bad_request(
-                f"Unknown routing strategy `{request.meta.strategy}`; known: {', '.join(names)}.", "strategy"
+                f"Unknown routing strategy `{name}`; known: {names}.", "strategy", "unknown_strategy"
             ) from None
-        # A rough token estimate is all the ordering needs (about four bytes a token).
-        ranked = strategy.rank(candidates, request.task, weights, max(1, len(request.openai_json) // 4))
-        return body, ranked
+
+    def _attempts(self, plan: Plan, context: grpc.aio.ServicerContext) -> Attempts:
+        order = [c.instance for c in plan.snapshot.scorer.order(plan.ranked)]
+        if not order:
+            raise GatewayError.unavailable(
+                explain_choice(plan.ranked, None, plan.weights), code="no_available_instance"
+            )
+        budget = plan.snapshot.routing.deadline_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budget = min(budget, remaining)
+        return Attempts(order, self._breakers, plan.snapshot.routing.retry, time.monotonic() + budget)
+
+    # --- one call to one instance ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _attempt(self, task: str, instance: Instance) -> Iterator[None]:
+        """Its client span, in-flight count, breaker verdict, stats and metrics."""
+        started = time.perf_counter()
+        stats = self._stats.get(instance.id)
+        breaker = self._breakers[instance.id]
+        with self._tracer.start_as_current_span(f"{task} {instance.upstream_model}", kind=SpanKind.CLIENT) as span:
+            span.set_attribute("gen_ai.operation.name", task)
+            span.set_attribute("gen_ai.request.model", instance.upstream_model)
+            span.set_attribute("clawdbot.instance", instance.id)
+            stats.in_flight += 1
+            verdict = False
+            try:
+                yield
+                verdict = True
+                breaker.record_success()
+                elapsed = time.perf_counter() - started
+                self._metrics.operation_duration.labels(task, instance.name, instance.connector, instance.id).observe(
+                    elapsed
+                )
+            except UpstreamError as err:
+                verdict = True
+                span.set_status(Status(StatusCode.ERROR, err.message))
+                self._metrics.upstream_errors.labels(instance.id, err.kind).inc()
+                if err.kind in _BREAKER_KINDS:
+                    stats.record_failure()
+                    breaker.record_failure()
+                else:
+                    breaker.record_success()  # it answered; the request was at fault
+                log.warning(
+                    "upstream call failed",
+                    extra={
+                        "instance": instance.id,
+                        "kind": err.kind,
+                        "status": err.status,
+                        "error": err.message,
+                        "retryable": err.retryable,
+                    },
+                )
+                raise
+            finally:
+                stats.in_flight -= 1
+                if not verdict:
+                    breaker.release()  # cancelled: no verdict on the instance
+                self._metrics.breaker_state.labels(instance.id).set(0 if breaker.status() == "closed" else 1)
+
+    def _account(self, meta: router_pb2.RequestMeta, task: str, instance: Instance, usage: Any) -> float:
+        prompt, completion = _usage_tokens(usage)
+        if prompt:
+            self._metrics.token_usage.labels(task, instance.name, "input", instance.id).observe(prompt)
+        if completion:
+            self._metrics.token_usage.labels(task, instance.name, "output", instance.id).observe(completion)
+        cost = instance.expected_cost(prompt, completion)
+        if cost:
+            self._metrics.cost.labels(meta.api_key_id or "none", instance.name, instance.id).inc(cost)
+        self._quality.answered(meta.request_id, instance.id, task)
+        return cost
+
+    # --- RPCs ------------------------------------------------------------------------
 
     async def _abort(self, context: grpc.aio.ServicerContext, err: GatewayError) -> None:
         await context.abort(err.grpc_code(), err.message, trailing_metadata=err.trailing_metadata())
-
-    # --- RPCs ------------------------------------------------------------------------
 
     async def Complete(  # noqa: N802 - gRPC method name
         self, request: router_pb2.ModelRequest, context: grpc.aio.ServicerContext
@@ -94,7 +227,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         with self._tracer.start_as_current_span("router.complete", context=parent, kind=SpanKind.SERVER) as span:
             _describe(span, request.meta)
             try:
-                return await self._complete(request, span)
+                return await self._complete(request, context, span)
             except GatewayError as err:
                 span.set_status(Status(StatusCode.ERROR, err.message))
                 await self._abort(context, err)
@@ -103,62 +236,36 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 await self._abort(context, internal_error())
         raise AssertionError("unreachable: abort raises")
 
-    @contextlib.contextmanager
-    def _attempt(self, request: router_pb2.ModelRequest, instance: Instance, fallback_left: bool) -> Iterator[None]:
-        """One call to one instance: its client span, in-flight count, stats and metrics."""
-        started = time.perf_counter()
-        with self._tracer.start_as_current_span(
-            f"{request.task} {instance.upstream_model}", kind=SpanKind.CLIENT
-        ) as call_span:
-            call_span.set_attribute("gen_ai.operation.name", request.task)
-            call_span.set_attribute("gen_ai.request.model", instance.upstream_model)
-            call_span.set_attribute("clawdbot.instance", instance.id)
-            instance.stats.in_flight += 1
+    async def _complete(
+        self, request: router_pb2.ModelRequest, context: grpc.aio.ServicerContext, span: trace.Span
+    ) -> router_pb2.ModelResponse:
+        plan = self._plan(request)
+        attempts = self._attempts(plan, context)
+        failure: UpstreamError | None = None
+        async for instance, timeout_s in attempts:
+            plan.body["model"] = instance.upstream_model
+            started = time.perf_counter()
             try:
-                yield
-            except UpstreamError as err:
-                call_span.set_status(Status(StatusCode.ERROR, err.message))
-                instance.stats.observe(time.perf_counter() - started, ok=False)
-                self._metrics.upstream_errors.labels(instance.id, err.kind).inc()
-                log.warning(
-                    "upstream call failed",
-                    extra={
-                        "instance": instance.id,
-                        "kind": err.kind,
-                        "status": err.status,
-                        "error": err.message,
-                        "falling_back": err.retryable and fallback_left,
-                    },
-                )
-                raise
-            else:
-                elapsed = time.perf_counter() - started
-                instance.stats.observe(elapsed, ok=True)
-                self._metrics.operation_duration.labels(
-                    request.task, instance.name, instance.connector, instance.id
-                ).observe(elapsed)
-            finally:
-                instance.stats.in_flight -= 1
-
-    async def _complete(self, request: router_pb2.ModelRequest, span: trace.Span) -> router_pb2.ModelResponse:
-        body, ranked = self._plan(request)
-        for position, instance in enumerate(ranked):
-            fallback_left = position + 1 < len(ranked)
-            body["model"] = instance.upstream_model
-            try:
-                with self._attempt(request, instance, fallback_left):
+                with self._attempt(request.task, instance):
                     data = await self._connector.call(
-                        instance, request.task, body, inject_headers(), request.meta.request_id
+                        instance, request.task, plan.body, inject_headers(), request.meta.request_id, timeout_s
                     )
             except UpstreamError as err:
-                if err.retryable and fallback_left:
+                failure = err
+                if attempts.should_retry(err):
                     continue
                 raise
-            _record_usage(self._metrics, instance, request.task, data.get("usage"))
+            usage = data.get("usage")
+            self._stats.get(instance.id).record_success(time.perf_counter() - started, _usage_tokens(usage)[1])
+            cost = self._account(request.meta, request.task, instance, usage)
             data["model"] = instance.name
             span.set_attribute("clawdbot.instance", instance.id)
-            return router_pb2.ModelResponse(openai_json=orjson.dumps(data), instance=instance.id)
-        raise AssertionError("unreachable: the last candidate raises")
+            return router_pb2.ModelResponse(
+                openai_json=orjson.dumps(data), instance=instance.id, strategy=plan.strategy, cost_usd=cost
+            )
+        raise failure or GatewayError.unavailable(
+            explain_choice(plan.ranked, None, plan.weights), code="no_available_instance"
+        )
 
     async def CompleteStream(  # noqa: N802 - gRPC method name
         self, request: router_pb2.ModelRequest, context: grpc.aio.ServicerContext
@@ -168,7 +275,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         with self._tracer.start_as_current_span("router.stream", context=parent, kind=SpanKind.SERVER) as span:
             _describe(span, request.meta)
             try:
-                async for event in self._stream(request):
+                async for event in self._stream(request, context):
                     yield event
             except GatewayError as err:
                 span.set_status(Status(StatusCode.ERROR, err.message))
@@ -177,61 +284,149 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 log.exception("router stream failed")
                 await self._abort(context, internal_error())
 
-    async def _stream(self, request: router_pb2.ModelRequest) -> AsyncIterator[router_pb2.StreamEvent]:
-        body, ranked = self._plan(request)
-        for position, instance in enumerate(ranked):
-            fallback_left = position + 1 < len(ranked)
-            body["model"] = instance.upstream_model
+    async def _stream(
+        self, request: router_pb2.ModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.StreamEvent]:
+        plan = self._plan(request)
+        attempts = self._attempts(plan, context)
+        failure: UpstreamError | None = None
+        async for instance, timeout_s in attempts:
+            plan.body["model"] = instance.upstream_model
             started = time.perf_counter()
-            first = True
+            first_at: float | None = None
+            counter = _StreamCounter()
             try:
-                with self._attempt(request, instance, fallback_left):
-                    chunks = self._connector.stream(instance, body, inject_headers(), request.meta.request_id)
+                with self._attempt(request.task, instance):
+                    chunks = self._connector.stream(
+                        instance, plan.body, inject_headers(), request.meta.request_id, timeout_s
+                    )
                     async for payload in chunks:
-                        if first:
-                            first = False
+                        if first_at is None:
+                            first_at = time.perf_counter()
                             self._metrics.time_to_first_token.labels(instance.name, instance.id).observe(
-                                time.perf_counter() - started
+                                first_at - started
                             )
-                            yield router_pb2.StreamEvent(instance=instance.id)
-                        yield router_pb2.StreamEvent(chunk_json=self._restamp(payload, instance, request.task))
+                            yield router_pb2.StreamEvent(instance=instance.id, strategy=plan.strategy)
+                        yield router_pb2.StreamEvent(chunk_json=counter.restamp(payload, instance))
             except UpstreamError as err:
-                # The connector clears `retryable` once a chunk went out: no fallback then.
-                if err.retryable and fallback_left:
+                failure = err
+                # The connector clears `retryable` once a chunk went out: never retried then.
+                if attempts.should_retry(err):
                     continue
                 raise
+            elapsed = time.perf_counter() - started
+            ttft = (first_at - started) if first_at is not None else None
+            self._stats.get(instance.id).record_success(elapsed, counter.output_tokens(), ttft)
+            self._account(request.meta, request.task, instance, counter.usage)
             return
+        raise failure or GatewayError.unavailable(
+            explain_choice(plan.ranked, None, plan.weights), code="no_available_instance"
+        )
 
-    def _restamp(self, payload: bytes, instance: Instance, task: str) -> bytes:
-        """Show the caller's model name in each chunk, and count tokens from usage."""
+    async def ListModels(  # noqa: N802 - gRPC method name
+        self, request: router_pb2.RouterListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouterListModelsResponse:
+        registry = self.snapshot.registry
+        created = {i.name: i.created for i in registry.instances()}
+        models = [
+            router_pb2.ModelInfo(id=name, task=task, owned_by="clawdbot", created=created[name])
+            for name, task in registry.model_names()
+        ]
+        return router_pb2.RouterListModelsResponse(models=models)
+
+    async def Feedback(  # noqa: N802 - gRPC method name
+        self, request: router_pb2.FeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.FeedbackResponse:
+        try:
+            if not request.request_id:
+                raise GatewayError.bad_request("Missing required parameter: 'request_id'.", "request_id")
+            if not math.isfinite(request.score):
+                raise GatewayError.bad_request("'score' must be a number between 0 and 1.", "score")
+            instance_id, task = self._quality.rate(request.request_id, request.score)
+        except GatewayError as err:
+            await self._abort(context, err)
+            raise
+        instance = next((i for i in self.snapshot.registry.instances() if i.id == instance_id), None)
+        prior = instance.quality_for(task) if instance else None
+        quality = self._quality.estimate(instance_id, task, prior)
+        log.info("feedback", extra={"instance": instance_id, "task": task, "score": request.score, "quality": quality})
+        return router_pb2.FeedbackResponse(instance=instance_id, task=task, quality=quality)
+
+    async def Explain(  # noqa: N802 - gRPC method name
+        self, request: router_pb2.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.Explanation:
+        snapshot = self.snapshot
+        task = request.task or "chat"
+        try:
+            if not request.model:
+                raise GatewayError.bad_request("Missing required parameter: 'model'.", "model")
+            candidates = self._candidates(snapshot, request.model, task)
+            strategy, weights = self._strategy(snapshot, request.strategy or request.meta.strategy)
+        except GatewayError as err:
+            await self._abort(context, err)
+            raise
+        shape = RequestShape(task, request.input_tokens or 256, request.max_tokens or None)
+        ranked = snapshot.scorer.score(candidates, shape, weights)
+        chosen = next((c for c in ranked if c.eligible), None)
+        return router_pb2.Explanation(
+            model=request.model,
+            task=task,
+            strategy=strategy,
+            weights=router_pb2.ScoreTerms(latency=weights.latency, accuracy=weights.accuracy, cost=weights.cost),
+            candidates=[
+                router_pb2.CandidateScore(
+                    instance=c.instance.id,
+                    eligible=c.eligible,
+                    reason=c.reason,
+                    expected_latency_s=c.latency_s,
+                    expected_cost_usd=c.cost_usd,
+                    quality=c.quality,
+                    cold=c.cold,
+                    breaker=c.breaker,
+                    in_flight=c.in_flight,
+                    terms=router_pb2.ScoreTerms(latency=c.terms.latency, accuracy=c.terms.accuracy, cost=c.terms.cost),
+                    score=c.score,
+                    rank=rank,
+                )
+                for rank, c in enumerate(ranked, start=1)
+            ],
+            chosen=chosen.instance.id if chosen else "",
+            why=explain_choice(ranked, chosen, weights),
+        )
+
+
+class _StreamCounter:
+    """Per stream: restamps the model name on chunks and keeps the usage chunk."""
+
+    def __init__(self) -> None:
+        self.usage: dict[str, Any] | None = None
+        self.chunks = 0
+
+    def restamp(self, payload: bytes, instance: Instance) -> bytes:
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return payload  # not ours to judge; pass the upstream's bytes on untouched
         if not isinstance(chunk, dict):
             return payload
-        if chunk.get("usage"):
-            _record_usage(self._metrics, instance, task, chunk["usage"])
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        if chunk.get("choices"):
+            self.chunks += 1
         if "model" in chunk:
             chunk["model"] = instance.name
         return orjson.dumps(chunk)
 
-    async def ListModels(  # noqa: N802 - gRPC method name
-        self, request: router_pb2.RouterListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> router_pb2.RouterListModelsResponse:
-        created = {i.name: i.created for i in self._registry.instances()}
-        models = [
-            router_pb2.ModelInfo(id=name, task=task, owned_by="clawdbot", created=created[name])
-            for name, task in self._registry.model_names()
-        ]
-        return router_pb2.RouterListModelsResponse(models=models)
+    def output_tokens(self) -> int:
+        # Without a usage chunk, content chunks approximate output tokens.
+        return _usage_tokens(self.usage)[1] or self.chunks
 
 
 def create_server(config: Config) -> ServiceHost:
     metrics = Metrics("router")
     host = ServiceHost("router", config.router, metrics, reflection_services=("clawdbot.v1.Router",))
     connector = OpenAIConnector(config.router.max_connections)
-    servicer = RouterServicer(config, Registry(config.models), connector, metrics)
+    servicer = RouterServicer(config, connector, metrics)
     router_pb2_grpc.add_RouterServicer_to_server(servicer, host.grpc_server)
     host.add_service_name("clawdbot.v1.Router")
     host.on_shutdown(connector.close)

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+import orjson
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from clawdbot.adapter.gateway import Gateway
 from clawdbot.common.config import Config
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.service import ServiceHost
-from clawdbot.gen.v1 import gateway_pb2_grpc
+from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc, router_pb2
 
 BUILTIN_PROTOCOLS: Mapping[str, str] = {
     "rest": "clawdbot.adapter.protocols.rest",
@@ -51,6 +54,34 @@ def load_protocols(config: Config) -> list[ProtocolPlugin]:
         plugin: ProtocolPlugin = module.create_protocol()
         plugins.append(plugin)
     return plugins
+
+
+def message_json(message: Message) -> bytes:
+    """A typed reply as JSON with OpenAI-style snake_case names and every field present."""
+    return orjson.dumps(
+        json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    )
+
+
+def explain_request(
+    request: gateway_pb2.ExplainRoutingRequest, meta: router_pb2.RequestMeta
+) -> router_pb2.ExplainRequest:
+    return router_pb2.ExplainRequest(
+        meta=meta,
+        model=request.model,
+        task=request.task,
+        strategy=request.strategy,
+        input_tokens=request.input_tokens,
+        max_tokens=request.max_tokens,
+    )
+
+
+def routing_headers(instance: str, strategy: str, cost_usd: float | None = None) -> list[tuple[str, str]]:
+    """Response headers that explain and account for a routed call."""
+    headers = [("x-clawdbot-model-instance", instance), ("x-clawdbot-strategy", strategy)]
+    if cost_usd is not None:
+        headers.append(("x-clawdbot-cost-usd", f"{cost_usd:.8f}"))
+    return headers
 
 
 def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:

@@ -17,10 +17,16 @@ import orjson
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from clawdbot.adapter.openai_requests import ParsedRequest, parse_chat, parse_embeddings
-from clawdbot.adapter.protocols.base import ProtocolContext, abort_grpc, metadata_dict
+from clawdbot.adapter.openai_requests import ParsedRequest, parse_chat, parse_embeddings, parse_feedback
+from clawdbot.adapter.protocols.base import (
+    ProtocolContext,
+    abort_grpc,
+    explain_request,
+    metadata_dict,
+    routing_headers,
+)
 from clawdbot.common.errors import GatewayError, internal_error
-from clawdbot.gen.v1 import gateway_pb2
+from clawdbot.gen.v1 import gateway_pb2, router_pb2
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ class GrpcProtocol:
         servicer.StreamChatCompletion = self.stream_chat_completion  # type: ignore[method-assign]
         servicer.CreateEmbeddings = self.create_embeddings  # type: ignore[method-assign]
         servicer.ListModels = self.list_models  # type: ignore[method-assign]
+        servicer.SubmitFeedback = self.submit_feedback  # type: ignore[method-assign]
+        servicer.ExplainRouting = self.explain_routing  # type: ignore[method-assign]
 
     async def _unary(
         self, operation: str, parsed_of: Any, request: Message, reply: Message, context: grpc.aio.ServicerContext
@@ -61,7 +69,9 @@ class GrpcProtocol:
                 meta = self._gateway.accept(headers, "grpc", context.peer())
                 parsed: ParsedRequest = parsed_of(to_openai(request))
                 response = await self._gateway.complete(self._gateway.model_request(parsed, meta, None))
-                await context.send_initial_metadata([("x-clawdbot-instance", response.instance)])
+                await context.send_initial_metadata(
+                    routing_headers(response.instance, response.strategy, response.cost_usd)
+                )
                 return from_openai(response.openai_json, reply)
             except GatewayError as err:
                 status = err.status
@@ -108,7 +118,7 @@ class GrpcProtocol:
                 async with contextlib.aclosing(self._gateway.stream(model_request)) as events:
                     async for event in events:
                         if event.HasField("instance"):
-                            await context.send_initial_metadata([("x-clawdbot-instance", event.instance)])
+                            await context.send_initial_metadata(routing_headers(event.instance, event.strategy))
                         else:
                             chunk = from_openai(event.chunk_json, gateway_pb2.ChatCompletionChunk())
                             yield chunk
@@ -136,6 +146,27 @@ class GrpcProtocol:
             object="list",
             data=[gateway_pb2.Model(id=m.id, object="model", created=m.created, owned_by=m.owned_by) for m in models],
         )
+
+    async def submit_feedback(
+        self, request: gateway_pb2.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.FeedbackResponse:
+        try:
+            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+            body = {"request_id": request.request_id, "score": request.score}
+            return await self._gateway.feedback(parse_feedback(body, meta))
+        except GatewayError as err:
+            await abort_grpc(context, err)
+            raise
+
+    async def explain_routing(
+        self, request: gateway_pb2.ExplainRoutingRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.Explanation:
+        try:
+            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+            return await self._gateway.explain(explain_request(request, meta))
+        except GatewayError as err:
+            await abort_grpc(context, err)
+            raise
 
 
 def create_protocol() -> GrpcProtocol:

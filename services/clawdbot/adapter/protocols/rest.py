@@ -11,17 +11,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import orjson
 from google.api import httpbody_pb2
 from google.protobuf import empty_pb2
 
-from clawdbot.adapter.openai_requests import load_json_object, parse_chat, parse_embeddings
-from clawdbot.adapter.protocols.base import ProtocolContext, metadata_dict
+from clawdbot.adapter.openai_requests import load_json_object, parse_chat, parse_embeddings, parse_feedback
+from clawdbot.adapter.protocols.base import (
+    ProtocolContext,
+    explain_request,
+    message_json,
+    metadata_dict,
+    routing_headers,
+)
 from clawdbot.common.errors import GatewayError, internal_error
-from clawdbot.gen.v1 import router_pb2
+from clawdbot.gen.v1 import gateway_pb2, router_pb2
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,8 @@ class RestProtocol:
         servicer.ChatCompletionsHttp = self.chat_completions  # type: ignore[method-assign]
         servicer.EmbeddingsHttp = self.embeddings  # type: ignore[method-assign]
         servicer.ListModelsHttp = self.list_models  # type: ignore[method-assign]
+        servicer.FeedbackHttp = self.feedback  # type: ignore[method-assign]
+        servicer.ExplainRoutingHttp = self.explain  # type: ignore[method-assign]
 
     async def _error(self, context: grpc.aio.ServicerContext, err: GatewayError) -> httpbody_pb2.HttpBody:
         headers = [(STATUS_HEADER, str(err.status))]
@@ -77,14 +85,16 @@ class RestProtocol:
                 model_request = gateway.model_request(parsed, meta, request.data)
                 if not parsed.stream:
                     response = await gateway.complete(model_request)
-                    await context.send_initial_metadata([("x-clawdbot-instance", response.instance)])
+                    await context.send_initial_metadata(
+                        routing_headers(response.instance, response.strategy, response.cost_usd)
+                    )
                     yield httpbody_pb2.HttpBody(content_type=JSON, data=response.openai_json)
                     return
                 async with contextlib.aclosing(gateway.stream(model_request)) as events:
                     # Wait for the router's first event before answering: failures that
                     # come before any token (unknown model, upstream 429) keep their status.
                     first = await anext(events)
-                    await context.send_initial_metadata([("x-clawdbot-instance", first.instance)])
+                    await context.send_initial_metadata(routing_headers(first.instance, first.strategy))
                     try:
                         async for event in events:
                             if event.HasField("chunk_json"):
@@ -111,48 +121,66 @@ class RestProtocol:
             finally:
                 gateway.record("chat", "rest", status, started)
 
+    async def _unary(
+        self,
+        operation: str,
+        route: str,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[router_pb2.RequestMeta], Awaitable[httpbody_pb2.HttpBody]],
+    ) -> httpbody_pb2.HttpBody:
+        """Auth, span, metrics and OpenAI-shaped errors around one unary REST call."""
+        started = time.perf_counter()
+        headers = metadata_dict(context)
+        status = 200
+        with self._gateway.span(route, headers, "rest"):
+            try:
+                return await work(self._gateway.accept(headers, "rest", context.peer()))
+            except GatewayError as err:
+                status = err.status
+                return await self._error(context, err)
+            except Exception:
+                log.exception("%s failed", operation)
+                status = 500
+                return await self._error(context, internal_error())
+            finally:
+                self._gateway.record(operation, "rest", status, started)
+
     async def embeddings(
         self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
     ) -> httpbody_pb2.HttpBody:
-        started = time.perf_counter()
-        headers = metadata_dict(context)
-        gateway = self._gateway
-        status = 200
-        with gateway.span("POST /v1/embeddings", headers, "rest"):
-            try:
-                meta = gateway.accept(headers, "rest", context.peer())
-                parsed = parse_embeddings(load_json_object(request.data))
-                response = await gateway.complete(gateway.model_request(parsed, meta, request.data))
-                await context.send_initial_metadata([("x-clawdbot-instance", response.instance)])
-                return httpbody_pb2.HttpBody(content_type=JSON, data=response.openai_json)
-            except GatewayError as err:
-                status = err.status
-                return await self._error(context, err)
-            except Exception:
-                log.exception("embeddings failed")
-                status = 500
-                return await self._error(context, internal_error())
-            finally:
-                gateway.record("embeddings", "rest", status, started)
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            parsed = parse_embeddings(load_json_object(request.data))
+            response = await self._gateway.complete(self._gateway.model_request(parsed, meta, request.data))
+            await context.send_initial_metadata(
+                routing_headers(response.instance, response.strategy, response.cost_usd)
+            )
+            return httpbody_pb2.HttpBody(content_type=JSON, data=response.openai_json)
+
+        return await self._unary("embeddings", "POST /v1/embeddings", context, work)
 
     async def list_models(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
-        started = time.perf_counter()
-        headers = metadata_dict(context)
-        gateway = self._gateway
-        status = 200
-        with gateway.span("GET /v1/models", headers, "rest"):
-            try:
-                meta = gateway.accept(headers, "rest", context.peer())
-                return httpbody_pb2.HttpBody(content_type=JSON, data=models_json(await gateway.list_models(meta)))
-            except GatewayError as err:
-                status = err.status
-                return await self._error(context, err)
-            except Exception:
-                log.exception("list models failed")
-                status = 500
-                return await self._error(context, internal_error())
-            finally:
-                gateway.record("models", "rest", status, started)
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            return httpbody_pb2.HttpBody(content_type=JSON, data=models_json(await self._gateway.list_models(meta)))
+
+        return await self._unary("models", "GET /v1/models", context, work)
+
+    async def feedback(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            reply = await self._gateway.feedback(parse_feedback(load_json_object(request.data), meta))
+            return httpbody_pb2.HttpBody(content_type=JSON, data=message_json(reply))
+
+        return await self._unary("feedback", "POST /v1/feedback", context, work)
+
+    async def explain(
+        self, request: gateway_pb2.ExplainRoutingRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            explanation = await self._gateway.explain(explain_request(request, meta))
+            return httpbody_pb2.HttpBody(content_type=JSON, data=message_json(explanation))
+
+        return await self._unary("explain", "GET /v1/routing/explain", context, work)
 
 
 def create_protocol() -> RestProtocol:

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from clawdbot.gen.v1 import gateway_pb2 as clawdbot_dot_v1_dot_gateway__pb2
+from clawdbot.gen.v1 import router_pb2 as clawdbot_dot_v1_dot_router__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
@@ -51,6 +52,16 @@ class GatewayStub:
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.FeedbackHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/FeedbackHttp',
+                request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.ExplainRoutingHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/ExplainRoutingHttp',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ExplainRoutingRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.CreateChatCompletion = channel.unary_unary(
                 '/clawdbot.v1.Gateway/CreateChatCompletion',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ChatCompletionRequest.SerializeToString,
@@ -70,6 +81,16 @@ class GatewayStub:
                 '/clawdbot.v1.Gateway/ListModels',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.SubmitFeedback = channel.unary_unary(
+                '/clawdbot.v1.Gateway/SubmitFeedback',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.SubmitFeedbackRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_router__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
+        self.ExplainRouting = channel.unary_unary(
+                '/clawdbot.v1.Gateway/ExplainRouting',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ExplainRoutingRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_router__pb2.Explanation.FromString,
                 _registered_method=True)
 
 
@@ -94,6 +115,22 @@ class GatewayServicer:
 
     def ListModelsHttp(self, request, context):
         """GET /v1/models
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FeedbackHttp(self, request, context):
+        """POST /v1/feedback {"request_id": "...", "score": 0..1}: rate an answer; the router's
+        accuracy estimate for the instance that gave it moves accordingly.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainRoutingHttp(self, request, context):
+        """GET /v1/routing/explain?model=auto&strategy=cost_optimized: the candidates, each term
+        of their scores, and why the winner won.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +161,18 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitFeedback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainRouting(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +189,16 @@ def add_GatewayServicer_to_server(servicer, server):
             'ListModelsHttp': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModelsHttp,
                     request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'FeedbackHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.FeedbackHttp,
+                    request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'ExplainRoutingHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainRoutingHttp,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ExplainRoutingRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'CreateChatCompletion': grpc.unary_unary_rpc_method_handler(
@@ -161,6 +220,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ListModelsRequest.FromString,
                     response_serializer=clawdbot_dot_v1_dot_gateway__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFeedback,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.SubmitFeedbackRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_router__pb2.FeedbackResponse.SerializeToString,
+            ),
+            'ExplainRouting': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainRouting,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ExplainRoutingRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_router__pb2.Explanation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -243,6 +312,60 @@ class Gateway:
             target,
             '/clawdbot.v1.Gateway/ListModelsHttp',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FeedbackHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/FeedbackHttp',
+            google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainRoutingHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/ExplainRoutingHttp',
+            clawdbot_dot_v1_dot_gateway__pb2.ExplainRoutingRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
@@ -352,6 +475,60 @@ class Gateway:
             '/clawdbot.v1.Gateway/ListModels',
             clawdbot_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
             clawdbot_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/SubmitFeedback',
+            clawdbot_dot_v1_dot_gateway__pb2.SubmitFeedbackRequest.SerializeToString,
+            clawdbot_dot_v1_dot_router__pb2.FeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainRouting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/ExplainRouting',
+            clawdbot_dot_v1_dot_gateway__pb2.ExplainRoutingRequest.SerializeToString,
+            clawdbot_dot_v1_dot_router__pb2.Explanation.FromString,
             options,
             channel_credentials,
             insecure,

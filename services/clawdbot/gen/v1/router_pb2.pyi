@@ -39,20 +39,118 @@ class ModelRequest(_message.Message):
     def __init__(self, meta: _Optional[_Union[RequestMeta, _Mapping]] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., stream: _Optional[bool] = ..., openai_json: _Optional[bytes] = ...) -> None: ...
 
 class ModelResponse(_message.Message):
-    __slots__ = ("openai_json", "instance")
+    __slots__ = ("openai_json", "instance", "strategy", "cost_usd")
     OPENAI_JSON_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
     openai_json: bytes
     instance: str
-    def __init__(self, openai_json: _Optional[bytes] = ..., instance: _Optional[str] = ...) -> None: ...
+    strategy: str
+    cost_usd: float
+    def __init__(self, openai_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ..., cost_usd: _Optional[float] = ...) -> None: ...
 
 class StreamEvent(_message.Message):
-    __slots__ = ("chunk_json", "instance")
+    __slots__ = ("chunk_json", "instance", "strategy")
     CHUNK_JSON_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
     chunk_json: bytes
     instance: str
-    def __init__(self, chunk_json: _Optional[bytes] = ..., instance: _Optional[str] = ...) -> None: ...
+    strategy: str
+    def __init__(self, chunk_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("meta", "request_id", "score")
+    META_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    meta: RequestMeta
+    request_id: str
+    score: float
+    def __init__(self, meta: _Optional[_Union[RequestMeta, _Mapping]] = ..., request_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("instance", "task", "quality")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    task: str
+    quality: float
+    def __init__(self, instance: _Optional[str] = ..., task: _Optional[str] = ..., quality: _Optional[float] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("meta", "model", "task", "strategy", "input_tokens", "max_tokens")
+    META_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    meta: RequestMeta
+    model: str
+    task: str
+    strategy: str
+    input_tokens: int
+    max_tokens: int
+    def __init__(self, meta: _Optional[_Union[RequestMeta, _Mapping]] = ..., model: _Optional[str] = ..., task: _Optional[str] = ..., strategy: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class ScoreTerms(_message.Message):
+    __slots__ = ("latency", "accuracy", "cost")
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    latency: float
+    accuracy: float
+    cost: float
+    def __init__(self, latency: _Optional[float] = ..., accuracy: _Optional[float] = ..., cost: _Optional[float] = ...) -> None: ...
+
+class CandidateScore(_message.Message):
+    __slots__ = ("instance", "eligible", "reason", "expected_latency_s", "expected_cost_usd", "quality", "cold", "breaker", "in_flight", "terms", "score", "rank")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    COLD_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    eligible: bool
+    reason: str
+    expected_latency_s: float
+    expected_cost_usd: float
+    quality: float
+    cold: bool
+    breaker: str
+    in_flight: int
+    terms: ScoreTerms
+    score: float
+    rank: int
+    def __init__(self, instance: _Optional[str] = ..., eligible: _Optional[bool] = ..., reason: _Optional[str] = ..., expected_latency_s: _Optional[float] = ..., expected_cost_usd: _Optional[float] = ..., quality: _Optional[float] = ..., cold: _Optional[bool] = ..., breaker: _Optional[str] = ..., in_flight: _Optional[int] = ..., terms: _Optional[_Union[ScoreTerms, _Mapping]] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("model", "task", "strategy", "weights", "candidates", "chosen", "why")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    task: str
+    strategy: str
+    weights: ScoreTerms
+    candidates: _containers.RepeatedCompositeFieldContainer[CandidateScore]
+    chosen: str
+    why: str
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[str] = ..., strategy: _Optional[str] = ..., weights: _Optional[_Union[ScoreTerms, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., chosen: _Optional[str] = ..., why: _Optional[str] = ...) -> None: ...
 
 class RouterListModelsRequest(_message.Message):
     __slots__ = ("meta",)

@@ -49,6 +49,16 @@ class RouterStub:
                 request_serializer=clawdbot_dot_v1_dot_router__pb2.RouterListModelsRequest.SerializeToString,
                 response_deserializer=clawdbot_dot_v1_dot_router__pb2.RouterListModelsResponse.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/clawdbot.v1.Router/Feedback',
+                request_serializer=clawdbot_dot_v1_dot_router__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_router__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/clawdbot.v1.Router/Explain',
+                request_serializer=clawdbot_dot_v1_dot_router__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_router__pb2.Explanation.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -72,6 +82,18 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Explain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +111,16 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=clawdbot_dot_v1_dot_router__pb2.RouterListModelsRequest.FromString,
                     response_serializer=clawdbot_dot_v1_dot_router__pb2.RouterListModelsResponse.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=clawdbot_dot_v1_dot_router__pb2.FeedbackRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_router__pb2.FeedbackResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=clawdbot_dot_v1_dot_router__pb2.ExplainRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_router__pb2.Explanation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +204,60 @@ class Router:
             '/clawdbot.v1.Router/ListModels',
             clawdbot_dot_v1_dot_router__pb2.RouterListModelsRequest.SerializeToString,
             clawdbot_dot_v1_dot_router__pb2.RouterListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Router/Feedback',
+            clawdbot_dot_v1_dot_router__pb2.FeedbackRequest.SerializeToString,
+            clawdbot_dot_v1_dot_router__pb2.FeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Router/Explain',
+            clawdbot_dot_v1_dot_router__pb2.ExplainRequest.SerializeToString,
+            clawdbot_dot_v1_dot_router__pb2.Explanation.FromString,
             options,
             channel_credentials,
             insecure,

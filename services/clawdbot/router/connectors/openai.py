@@ -141,10 +141,10 @@ class OpenAIConnector:
             kind="unreachable",
         )
 
-    def _timeout(self, instance: Instance) -> UpstreamError:
+    def _timeout(self, instance: Instance, timeout_s: float) -> UpstreamError:
         return UpstreamError.make(
             504,
-            f"upstream {instance.id} did not answer within {instance.timeout_s:g} s.",
+            f"upstream {instance.id} did not answer within {timeout_s:.3g} s.",
             "timeout",
             "upstream_timeout",
             retryable=True,
@@ -152,10 +152,16 @@ class OpenAIConnector:
         )
 
     async def call(
-        self, instance: Instance, task: str, body: dict[str, Any], trace_headers: Mapping[str, str], request_id: str
+        self,
+        instance: Instance,
+        task: str,
+        body: dict[str, Any],
+        trace_headers: Mapping[str, str],
+        request_id: str,
+        timeout_s: float,
     ) -> dict[str, Any]:
         url = instance.base_url + _PATHS[task]
-        timeout = aiohttp.ClientTimeout(total=instance.timeout_s)
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with self._client().post(
                 url,
@@ -167,7 +173,7 @@ class OpenAIConnector:
                 if resp.status != 200:
                     raise map_status(instance, resp.status, raw, resp.headers)
         except TimeoutError as exc:
-            raise self._timeout(instance) from exc
+            raise self._timeout(instance, timeout_s) from exc
         except aiohttp.ClientError as exc:
             raise self._unreachable(instance, exc) from exc
         try:
@@ -193,7 +199,12 @@ class OpenAIConnector:
         return data
 
     async def stream(
-        self, instance: Instance, body: dict[str, Any], trace_headers: Mapping[str, str], request_id: str
+        self,
+        instance: Instance,
+        body: dict[str, Any],
+        trace_headers: Mapping[str, str],
+        request_id: str,
+        timeout_s: float,
     ) -> AsyncIterator[bytes]:
         """Yield each SSE `data:` payload (one JSON chunk) until [DONE].
 
@@ -203,7 +214,7 @@ class OpenAIConnector:
         """
         url = instance.base_url + _PATHS["chat"]
         # Between chunks, not for the whole answer: a long answer is fine, a stall is not.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=instance.timeout_s, sock_read=instance.timeout_s)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
         started = False
         try:
             async with self._client().post(
@@ -246,7 +257,7 @@ class OpenAIConnector:
             exc.retryable = exc.retryable and not started
             raise
         except TimeoutError as exc:
-            err = self._timeout(instance)
+            err = self._timeout(instance, timeout_s)
             err.retryable = not started
             raise err from exc
         except aiohttp.ClientError as exc:
