@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class Mesh:
     traces_dir: Path
     mock_url: str
     runner: Proc
+    config_file: Path
 
     def info(self) -> dict[str, Any]:
         info = read_json_file(self.ready_file)
@@ -100,35 +102,18 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
     }
 
 
-@pytest.fixture(scope="session")
-def mesh(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Iterator[Mesh]:
-    """The whole mesh, started by the runner exactly as `make run` does, on free ports."""
-    from clawdbot.runner.__main__ import free_port
-
-    tmp = tmp_path_factory.mktemp("mesh")
-    traces = tmp / "traces"
+@contextlib.contextmanager
+def running_mesh(tmp: Path, config: dict[str, Any], mock_url: str) -> Iterator[Mesh]:
+    """A mesh started by the runner exactly as `make run` does, on free ports."""
     config_file = tmp / "clawdbot.yaml"
-    config_file.write_text(yaml.safe_dump(mesh_config(mock_upstream, traces, free_port())))
+    config_file.write_text(yaml.safe_dump(config))
     ready = tmp / "ready.json"
     # The model file is assembled once per machine, not once per test run.
     state = REPO_ROOT / ".clawdbot" / "test-state"
     state.mkdir(parents=True, exist_ok=True)
-    (state / "api_key").unlink(missing_ok=True)
-    runner = Proc(
-        [
-            sys.executable,
-            "-m",
-            "clawdbot.runner",
-            "--config",
-            str(config_file),
-            "--ephemeral-ports",
-            "--ready-file",
-            str(ready),
-            "--state-dir",
-            str(state),
-        ],
-        tmp / "runner.log",
-    )
+    argv = [sys.executable, "-m", "clawdbot.runner", "--config", str(config_file), "--ephemeral-ports"]
+    argv += ["--ready-file", str(ready), "--state-dir", str(state)]
+    runner = Proc(argv, tmp / "runner.log")
 
     def started() -> dict[str, Any] | None:
         if not runner.alive():
@@ -141,9 +126,27 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Iterat
         print(runner.output()[-10000:])
         runner.stop()
         raise
-    mesh = Mesh(
-        info["url"], info["grpc_target"], info["api_key"], info["admin_url"], ready, traces, mock_upstream, runner
+    traces = Path(config.get("telemetry", {}).get("traces_dir", tmp / "traces"))
+    yield Mesh(
+        info["url"],
+        info["grpc_target"],
+        info["api_key"],
+        info["admin_url"],
+        ready,
+        traces,
+        mock_url,
+        runner,
+        config_file,
     )
-    yield mesh
     code = runner.stop()
     assert code == 0, f"runner did not stop cleanly ({code}):\n{runner.output()[-5000:]}"
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Iterator[Mesh]:
+    """The whole mesh with every kind of instance the end-to-end tests need."""
+    from clawdbot.runner.__main__ import free_port
+
+    tmp = tmp_path_factory.mktemp("mesh")
+    with running_mesh(tmp, mesh_config(mock_upstream, tmp / "traces", free_port()), mock_upstream) as mesh:
+        yield mesh

@@ -55,7 +55,7 @@ def test_explain_shows_candidates_terms_and_the_winner(mesh: Mesh) -> None:
     assert set(best["terms"]) == {"latency", "accuracy", "cost"}
     assert explanation["why"].startswith(best["instance"])
     # Free instances beat priced ones on cost.
-    assert next(c for c in explanation["candidates"] if c["instance"] == "mock-1")["terms"]["cost"] == 0.0
+    assert next(c for c in explanation["candidates"] if c["instance"] == "mock-1")["terms"]["cost"] < 0.05
 
 
 def test_explain_errors(mesh: Mesh) -> None:

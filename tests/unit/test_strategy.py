@@ -65,7 +65,7 @@ def test_each_strategy_ranks_as_its_weights_say() -> None:
         why = explain_choice(ranked, ranked[0], weights)
         assert why.startswith(f"{winner} scores {ranked[0].score:.3f}")
         assert ranked[1].instance.id in why
-        assert all(0.0 <= t <= 1.0 for c in ranked for t in (c.terms.latency, c.terms.cost, c.terms.accuracy))
+        assert all(0.0 < t <= 1.0 for c in ranked for t in (c.terms.latency, c.terms.cost, c.terms.accuracy))
 
 
 def test_cold_instance_gets_the_median_prior() -> None:

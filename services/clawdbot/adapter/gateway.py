@@ -116,6 +116,15 @@ class Gateway:
             raise self._failure(err) from None
         return response
 
+    async def reload(self, meta: router_pb2.RequestMeta) -> router_pb2.ReloadResponse:
+        try:
+            response: router_pb2.ReloadResponse = await self._router.Reload(
+                router_pb2.ReloadRequest(meta=meta), timeout=60.0, metadata=self._call_metadata()
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self._failure(err) from None
+        return response
+
     async def list_models(self, meta: router_pb2.RequestMeta) -> list[router_pb2.ModelInfo]:
         try:
             response = await self._router.ListModels(

@@ -70,6 +70,8 @@ class ServiceHost:
         self.http_app.router.add_get("/healthz", self._healthz)
         self._http_runner: web.AppRunner | None = None
         self._cleanups: list[Cleanup] = []
+        self._background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._serving = False
         self.grpc_port = 0
         self.http_port = 0
@@ -77,6 +79,10 @@ class ServiceHost:
     def add_service_name(self, full_name: str) -> None:
         """A gRPC service whose health is reported alongside the overall ("") status."""
         self._service_names.append(full_name)
+
+    def in_background(self, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run job() while the service serves; cancelled when it stops."""
+        self._background.append(job)
 
     def on_shutdown(self, cleanup: Cleanup) -> None:
         """Run after the servers stopped, in reverse order of registration."""
@@ -104,6 +110,7 @@ class ServiceHost:
         server = cast("asyncio.Server | None", site._server)
         sockets = server.sockets if server else ()
         self.http_port = sockets[0].getsockname()[1] if sockets else self.endpoint.http_port
+        self._tasks = [asyncio.create_task(job()) for job in self._background]
         await self._set_serving(True)
         log.info(
             "serving",
@@ -125,6 +132,8 @@ class ServiceHost:
             await self._set_serving(False)
             await asyncio.sleep(drain_notice)
         await self.grpc_server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
         for cleanup in reversed(self._cleanups):
             try:
                 await cleanup()

@@ -244,6 +244,9 @@ class MockUpstream:
         # Entries are kept serialized: 1000 live dicts made every gen-2 GC pass walk them,
         # which tripled the p99 at 64 connections; bytes are invisible to the collector.
         self.recorded: deque[bytes] = deque(maxlen=max_recorded)
+        # Applied to every request without its own "mock" field: makes this upstream slow
+        # or failing as a whole (PUT /_mock/fault), the way a real provider degrades.
+        self.default_fault: Fault | None = None
 
     # -- plumbing ---------------------------------------------------------
 
@@ -282,6 +285,14 @@ class MockUpstream:
                 }
             )
         )
+
+    async def set_fault(self, request: web.Request) -> web.Response:
+        """PUT /_mock/fault {same fields as the "mock" body field}, or null to clear."""
+        try:
+            self.default_fault = Fault.parse(loads(await request.read() or b"null"))
+        except (ValueError, BadRequestError) as exc:
+            return error_response(400, str(exc), "invalid_request_error")
+        return web.json_response({"fault": None if self.default_fault is None else repr(self.default_fault)})
 
     def requests(self) -> list[dict[str, Any]]:
         """The recorded requests, oldest first, as GET /_mock/requests returns them."""
@@ -325,7 +336,7 @@ class MockUpstream:
         if early is not None:
             return early
         try:
-            fault = Fault.parse(body.get("mock"))
+            fault = Fault.parse(body.get("mock")) or self.default_fault
             model, messages, n = _chat_params(body)
         except BadRequestError as exc:
             return error_response(400, exc.message, "invalid_request_error", param=exc.param)
@@ -454,7 +465,7 @@ class MockUpstream:
         if early is not None:
             return early
         try:
-            fault = Fault.parse(body.get("mock"))
+            fault = Fault.parse(body.get("mock")) or self.default_fault
             model = body.get("model")
             if not isinstance(model, str) or not model:
                 raise BadRequestError("you must provide a model parameter", "model")
@@ -552,6 +563,7 @@ def create_app(
     app.router.add_get("/v1/models", mock.list_models)
     app.router.add_get("/_mock/requests", mock.get_recorded)
     app.router.add_delete("/_mock/requests", mock.clear_recorded)
+    app.router.add_put("/_mock/fault", mock.set_fault)
     # Registered last so the real endpoints win; unknown /v1 paths get an OpenAI-shaped 404.
     app.router.add_route("*", "/v1/{tail:.*}", mock.not_found)
     return app

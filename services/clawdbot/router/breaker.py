@@ -89,6 +89,10 @@ class CircuitBreaker:
         """A call that ended without a verdict (cancelled): free the probe slot."""
         self._probe_in_flight = False
 
+    def trip(self) -> None:
+        """Open now (an instance that failed its health check on reload)."""
+        self._trip(self._clock())
+
     def _trip(self, now: float) -> None:
         open_s = min(self._config.open_s * (2**self._trips), self._config.max_open_s)
         self._trips += 1

@@ -51,10 +51,10 @@ class Registry:
         created = int(time.time())
         counts: dict[str, int] = defaultdict(int)
         for entry in entries:
-            counts[entry.name] += 1
-            instance_id = entry.instance or (
-                entry.name if counts[entry.name] == 1 else f"{entry.name}#{counts[entry.name]}"
-            )
+            # name@version when versioned: a new version is a new instance, measured afresh.
+            base = f"{entry.name}@{entry.version}" if entry.version else entry.name
+            counts[base] += 1
+            instance_id = entry.instance or (base if counts[base] == 1 else f"{base}#{counts[base]}")
             instance = Instance(
                 id=instance_id,
                 name=entry.name,
@@ -76,13 +76,17 @@ class Registry:
             self._by_task[entry.task].append(instance)
 
     def candidates(self, model: str, task: str) -> list[Instance]:
-        """Instances that may serve `model` for `task`; empty when none."""
+        """Instances that may serve `model` (or `model@version`) for `task`; empty when none."""
         if model == AUTO_ALIAS:
             return list(self._by_task.get(task, ()))
-        return [i for i in self._by_name.get(model, ()) if i.task == task]
+        name, _, version = model.partition("@")
+        return [i for i in self._by_name.get(name, ()) if i.task == task and (not version or i.version == version)]
 
     def knows(self, model: str) -> bool:
-        return model == AUTO_ALIAS or model in self._by_name
+        if model == AUTO_ALIAS:
+            return True
+        name, _, version = model.partition("@")
+        return any(not version or i.version == version for i in self._by_name.get(name, ()))
 
     def model_names(self) -> list[tuple[str, str]]:
         """(name, task) for each distinct model name, in config order."""

@@ -9,8 +9,10 @@ For one request, every candidate gets three raw estimates:
             price (expected output: the request's max_tokens, else what this instance
             usually answers with, else `default_output_tokens`);
   accuracy  the quality estimate for the task (prior moved by feedback).
-Each is normalised to [0, 1] across the candidates (1 = best; all equal → 1), and the
-score is the strategy's weighted mean of the three. Ineligible candidates (breaker open,
+Each is normalised across the candidates relative to the best one, into (0, 1] with 1 =
+best: latency and cost as best/value (twice as slow or dear scores 0.5), accuracy as
+value/best. Ratios rather than min-max, so one outlier (a very dear model) does not
+squash the differences among the rest. The score is the strategy's weighted mean. Ineligible candidates (breaker open,
 at the in-flight limit, context too short) are scored for the explanation but not chosen.
 
 The choice: among the best `top_k` eligible, power of two choices (the one with fewer
@@ -65,11 +67,17 @@ class RequestShape:
     max_tokens: int | None = None
 
 
-def _normalise(values: list[float], higher_is_better: bool) -> list[float]:
-    lo, hi = min(values), max(values)
-    if hi - lo < 1e-12:
-        return [1.0] * len(values)
-    return [((v - lo) if higher_is_better else (hi - v)) / (hi - lo) for v in values]
+def _smaller_is_better(values: list[float], floor: float) -> list[float]:
+    # The offset keeps free (0 USD) or instant candidates from making every other term 0;
+    # 1% of the largest value keeps it negligible against real differences.
+    offset = max(floor, 0.01 * max(values))
+    best = min(values)
+    return [(best + offset) / (v + offset) for v in values]
+
+
+def _larger_is_better(values: list[float]) -> list[float]:
+    best = max(values)
+    return [v / best if best > 0 else 1.0 for v in values]
 
 
 class Scorer:
@@ -126,9 +134,9 @@ class Scorer:
                 )
             )
         total = (weights.latency + weights.accuracy + weights.cost) or 1.0
-        latency_terms = _normalise([c.latency_s for c in candidates], higher_is_better=False)
-        accuracy_terms = _normalise([c.quality for c in candidates], higher_is_better=True)
-        cost_terms = _normalise([c.cost_usd for c in candidates], higher_is_better=False)
+        latency_terms = _smaller_is_better([c.latency_s for c in candidates], floor=0.001)
+        accuracy_terms = _larger_is_better([c.quality for c in candidates])
+        cost_terms = _smaller_is_better([c.cost_usd for c in candidates], floor=1e-9)
         for c, lt, at, ct in zip(candidates, latency_terms, accuracy_terms, cost_terms, strict=True):
             c.terms = Terms(latency=lt, accuracy=at, cost=ct)
             c.score = (weights.latency * lt + weights.accuracy * at + weights.cost * ct) / total

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,7 +24,7 @@ import orjson
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from clawdbot.common.config import Config, ModelRouterConfig, StrategyWeights
+from clawdbot.common.config import Config, StrategyWeights, config_path
 from clawdbot.common.errors import GatewayError, internal_error
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
@@ -34,7 +36,9 @@ from clawdbot.router.breaker import CircuitBreaker
 from clawdbot.router.connectors.openai import OpenAIConnector, UpstreamError
 from clawdbot.router.quality import QualityBook
 from clawdbot.router.registry import Instance, Registry
+from clawdbot.router.reload import SOURCE_CONFIG_ENV, Reloader
 from clawdbot.router.scoring import Candidate, RequestShape, Scorer, explain_choice
+from clawdbot.router.snapshot import Snapshot
 from clawdbot.router.stats import StatsStore
 
 log = logging.getLogger(__name__)
@@ -43,13 +47,6 @@ log = logging.getLogger(__name__)
 GATEWAY_FIELD = "clawdbot"
 # Failures that say something about the instance's health (a 400 says nothing).
 _BREAKER_KINDS = frozenset({"unreachable", "server_error", "timeout", "rate_limited", "bad_response", "truncated"})
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    registry: Registry
-    routing: ModelRouterConfig
-    scorer: Scorer
 
 
 @dataclass
@@ -86,7 +83,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._stats = StatsStore()
         self._quality = QualityBook(config.model_router.quality_prior_weight)
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._versions = 0
         self.snapshot = self.build_snapshot(config)
+        self.reloader: Reloader | None = None
+
+    # --- the snapshot and what outlives it (SnapshotOwner, for reload.py) --------------
 
     def build_snapshot(self, config: Config) -> Snapshot:
         registry = Registry(config.models)
@@ -94,7 +95,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if instance.id not in self._breakers:
                 self._breakers[instance.id] = CircuitBreaker(config.model_router.breaker)
         scorer = Scorer(config.model_router, self._stats, self._quality, self._breakers)
-        return Snapshot(registry, config.model_router, scorer)
+        self._versions += 1
+        return Snapshot(registry, config.model_router, scorer, self._versions)
+
+    def breaker(self, instance_id: str) -> CircuitBreaker:
+        return self._breakers[instance_id]
+
+    def in_flight(self, instance_id: str) -> int:
+        return self._stats.get(instance_id).in_flight
+
+    def forget(self, instance_ids: set[str]) -> None:
+        live = {i.id for i in self.snapshot.registry.instances()}
+        for instance_id in instance_ids - live:  # a later reload may have brought one back
+            self._stats.drop(instance_id)
+            self._breakers.pop(instance_id, None)
 
     # --- planning --------------------------------------------------------------------
 
@@ -352,6 +366,27 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         log.info("feedback", extra={"instance": instance_id, "task": task, "score": request.score, "quality": quality})
         return router_pb2.FeedbackResponse(instance=instance_id, task=task, quality=quality)
 
+    async def Reload(  # noqa: N802 - gRPC method name
+        self, request: router_pb2.ReloadRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ReloadResponse:
+        if self.reloader is None:
+            await self._abort(context, GatewayError(501, "Reload is not configured.", "server_error", "not_supported"))
+            raise AssertionError("unreachable: abort raises")
+        try:
+            result = await self.reloader.reload(f"requested by {request.meta.api_key_id or 'an operator'}")
+        except GatewayError as err:
+            await self._abort(context, err)
+            raise
+        return router_pb2.ReloadResponse(
+            version=result.version,
+            added=result.added,
+            removed=result.removed,
+            kept=result.kept,
+            unhealthy=result.unhealthy,
+            took_ms=result.took_ms,
+            source=str(self.reloader.source),
+        )
+
     async def Explain(  # noqa: N802 - gRPC method name
         self, request: router_pb2.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.Explanation:
@@ -422,12 +457,18 @@ class _StreamCounter:
         return _usage_tokens(self.usage)[1] or self.chunks
 
 
-def create_server(config: Config) -> ServiceHost:
+def create_server(config: Config, config_source: Path | None = None) -> ServiceHost:
+    """config_source: the file reloads read (default: the one CLAWDBOT_SOURCE_CONFIG or
+    CLAWDBOT_CONFIG names); it is watched for changes."""
     metrics = Metrics("router")
     host = ServiceHost("router", config.router, metrics, reflection_services=("clawdbot.v1.Router",))
     connector = OpenAIConnector(config.router.max_connections)
     servicer = RouterServicer(config, connector, metrics)
+    source = config_source or Path(os.environ.get(SOURCE_CONFIG_ENV) or config_path())
+    servicer.reloader = Reloader(source, servicer)
     router_pb2_grpc.add_RouterServicer_to_server(servicer, host.grpc_server)
     host.add_service_name("clawdbot.v1.Router")
+    host.in_background(servicer.reloader.watch)
+    host.on_shutdown(servicer.reloader.close)
     host.on_shutdown(connector.close)
     return host

@@ -59,8 +59,8 @@ class StatsStore:
             stats = self._stats[instance_id] = InstanceStats()
         return stats
 
-    def forget(self, keep: set[str]) -> None:
-        """Drop instances no snapshot has any more (after they drained)."""
-        for instance_id in list(self._stats):
-            if instance_id not in keep and self._stats[instance_id].in_flight == 0:
-                del self._stats[instance_id]
+    def drop(self, instance_id: str) -> None:
+        """Forget an instance no snapshot has any more, once it has drained."""
+        stats = self._stats.get(instance_id)
+        if stats is not None and stats.in_flight == 0:
+            del self._stats[instance_id]

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import aiohttp
 
-from clawdbot.common.config import REPO_ROOT, Config, ConfigError, dump_config, load_config
+from clawdbot.common.config import REPO_ROOT, Config, ConfigError, config_path, dump_config, load_config
 from clawdbot.common.logging import setup_logging
 from clawdbot.common.service import run_service
+from clawdbot.router.reload import MODEL_URLS_ENV, SOURCE_CONFIG_ENV
 from clawdbot.runner import envoy_config
 from clawdbot.runner.local_models import LocalModelUnavailable, server_argv
 from clawdbot.runner.supervisor import Child, Supervisor, grpc_serving, http_ok
@@ -82,8 +83,9 @@ def with_ephemeral_ports(config: Config) -> Config:
 
 
 class Runner:
-    def __init__(self, config: Config, state_dir: Path, api_key: str, ready_file: Path | None) -> None:
+    def __init__(self, config: Config, source: Path, state_dir: Path, api_key: str, ready_file: Path | None) -> None:
         self.config = config
+        self.source = source
         self.state_dir = state_dir
         self.api_key = api_key
         self.ready_file = ready_file
@@ -98,6 +100,9 @@ class Runner:
         env = {
             "CLAWDBOT_CONFIG": str(config_file),
             "CLAWDBOT_API_KEY": self.api_key,
+            # Reloads re-read the user's file, with the local models where the runner put them.
+            SOURCE_CONFIG_ENV: str(self.source),
+            MODEL_URLS_ENV: json.dumps({m.name: f"http://{m.host}:{m.port}/v1" for m in self.config.local_models}),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "services"), os.environ.get("PYTHONPATH")])),
         }
         return Child(
@@ -245,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     api_key, created = ensure_api_key(state_dir)
     if created:
         print(f"Generated an API key and stored it in {state_dir / 'api_key'} (mode 0600).", flush=True)
-    runner = Runner(config, state_dir, api_key, args.ready_file.resolve() if args.ready_file else None)
+    source = (args.config or config_path()).resolve()
+    runner = Runner(config, source, state_dir, api_key, args.ready_file.resolve() if args.ready_file else None)
     result = 1
 
     async def _run() -> None:

@@ -57,6 +57,7 @@ class GrpcProtocol:
         servicer.ListModels = self.list_models  # type: ignore[method-assign]
         servicer.SubmitFeedback = self.submit_feedback  # type: ignore[method-assign]
         servicer.ExplainRouting = self.explain_routing  # type: ignore[method-assign]
+        servicer.ReloadConfig = self.reload_config  # type: ignore[method-assign]
 
     async def _unary(
         self, operation: str, parsed_of: Any, request: Message, reply: Message, context: grpc.aio.ServicerContext
@@ -164,6 +165,15 @@ class GrpcProtocol:
         try:
             meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
             return await self._gateway.explain(explain_request(request, meta))
+        except GatewayError as err:
+            await abort_grpc(context, err)
+            raise
+
+    async def reload_config(
+        self, request: gateway_pb2.ReloadConfigRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ReloadResponse:
+        try:
+            return await self._gateway.reload(self._gateway.accept(metadata_dict(context), "grpc", context.peer()))
         except GatewayError as err:
             await abort_grpc(context, err)
             raise

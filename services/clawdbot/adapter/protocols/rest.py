@@ -62,6 +62,7 @@ class RestProtocol:
         servicer.ListModelsHttp = self.list_models  # type: ignore[method-assign]
         servicer.FeedbackHttp = self.feedback  # type: ignore[method-assign]
         servicer.ExplainRoutingHttp = self.explain  # type: ignore[method-assign]
+        servicer.ReloadHttp = self.reload  # type: ignore[method-assign]
 
     async def _error(self, context: grpc.aio.ServicerContext, err: GatewayError) -> httpbody_pb2.HttpBody:
         headers = [(STATUS_HEADER, str(err.status))]
@@ -181,6 +182,12 @@ class RestProtocol:
             return httpbody_pb2.HttpBody(content_type=JSON, data=message_json(explanation))
 
         return await self._unary("explain", "GET /v1/routing/explain", context, work)
+
+    async def reload(self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            return httpbody_pb2.HttpBody(content_type=JSON, data=message_json(await self._gateway.reload(meta)))
+
+        return await self._unary("reload", "POST /v1/admin/reload", context, work)
 
 
 def create_protocol() -> RestProtocol:

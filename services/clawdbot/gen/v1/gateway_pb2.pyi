@@ -11,6 +11,10 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReloadConfigRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class SubmitFeedbackRequest(_message.Message):
     __slots__ = ("request_id", "score")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -62,6 +62,11 @@ class GatewayStub:
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ExplainRoutingRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.ReloadHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/ReloadHttp',
+                request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.CreateChatCompletion = channel.unary_unary(
                 '/clawdbot.v1.Gateway/CreateChatCompletion',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ChatCompletionRequest.SerializeToString,
@@ -91,6 +96,11 @@ class GatewayStub:
                 '/clawdbot.v1.Gateway/ExplainRouting',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ExplainRoutingRequest.SerializeToString,
                 response_deserializer=clawdbot_dot_v1_dot_router__pb2.Explanation.FromString,
+                _registered_method=True)
+        self.ReloadConfig = channel.unary_unary(
+                '/clawdbot.v1.Gateway/ReloadConfig',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ReloadConfigRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_router__pb2.ReloadResponse.FromString,
                 _registered_method=True)
 
 
@@ -136,6 +146,14 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadHttp(self, request, context):
+        """POST /v1/admin/reload: re-read the configuration; models and routing change without
+        a restart and without failing a request. An invalid file is refused (400).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateChatCompletion(self, request, context):
         """Typed gRPC twins of the routes above.
         """
@@ -173,6 +191,12 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadConfig(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +223,11 @@ def add_GatewayServicer_to_server(servicer, server):
             'ExplainRoutingHttp': grpc.unary_unary_rpc_method_handler(
                     servicer.ExplainRoutingHttp,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ExplainRoutingRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'ReloadHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadHttp,
+                    request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'CreateChatCompletion': grpc.unary_unary_rpc_method_handler(
@@ -230,6 +259,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ExplainRouting,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ExplainRoutingRequest.FromString,
                     response_serializer=clawdbot_dot_v1_dot_router__pb2.Explanation.SerializeToString,
+            ),
+            'ReloadConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadConfig,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ReloadConfigRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_router__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -366,6 +400,33 @@ class Gateway:
             target,
             '/clawdbot.v1.Gateway/ExplainRoutingHttp',
             clawdbot_dot_v1_dot_gateway__pb2.ExplainRoutingRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/ReloadHttp',
+            google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
@@ -529,6 +590,33 @@ class Gateway:
             '/clawdbot.v1.Gateway/ExplainRouting',
             clawdbot_dot_v1_dot_gateway__pb2.ExplainRoutingRequest.SerializeToString,
             clawdbot_dot_v1_dot_router__pb2.Explanation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/ReloadConfig',
+            clawdbot_dot_v1_dot_gateway__pb2.ReloadConfigRequest.SerializeToString,
+            clawdbot_dot_v1_dot_router__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,11 @@ class RouterStub:
                 request_serializer=clawdbot_dot_v1_dot_router__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=clawdbot_dot_v1_dot_router__pb2.Explanation.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/clawdbot.v1.Router/Reload',
+                request_serializer=clawdbot_dot_v1_dot_router__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_router__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -94,6 +99,13 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Re-read the configuration and swap in a new registry snapshot (double buffer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +133,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=clawdbot_dot_v1_dot_router__pb2.ExplainRequest.FromString,
                     response_serializer=clawdbot_dot_v1_dot_router__pb2.Explanation.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=clawdbot_dot_v1_dot_router__pb2.ReloadRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_router__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +275,33 @@ class Router:
             '/clawdbot.v1.Router/Explain',
             clawdbot_dot_v1_dot_router__pb2.ExplainRequest.SerializeToString,
             clawdbot_dot_v1_dot_router__pb2.Explanation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Router/Reload',
+            clawdbot_dot_v1_dot_router__pb2.ReloadRequest.SerializeToString,
+            clawdbot_dot_v1_dot_router__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,
