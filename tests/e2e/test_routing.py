@@ -96,3 +96,22 @@ def test_cost_is_summed_per_key_and_model(mesh: Mesh) -> None:
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     lines = [line for line in metrics.splitlines() if line.startswith("clawdbot_cost_usd_total{")]
     assert any('model="mock-1"' in line and 'api_key_id="key_' in line for line in lines), lines
+
+
+def test_rules_send_images_only_where_declared_and_honour_headers(mesh: Mesh) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    content = [{"type": "text", "text": "what is this?"}, image]
+    for _ in range(5):
+        r = chat(mesh, model="auto", messages=[{"role": "user", "content": content}])
+        assert r.status_code == 200, r.text
+        assert r.headers["x-clawdbot-model-instance"] == "mock-1"  # the only one labelled for images
+    r = chat(mesh, model="gemma-3-270m", messages=[{"role": "user", "content": content}])
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_matching_instance"
+    r = client(mesh).post(
+        f"{mesh.v1}/chat/completions",
+        headers={"x-tier": "premium"},
+        json={"model": "mock-1", "messages": [{"role": "user", "content": "vip"}]},
+    )
+    assert r.headers["x-clawdbot-strategy"] == "quality_first"
+    explained = client(mesh).get(f"{mesh.v1}/routing/explain", params={"model": "auto", "modality": "image"}).json()
+    assert explained["rules"] == ["images"] and [c["instance"] for c in explained["candidates"]] == ["mock-1"]

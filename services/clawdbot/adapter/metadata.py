@@ -68,6 +68,19 @@ def _peer_host(peer: str) -> str:
     return peer
 
 
+# x-* headers that describe the hop, not the caller: not for routing rules.
+_HOP_HEADERS = frozenset({"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-clawdbot-client-ip"})
+
+
+def rule_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The caller's own x-* headers, which routing rules may match on."""
+    return {
+        k: v
+        for k, v in headers.items()
+        if k.startswith("x-") and k not in _HOP_HEADERS and not k.startswith("x-envoy-")
+    }
+
+
 def build_meta(headers: Mapping[str, str], protocol: str, key_id: str, peer: str = "") -> router_pb2.RequestMeta:
     user_agent = headers.get("user-agent", "")
     return router_pb2.RequestMeta(
@@ -78,4 +91,5 @@ def build_meta(headers: Mapping[str, str], protocol: str, key_id: str, peer: str
         protocol=protocol,
         user_agent=user_agent,
         strategy=headers.get("x-clawdbot-strategy", ""),
+        headers=rule_headers(headers),
     )

@@ -121,6 +121,37 @@ class RetryConfig(_Strict):
     max_backoff_s: float = Field(1.0, ge=0)
 
 
+class RuleMatch(_Strict):
+    """Request features a rule matches on; every one given must hold (lists: any of)."""
+
+    task: tuple[str, ...] = ()
+    model: tuple[str, ...] = ()
+    modality: tuple[str, ...] = ()  # text | image | audio
+    device_type: tuple[str, ...] = ()
+    api_key_id: tuple[str, ...] = ()
+    protocol: tuple[str, ...] = ()
+    min_input_tokens: int | None = Field(None, ge=0)
+    max_input_tokens: int | None = Field(None, ge=0)
+    headers: dict[str, str] = Field(default_factory=dict)  # lower-case x-* names
+
+    @field_validator("task", "model", "modality", "device_type", "api_key_id", "protocol", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+
+class RoutingRule(_Strict):
+    """When `match` holds: keep only instances carrying `require_labels` (and none of
+    `exclude_labels`), and/or route with another strategy or weights."""
+
+    name: str
+    match: RuleMatch = Field(default_factory=RuleMatch)
+    require_labels: dict[str, str] = Field(default_factory=dict)
+    exclude_labels: dict[str, str] = Field(default_factory=dict)
+    strategy: str | None = None
+    weights: StrategyWeights | None = None
+
+
 class ModelRouterConfig(_Strict):
     strategy: str = "performance_first"
     strategies: tuple[Strategy, ...] = Field(default_factory=_default_strategies)
@@ -137,12 +168,16 @@ class ModelRouterConfig(_Strict):
     deadline_s: float = Field(120.0, gt=0)  # whole budget of one request, retries included
     retry: RetryConfig = Field(default_factory=RetryConfig)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    rules: tuple[RoutingRule, ...] = ()
 
     @model_validator(mode="after")
     def _strategy_exists(self) -> ModelRouterConfig:
         names = [s.name for s in self.strategies]
         if self.strategy not in names:
             raise ValueError(f"strategy {self.strategy!r} is not one of the strategies {names}")
+        for rule in self.rules:
+            if rule.strategy is not None and rule.strategy not in names:
+                raise ValueError(f"rule {rule.name!r}: strategy {rule.strategy!r} is not one of the strategies {names}")
         return self
 
     def weights(self, name: str | None) -> StrategyWeights:

@@ -37,6 +37,7 @@ from clawdbot.router.connectors.openai import OpenAIConnector, UpstreamError
 from clawdbot.router.quality import QualityBook
 from clawdbot.router.registry import Instance, Registry
 from clawdbot.router.reload import SOURCE_CONFIG_ENV, Reloader
+from clawdbot.router.rules import Features, Routing, apply_rules, modality_of
 from clawdbot.router.scoring import Candidate, RequestShape, Scorer, explain_choice
 from clawdbot.router.snapshot import Snapshot
 from clawdbot.router.stats import StatsStore
@@ -122,16 +123,24 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise GatewayError.bad_request("request body must be a JSON object")
         options = body.pop(GATEWAY_FIELD, None)
         body_strategy = options.get("strategy") if isinstance(options, dict) else None
-        candidates = self._candidates(snapshot, request.model, request.task)
-        strategy, weights = self._strategy(snapshot, request.meta.strategy or body_strategy)
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-        shape = RequestShape(
-            task=request.task,
-            # About four bytes a token: all the comparison between candidates needs.
-            input_tokens=max(1, len(request.openai_json) // 4),
-            max_tokens=max_tokens if isinstance(max_tokens, int) else None,
+        # About four bytes a token: all the comparison between candidates needs.
+        input_tokens = max(1, len(request.openai_json) // 4)
+        meta = request.meta
+        features = Features(
+            request.task,
+            request.model,
+            modality_of(body),
+            input_tokens,
+            meta.device_type,
+            meta.api_key_id,
+            meta.protocol,
+            dict(meta.headers),
         )
-        ranked = snapshot.scorer.score(candidates, shape, weights)
+        routing = apply_rules(snapshot.routing.rules, features, self._candidates(snapshot, request.model, request.task))
+        strategy, weights = self._strategy(snapshot, meta.strategy or body_strategy, routing)
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        shape = RequestShape(request.task, input_tokens, max_tokens if isinstance(max_tokens, int) else None)
+        ranked = snapshot.scorer.score(routing.candidates, shape, weights)
         return Plan(body, shape, strategy, weights, ranked, snapshot)
 
     @staticmethod
@@ -146,7 +155,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return candidates
 
     @staticmethod
-    def _strategy(snapshot: Snapshot, asked: Any) -> tuple[str, StrategyWeights]:
+    def _strategy(snapshot: Snapshot, asked: Any, routing: Routing) -> tuple[str, StrategyWeights]:
+        """The caller's explicit choice, else the last matching rule's, else the default."""
+        if not (isinstance(asked, str) and asked):
+            if routing.weights is not None:
+                return f"rule:{routing.applied[-1]}", routing.weights
+            asked = routing.strategy
         name = asked if isinstance(asked, str) and asked else snapshot.routing.strategy
         try:
             return name, snapshot.routing.weights(name)
@@ -395,13 +409,24 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         try:
             if not request.model:
                 raise GatewayError.bad_request("Missing required parameter: 'model'.", "model")
-            candidates = self._candidates(snapshot, request.model, task)
-            strategy, weights = self._strategy(snapshot, request.strategy or request.meta.strategy)
+            shape = RequestShape(task, request.input_tokens or 256, request.max_tokens or None)
+            meta = request.meta
+            features = Features(
+                task,
+                request.model,
+                request.modality or "text",
+                shape.input_tokens,
+                meta.device_type,
+                meta.api_key_id,
+                meta.protocol,
+                dict(meta.headers),
+            )
+            routing = apply_rules(snapshot.routing.rules, features, self._candidates(snapshot, request.model, task))
+            strategy, weights = self._strategy(snapshot, request.strategy or meta.strategy, routing)
         except GatewayError as err:
             await self._abort(context, err)
             raise
-        shape = RequestShape(task, request.input_tokens or 256, request.max_tokens or None)
-        ranked = snapshot.scorer.score(candidates, shape, weights)
+        ranked = snapshot.scorer.score(routing.candidates, shape, weights)
         chosen = next((c for c in ranked if c.eligible), None)
         return router_pb2.Explanation(
             model=request.model,
@@ -427,6 +452,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             ],
             chosen=chosen.instance.id if chosen else "",
             why=explain_choice(ranked, chosen, weights),
+            rules=routing.applied,
         )
 
 

@@ -73,6 +73,7 @@ def explain_request(
         strategy=request.strategy,
         input_tokens=request.input_tokens,
         max_tokens=request.max_tokens,
+        modality=request.modality,
     )
 
 

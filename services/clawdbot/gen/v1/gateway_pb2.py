@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from clawdbot.gen.v1 import router_pb2 as clawdbot_dot_v1_dot_router__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63lawdbot/v1/gateway.proto\x12\x0b\x63lawdbot.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18\x63lawdbot/v1/router.proto\"\x15\n\x13ReloadConfigRequest\":\n\x15SubmitFeedbackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"p\n\x15\x45xplainRoutingRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"&\n\rStreamOptions\x12\x15\n\rinclude_usage\x18\x01 \x01(\x08\"\xd6\x03\n\x15\x43hatCompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.clawdbot.v1.ChatMessage\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x0e\n\x01n\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04user\x18\t \x01(\t\x12\x1d\n\x10presence_penalty\x18\n \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x01H\x06\x88\x01\x01\x12\x32\n\x0estream_options\x18\x0c \x01(\x0b\x32\x1a.clawdbot.v1.StreamOptions\x12&\n\x05\x65xtra\x18\x0f \x01(\x0b\x32\x17.google.protobuf.StructB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x04\n\x02_nB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"]\n\nChatChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12)\n\x07message\x18\x02 \x01(\x0b\x32\x18.clawdbot.v1.ChatMessage\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"\xb5\x01\n\x0e\x43hatCompletion\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12(\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x17.clawdbot.v1.ChatChoice\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.clawdbot.v1.Usage\x12\x1a\n\x12system_fingerprint\x18\x07 \x01(\t\"*\n\tChatDelta\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"Z\n\x0b\x43hunkChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.clawdbot.v1.ChatDelta\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"\x9f\x01\n\x13\x43hatCompletionChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12)\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x18.clawdbot.v1.ChunkChoice\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.clawdbot.v1.Usage\"\x8f\x01\n\x11\x45mbeddingsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x03(\t\x12\x17\n\ndimensions\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04user\x18\x04 \x01(\t\x12&\n\x05\x65xtra\x18\x0f \x01(\x0b\x32\x17.google.protobuf.StructB\r\n\x0b_dimensions\"=\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12\x0e\n\x06object\x18\x03 \x01(\t\"|\n\x12\x45mbeddingsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12$\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x16.clawdbot.v1.Embedding\x12\r\n\x05model\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.clawdbot.v1.Usage\"\x13\n\x11ListModelsRequest\"F\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x10\n\x08owned_by\x18\x04 \x01(\t\"F\n\x12ListModelsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12 \n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x12.clawdbot.v1.Model2\x86\t\n\x07Gateway\x12\x64\n\x13\x43hatCompletionsHttp\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*0\x01\x12W\n\x0e\x45mbeddingsHttp\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/embeddings:\x01*\x12R\n\x0eListModelsHttp\x12\x16.google.protobuf.Empty\x1a\x14.google.api.HttpBody\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12S\n\x0c\x46\x65\x65\x64\x62\x61\x63kHttp\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/feedback:\x01*\x12k\n\x12\x45xplainRoutingHttp\x12\".clawdbot.v1.ExplainRoutingRequest\x1a\x14.google.api.HttpBody\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/routing/explain\x12U\n\nReloadHttp\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/admin/reload:\x01*\x12W\n\x14\x43reateChatCompletion\x12\".clawdbot.v1.ChatCompletionRequest\x1a\x1b.clawdbot.v1.ChatCompletion\x12^\n\x14StreamChatCompletion\x12\".clawdbot.v1.ChatCompletionRequest\x1a .clawdbot.v1.ChatCompletionChunk0\x01\x12S\n\x10\x43reateEmbeddings\x12\x1e.clawdbot.v1.EmbeddingsRequest\x1a\x1f.clawdbot.v1.EmbeddingsResponse\x12M\n\nListModels\x12\x1e.clawdbot.v1.ListModelsRequest\x1a\x1f.clawdbot.v1.ListModelsResponse\x12S\n\x0eSubmitFeedback\x12\".clawdbot.v1.SubmitFeedbackRequest\x1a\x1d.clawdbot.v1.FeedbackResponse\x12N\n\x0e\x45xplainRouting\x12\".clawdbot.v1.ExplainRoutingRequest\x1a\x18.clawdbot.v1.Explanation\x12M\n\x0cReloadConfig\x12 .clawdbot.v1.ReloadConfigRequest\x1a\x1b.clawdbot.v1.ReloadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63lawdbot/v1/gateway.proto\x12\x0b\x63lawdbot.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18\x63lawdbot/v1/router.proto\"\x15\n\x13ReloadConfigRequest\":\n\x15SubmitFeedbackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\x82\x01\n\x15\x45xplainRoutingRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x10\n\x08modality\x18\x06 \x01(\t\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"&\n\rStreamOptions\x12\x15\n\rinclude_usage\x18\x01 \x01(\x08\"\xd6\x03\n\x15\x43hatCompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.clawdbot.v1.ChatMessage\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x0e\n\x01n\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04user\x18\t \x01(\t\x12\x1d\n\x10presence_penalty\x18\n \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x01H\x06\x88\x01\x01\x12\x32\n\x0estream_options\x18\x0c \x01(\x0b\x32\x1a.clawdbot.v1.StreamOptions\x12&\n\x05\x65xtra\x18\x0f \x01(\x0b\x32\x17.google.protobuf.StructB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x04\n\x02_nB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"]\n\nChatChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12)\n\x07message\x18\x02 \x01(\x0b\x32\x18.clawdbot.v1.ChatMessage\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"\xb5\x01\n\x0e\x43hatCompletion\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12(\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x17.clawdbot.v1.ChatChoice\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.clawdbot.v1.Usage\x12\x1a\n\x12system_fingerprint\x18\x07 \x01(\t\"*\n\tChatDelta\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"Z\n\x0b\x43hunkChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.clawdbot.v1.ChatDelta\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"\x9f\x01\n\x13\x43hatCompletionChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12)\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x18.clawdbot.v1.ChunkChoice\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.clawdbot.v1.Usage\"\x8f\x01\n\x11\x45mbeddingsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x03(\t\x12\x17\n\ndimensions\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04user\x18\x04 \x01(\t\x12&\n\x05\x65xtra\x18\x0f \x01(\x0b\x32\x17.google.protobuf.StructB\r\n\x0b_dimensions\"=\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12\x0e\n\x06object\x18\x03 \x01(\t\"|\n\x12\x45mbeddingsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12$\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x16.clawdbot.v1.Embedding\x12\r\n\x05model\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.clawdbot.v1.Usage\"\x13\n\x11ListModelsRequest\"F\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x10\n\x08owned_by\x18\x04 \x01(\t\"F\n\x12ListModelsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12 \n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x12.clawdbot.v1.Model2\x86\t\n\x07Gateway\x12\x64\n\x13\x43hatCompletionsHttp\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*0\x01\x12W\n\x0e\x45mbeddingsHttp\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/embeddings:\x01*\x12R\n\x0eListModelsHttp\x12\x16.google.protobuf.Empty\x1a\x14.google.api.HttpBody\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12S\n\x0c\x46\x65\x65\x64\x62\x61\x63kHttp\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/feedback:\x01*\x12k\n\x12\x45xplainRoutingHttp\x12\".clawdbot.v1.ExplainRoutingRequest\x1a\x14.google.api.HttpBody\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/routing/explain\x12U\n\nReloadHttp\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/admin/reload:\x01*\x12W\n\x14\x43reateChatCompletion\x12\".clawdbot.v1.ChatCompletionRequest\x1a\x1b.clawdbot.v1.ChatCompletion\x12^\n\x14StreamChatCompletion\x12\".clawdbot.v1.ChatCompletionRequest\x1a .clawdbot.v1.ChatCompletionChunk0\x01\x12S\n\x10\x43reateEmbeddings\x12\x1e.clawdbot.v1.EmbeddingsRequest\x1a\x1f.clawdbot.v1.EmbeddingsResponse\x12M\n\nListModels\x12\x1e.clawdbot.v1.ListModelsRequest\x1a\x1f.clawdbot.v1.ListModelsResponse\x12S\n\x0eSubmitFeedback\x12\".clawdbot.v1.SubmitFeedbackRequest\x1a\x1d.clawdbot.v1.FeedbackResponse\x12N\n\x0e\x45xplainRouting\x12\".clawdbot.v1.ExplainRoutingRequest\x1a\x18.clawdbot.v1.Explanation\x12M\n\x0cReloadConfig\x12 .clawdbot.v1.ReloadConfigRequest\x1a\x1b.clawdbot.v1.ReloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,38 +52,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELOADCONFIGREQUEST']._serialized_end=205
   _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=207
   _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=265
-  _globals['_EXPLAINROUTINGREQUEST']._serialized_start=267
-  _globals['_EXPLAINROUTINGREQUEST']._serialized_end=379
-  _globals['_CHATMESSAGE']._serialized_start=381
-  _globals['_CHATMESSAGE']._serialized_end=439
-  _globals['_STREAMOPTIONS']._serialized_start=441
-  _globals['_STREAMOPTIONS']._serialized_end=479
-  _globals['_CHATCOMPLETIONREQUEST']._serialized_start=482
-  _globals['_CHATCOMPLETIONREQUEST']._serialized_end=952
-  _globals['_USAGE']._serialized_start=954
-  _globals['_USAGE']._serialized_end=1033
-  _globals['_CHATCHOICE']._serialized_start=1035
-  _globals['_CHATCHOICE']._serialized_end=1128
-  _globals['_CHATCOMPLETION']._serialized_start=1131
-  _globals['_CHATCOMPLETION']._serialized_end=1312
-  _globals['_CHATDELTA']._serialized_start=1314
-  _globals['_CHATDELTA']._serialized_end=1356
-  _globals['_CHUNKCHOICE']._serialized_start=1358
-  _globals['_CHUNKCHOICE']._serialized_end=1448
-  _globals['_CHATCOMPLETIONCHUNK']._serialized_start=1451
-  _globals['_CHATCOMPLETIONCHUNK']._serialized_end=1610
-  _globals['_EMBEDDINGSREQUEST']._serialized_start=1613
-  _globals['_EMBEDDINGSREQUEST']._serialized_end=1756
-  _globals['_EMBEDDING']._serialized_start=1758
-  _globals['_EMBEDDING']._serialized_end=1819
-  _globals['_EMBEDDINGSRESPONSE']._serialized_start=1821
-  _globals['_EMBEDDINGSRESPONSE']._serialized_end=1945
-  _globals['_LISTMODELSREQUEST']._serialized_start=1947
-  _globals['_LISTMODELSREQUEST']._serialized_end=1966
-  _globals['_MODEL']._serialized_start=1968
-  _globals['_MODEL']._serialized_end=2038
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2040
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2110
-  _globals['_GATEWAY']._serialized_start=2113
-  _globals['_GATEWAY']._serialized_end=3271
+  _globals['_EXPLAINROUTINGREQUEST']._serialized_start=268
+  _globals['_EXPLAINROUTINGREQUEST']._serialized_end=398
+  _globals['_CHATMESSAGE']._serialized_start=400
+  _globals['_CHATMESSAGE']._serialized_end=458
+  _globals['_STREAMOPTIONS']._serialized_start=460
+  _globals['_STREAMOPTIONS']._serialized_end=498
+  _globals['_CHATCOMPLETIONREQUEST']._serialized_start=501
+  _globals['_CHATCOMPLETIONREQUEST']._serialized_end=971
+  _globals['_USAGE']._serialized_start=973
+  _globals['_USAGE']._serialized_end=1052
+  _globals['_CHATCHOICE']._serialized_start=1054
+  _globals['_CHATCHOICE']._serialized_end=1147
+  _globals['_CHATCOMPLETION']._serialized_start=1150
+  _globals['_CHATCOMPLETION']._serialized_end=1331
+  _globals['_CHATDELTA']._serialized_start=1333
+  _globals['_CHATDELTA']._serialized_end=1375
+  _globals['_CHUNKCHOICE']._serialized_start=1377
+  _globals['_CHUNKCHOICE']._serialized_end=1467
+  _globals['_CHATCOMPLETIONCHUNK']._serialized_start=1470
+  _globals['_CHATCOMPLETIONCHUNK']._serialized_end=1629
+  _globals['_EMBEDDINGSREQUEST']._serialized_start=1632
+  _globals['_EMBEDDINGSREQUEST']._serialized_end=1775
+  _globals['_EMBEDDING']._serialized_start=1777
+  _globals['_EMBEDDING']._serialized_end=1838
+  _globals['_EMBEDDINGSRESPONSE']._serialized_start=1840
+  _globals['_EMBEDDINGSRESPONSE']._serialized_end=1964
+  _globals['_LISTMODELSREQUEST']._serialized_start=1966
+  _globals['_LISTMODELSREQUEST']._serialized_end=1985
+  _globals['_MODEL']._serialized_start=1987
+  _globals['_MODEL']._serialized_end=2057
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2059
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2129
+  _globals['_GATEWAY']._serialized_start=2132
+  _globals['_GATEWAY']._serialized_end=3290
 # @@protoc_insertion_point(module_scope)

@@ -24,18 +24,20 @@ class SubmitFeedbackRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class ExplainRoutingRequest(_message.Message):
-    __slots__ = ("model", "task", "strategy", "input_tokens", "max_tokens")
+    __slots__ = ("model", "task", "strategy", "input_tokens", "max_tokens", "modality")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     task: str
     strategy: str
     input_tokens: int
     max_tokens: int
-    def __init__(self, model: _Optional[str] = ..., task: _Optional[str] = ..., strategy: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    modality: str
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[str] = ..., strategy: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., modality: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content", "name")

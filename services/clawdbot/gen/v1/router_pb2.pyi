@@ -7,7 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RequestMeta(_message.Message):
-    __slots__ = ("request_id", "client_ip", "device_type", "api_key_id", "protocol", "user_agent", "strategy")
+    __slots__ = ("request_id", "client_ip", "device_type", "api_key_id", "protocol", "user_agent", "strategy", "headers")
+    class HeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_IP_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +22,7 @@ class RequestMeta(_message.Message):
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     USER_AGENT_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     client_ip: str
     device_type: str
@@ -22,7 +30,8 @@ class RequestMeta(_message.Message):
     protocol: str
     user_agent: str
     strategy: str
-    def __init__(self, request_id: _Optional[str] = ..., client_ip: _Optional[str] = ..., device_type: _Optional[str] = ..., api_key_id: _Optional[str] = ..., protocol: _Optional[str] = ..., user_agent: _Optional[str] = ..., strategy: _Optional[str] = ...) -> None: ...
+    headers: _containers.ScalarMap[str, str]
+    def __init__(self, request_id: _Optional[str] = ..., client_ip: _Optional[str] = ..., device_type: _Optional[str] = ..., api_key_id: _Optional[str] = ..., protocol: _Optional[str] = ..., user_agent: _Optional[str] = ..., strategy: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("meta", "task", "model", "stream", "openai_json")
@@ -81,20 +90,22 @@ class FeedbackResponse(_message.Message):
     def __init__(self, instance: _Optional[str] = ..., task: _Optional[str] = ..., quality: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("meta", "model", "task", "strategy", "input_tokens", "max_tokens")
+    __slots__ = ("meta", "model", "task", "strategy", "input_tokens", "max_tokens", "modality")
     META_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
     meta: RequestMeta
     model: str
     task: str
     strategy: str
     input_tokens: int
     max_tokens: int
-    def __init__(self, meta: _Optional[_Union[RequestMeta, _Mapping]] = ..., model: _Optional[str] = ..., task: _Optional[str] = ..., strategy: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    modality: str
+    def __init__(self, meta: _Optional[_Union[RequestMeta, _Mapping]] = ..., model: _Optional[str] = ..., task: _Optional[str] = ..., strategy: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., modality: _Optional[str] = ...) -> None: ...
 
 class ScoreTerms(_message.Message):
     __slots__ = ("latency", "accuracy", "cost")
@@ -135,7 +146,7 @@ class CandidateScore(_message.Message):
     def __init__(self, instance: _Optional[str] = ..., eligible: _Optional[bool] = ..., reason: _Optional[str] = ..., expected_latency_s: _Optional[float] = ..., expected_cost_usd: _Optional[float] = ..., quality: _Optional[float] = ..., cold: _Optional[bool] = ..., breaker: _Optional[str] = ..., in_flight: _Optional[int] = ..., terms: _Optional[_Union[ScoreTerms, _Mapping]] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("model", "task", "strategy", "weights", "candidates", "chosen", "why")
+    __slots__ = ("model", "task", "strategy", "weights", "candidates", "chosen", "why", "rules")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +154,7 @@ class Explanation(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     WHY_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     model: str
     task: str
     strategy: str
@@ -150,7 +162,8 @@ class Explanation(_message.Message):
     candidates: _containers.RepeatedCompositeFieldContainer[CandidateScore]
     chosen: str
     why: str
-    def __init__(self, model: _Optional[str] = ..., task: _Optional[str] = ..., strategy: _Optional[str] = ..., weights: _Optional[_Union[ScoreTerms, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., chosen: _Optional[str] = ..., why: _Optional[str] = ...) -> None: ...
+    rules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[str] = ..., strategy: _Optional[str] = ..., weights: _Optional[_Union[ScoreTerms, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., chosen: _Optional[str] = ..., why: _Optional[str] = ..., rules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RouterListModelsRequest(_message.Message):
     __slots__ = ("meta",)
