@@ -162,6 +162,9 @@ class ModelRouterConfig(_Strict):
     exploration: float = Field(0.05, ge=0, le=1)
     # Latency assumed for an instance never measured; empty: the median of the measured.
     cold_latency_s: float | None = Field(None, gt=0)
+    # Latency differences well below this count for little: two deployments a few ms
+    # apart are equally fast, and measurement noise must not decide between them.
+    latency_resolution_s: float = Field(0.01, gt=0)
     default_output_tokens: int = Field(256, gt=0)
     # How many feedback scores the configured quality prior is worth.
     quality_prior_weight: float = Field(10.0, gt=0)

@@ -134,7 +134,7 @@ class Scorer:
                 )
             )
         total = (weights.latency + weights.accuracy + weights.cost) or 1.0
-        latency_terms = _smaller_is_better([c.latency_s for c in candidates], floor=0.001)
+        latency_terms = _smaller_is_better([c.latency_s for c in candidates], floor=self._config.latency_resolution_s)
         accuracy_terms = _larger_is_better([c.quality for c in candidates])
         cost_terms = _smaller_is_better([c.cost_usd for c in candidates], floor=1e-9)
         for c, lt, at, ct in zip(candidates, latency_terms, accuracy_terms, cost_terms, strict=True):
