@@ -25,13 +25,15 @@ apt_install() {
   say "installing Debian packages: ${missing[*]}"
   local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 # Compilers for llama.cpp, Go for grpcurl, venv support for Python.
 command -v cmake >/dev/null && command -v g++ >/dev/null || apt_install build-essential cmake
 command -v go >/dev/null || apt_install golang-go
 "$PYTHON" -c 'import ensurepip' 2>/dev/null || apt_install python3-venv
+# Prometheus: the router can read fleet-wide latency from it (and its test starts one).
+command -v prometheus >/dev/null || apt_install prometheus
 for extra in "$@"; do apt_install "$extra"; done
 
 stamp_input() { cat pyproject.toml scripts/setup.sh; "$PYTHON" --version; }

@@ -165,6 +165,10 @@ class ModelRouterConfig(_Strict):
     # Latency differences well below this count for little: two deployments a few ms
     # apart are equally fast, and measurement noise must not decide between them.
     latency_resolution_s: float = Field(0.01, gt=0)
+    # Prometheus that scrapes every router: instances this router has not measured are
+    # scored with the fleet's latency instead of the cold prior. Read at start-up.
+    prometheus_url: str | None = None
+    prometheus_refresh_s: float = Field(5.0, gt=0)
     default_output_tokens: int = Field(256, gt=0)
     # How many feedback scores the configured quality prior is worth.
     quality_prior_weight: float = Field(10.0, gt=0)

@@ -2,6 +2,8 @@
 
 Names follow the OpenTelemetry GenAI semantic conventions where one exists
 (gen_ai.client.token.usage -> gen_ai_client_token_usage, ...), clawdbot_* otherwise.
+A model instance is labelled `model_instance`: Prometheus keeps `instance` for the
+scrape target.
 """
 
 from __future__ import annotations
@@ -39,27 +41,27 @@ class Metrics:
         self.upstream_errors = Counter(
             "clawdbot_upstream_errors",
             "Failed calls to a model instance, by kind of failure.",
-            ["instance", "kind"],
+            ["model_instance", "kind"],
             registry=self.registry,
         )
         self.operation_duration = Histogram(
             "gen_ai_client_operation_duration_seconds",
             "Duration of a model call (GenAI semconv gen_ai.client.operation.duration).",
-            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_system", "instance"],
+            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_system", "model_instance"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.time_to_first_token = Histogram(
             "gen_ai_server_time_to_first_token_seconds",
             "Time from request to first streamed token (GenAI semconv).",
-            ["gen_ai_request_model", "instance"],
+            ["gen_ai_request_model", "model_instance"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.token_usage = Histogram(
             "gen_ai_client_token_usage",
             "Tokens per model call, by input/output (GenAI semconv gen_ai.client.token.usage).",
-            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type", "instance"],
+            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type", "model_instance"],
             buckets=_TOKEN_BUCKETS,
             registry=self.registry,
         )
@@ -67,13 +69,13 @@ class Metrics:
         self.cost = Counter(
             "clawdbot_cost_usd",
             "Money spent on model calls, from reported usage and configured prices.",
-            ["api_key_id", "model", "instance"],
+            ["api_key_id", "model", "model_instance"],
             registry=self.registry,
         )
         self.breaker_state = Gauge(
             "clawdbot_circuit_breaker_open",
             "1 while an instance's circuit breaker is open or half-open.",
-            ["instance"],
+            ["model_instance"],
             registry=self.registry,
         )
 

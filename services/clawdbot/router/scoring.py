@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from clawdbot.common.config import ModelRouterConfig, StrategyWeights
 from clawdbot.router.breaker import CircuitBreaker
+from clawdbot.router.prometheus_feed import FleetView
 from clawdbot.router.quality import QualityBook
 from clawdbot.router.registry import Instance
 from clawdbot.router.stats import StatsStore
@@ -56,6 +58,8 @@ class Candidate:
     cold: bool
     breaker: str
     in_flight: int
+    latency_source: str = "local"
+    qps: float = 0.0
     terms: Terms = field(default_factory=Terms)
     score: float = 0.0
 
@@ -88,12 +92,14 @@ class Scorer:
         quality: QualityBook,
         breakers: dict[str, CircuitBreaker],
         rng: random.Random | None = None,
+        fleet: Callable[[], FleetView] | None = None,
     ) -> None:
         self._config = config
         self._stats = stats
         self._quality = quality
         self._breakers = breakers
         self._rng = rng or random.Random()
+        self._fleet = fleet
 
     def _expected_output(self, instance: Instance, shape: RequestShape) -> float:
         if shape.max_tokens:
@@ -106,11 +112,18 @@ class Scorer:
         if not instances:
             return []
         outputs = [self._expected_output(i, shape) for i in instances]
-        measured = [self._stats.get(i.id).expected_latency(o) for i, o in zip(instances, outputs, strict=True)]
+        fleet = self._fleet() if self._fleet else FleetView({}, {})
+        measured: list[float | None] = []
+        sources: list[str] = []
+        for instance, output in zip(instances, outputs, strict=True):
+            local = self._stats.get(instance.id).expected_latency(output)
+            shared = fleet.latency_s.get(instance.id)
+            measured.append(local if local is not None else shared)
+            sources.append("local" if local is not None else "prometheus" if shared is not None else "prior")
         known = [m for m in measured if m is not None]
         cold_latency = self._config.cold_latency_s or (statistics.median(known) if known else _UNMEASURED_LATENCY_S)
         candidates = []
-        for instance, output, latency in zip(instances, outputs, measured, strict=True):
+        for instance, output, latency, source in zip(instances, outputs, measured, sources, strict=True):
             stats = self._stats.get(instance.id)
             breaker = self._breakers[instance.id]
             eligible, reason = True, ""
@@ -131,6 +144,8 @@ class Scorer:
                     cold=latency is None,
                     breaker=breaker.status(),
                     in_flight=stats.in_flight,
+                    latency_source=source,
+                    qps=fleet.qps.get(instance.id, 0.0),
                 )
             )
         total = (weights.latency + weights.accuracy + weights.cost) or 1.0

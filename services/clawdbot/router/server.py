@@ -34,6 +34,7 @@ from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
 from clawdbot.router.attempts import Attempts
 from clawdbot.router.breaker import CircuitBreaker
 from clawdbot.router.connectors.openai import OpenAIConnector, UpstreamError
+from clawdbot.router.prometheus_feed import PrometheusFeed
 from clawdbot.router.quality import QualityBook
 from clawdbot.router.registry import Instance, Registry
 from clawdbot.router.reload import SOURCE_CONFIG_ENV, Reloader
@@ -85,6 +86,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._quality = QualityBook(config.model_router.quality_prior_weight)
         self._breakers: dict[str, CircuitBreaker] = {}
         self._versions = 0
+        routing = config.model_router
+        self.fleet = (
+            PrometheusFeed(routing.prometheus_url, routing.prometheus_refresh_s) if routing.prometheus_url else None
+        )
         self.snapshot = self.build_snapshot(config)
         self.reloader: Reloader | None = None
 
@@ -95,7 +100,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         for instance in registry.instances():
             if instance.id not in self._breakers:
                 self._breakers[instance.id] = CircuitBreaker(config.model_router.breaker)
-        scorer = Scorer(config.model_router, self._stats, self._quality, self._breakers)
+        fleet = self.fleet
+        scorer = Scorer(
+            config.model_router,
+            self._stats,
+            self._quality,
+            self._breakers,
+            fleet=(lambda: fleet.view) if fleet else None,
+        )
         self._versions += 1
         return Snapshot(registry, config.model_router, scorer, self._versions)
 
@@ -447,6 +459,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     terms=router_pb2.ScoreTerms(latency=c.terms.latency, accuracy=c.terms.accuracy, cost=c.terms.cost),
                     score=c.score,
                     rank=rank,
+                    latency_source=c.latency_source,
+                    qps=c.qps,
                 )
                 for rank, c in enumerate(ranked, start=1)
             ],
@@ -495,6 +509,8 @@ def create_server(config: Config, config_source: Path | None = None) -> ServiceH
     router_pb2_grpc.add_RouterServicer_to_server(servicer, host.grpc_server)
     host.add_service_name("clawdbot.v1.Router")
     host.in_background(servicer.reloader.watch)
+    if servicer.fleet is not None:
+        host.in_background(servicer.fleet.run)
     host.on_shutdown(servicer.reloader.close)
     host.on_shutdown(connector.close)
     return host

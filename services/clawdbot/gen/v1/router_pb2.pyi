@@ -118,7 +118,7 @@ class ScoreTerms(_message.Message):
     def __init__(self, latency: _Optional[float] = ..., accuracy: _Optional[float] = ..., cost: _Optional[float] = ...) -> None: ...
 
 class CandidateScore(_message.Message):
-    __slots__ = ("instance", "eligible", "reason", "expected_latency_s", "expected_cost_usd", "quality", "cold", "breaker", "in_flight", "terms", "score", "rank")
+    __slots__ = ("instance", "eligible", "reason", "expected_latency_s", "expected_cost_usd", "quality", "cold", "breaker", "in_flight", "terms", "score", "rank", "latency_source", "qps")
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,8 @@ class CandidateScore(_message.Message):
     TERMS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    QPS_FIELD_NUMBER: _ClassVar[int]
     instance: str
     eligible: bool
     reason: str
@@ -143,7 +145,9 @@ class CandidateScore(_message.Message):
     terms: ScoreTerms
     score: float
     rank: int
-    def __init__(self, instance: _Optional[str] = ..., eligible: _Optional[bool] = ..., reason: _Optional[str] = ..., expected_latency_s: _Optional[float] = ..., expected_cost_usd: _Optional[float] = ..., quality: _Optional[float] = ..., cold: _Optional[bool] = ..., breaker: _Optional[str] = ..., in_flight: _Optional[int] = ..., terms: _Optional[_Union[ScoreTerms, _Mapping]] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
+    latency_source: str
+    qps: float
+    def __init__(self, instance: _Optional[str] = ..., eligible: _Optional[bool] = ..., reason: _Optional[str] = ..., expected_latency_s: _Optional[float] = ..., expected_cost_usd: _Optional[float] = ..., quality: _Optional[float] = ..., cold: _Optional[bool] = ..., breaker: _Optional[str] = ..., in_flight: _Optional[int] = ..., terms: _Optional[_Union[ScoreTerms, _Mapping]] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., latency_source: _Optional[str] = ..., qps: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
     __slots__ = ("model", "task", "strategy", "weights", "candidates", "chosen", "why", "rules")
