@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from clawdbot.common.config import ModelEntry, ModelRouterConfig
 from clawdbot.router.breaker import CircuitBreaker
 from clawdbot.router.quality import QualityBook
@@ -124,3 +126,18 @@ def test_power_of_two_prefers_the_less_loaded_of_the_best() -> None:
 def test_group_of_instances() -> None:
     reg = Registry((ModelEntry(name="g", base_url="http://a"), ModelEntry(name="g", base_url="http://b")), env={})
     assert [i.id for i in reg.candidates("g", "chat")] == ["g", "g#2"]
+
+
+def test_one_deployment_serving_several_tasks_and_audio_pricing() -> None:
+    reg = Registry(
+        (
+            ModelEntry(name="multi", tasks=("chat", "embeddings"), base_url="http://a"),
+            ModelEntry(name="asr", task="transcription", base_url="http://b", pricing={"per_audio_second": 0.0001}),
+        ),
+        env={},
+    )
+    assert [i.name for i in reg.candidates("multi", "embeddings")] == ["multi"]
+    assert [i.name for i in reg.candidates(AUTO_ALIAS, "chat")] == ["multi"]
+    assert reg.candidates("asr", "chat") == []
+    asr = reg.candidates("asr", "transcription")[0]
+    assert asr.expected_cost(0, 0, audio_seconds=60) == pytest.approx(0.006)

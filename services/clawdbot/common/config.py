@@ -198,11 +198,14 @@ class ModelRouterConfig(_Strict):
 class Pricing(_Strict):
     input_per_1k: float = Field(0.0, ge=0)
     output_per_1k: float = Field(0.0, ge=0)
+    per_audio_second: float = Field(0.0, ge=0)  # transcription and speech
 
 
 class ModelEntry(_Strict):
     name: str = Field(..., min_length=1)  # the model id clients send
     task: Task = "chat"
+    # Several tasks from one deployment (a model that chats and embeds); `task` then unused.
+    tasks: tuple[Task, ...] = ()
     connector: Literal["openai"] = "openai"
     base_url: str
     api_key_env: str | None = None

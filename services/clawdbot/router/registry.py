@@ -22,7 +22,8 @@ AUTO_ALIAS = "auto"
 class Instance:
     id: str
     name: str
-    task: str
+    task: str  # the first of `tasks`
+    tasks: tuple[str, ...]
     connector: str
     base_url: str
     upstream_model: str
@@ -39,8 +40,9 @@ class Instance:
     def quality_for(self, task: str) -> float | None:
         return self.quality.get(task)
 
-    def expected_cost(self, input_tokens: int, output_tokens: int) -> float:
-        return (input_tokens * self.pricing.input_per_1k + output_tokens * self.pricing.output_per_1k) / 1000.0
+    def expected_cost(self, input_tokens: int, output_tokens: int, audio_seconds: float = 0.0) -> float:
+        tokens = (input_tokens * self.pricing.input_per_1k + output_tokens * self.pricing.output_per_1k) / 1000.0
+        return tokens + audio_seconds * self.pricing.per_audio_second
 
 
 class Registry:
@@ -58,7 +60,8 @@ class Registry:
             instance = Instance(
                 id=instance_id,
                 name=entry.name,
-                task=entry.task,
+                task=(entry.tasks or (entry.task,))[0],
+                tasks=entry.tasks or (entry.task,),
                 connector=entry.connector,
                 base_url=entry.base_url,
                 upstream_model=entry.upstream_model or entry.name,
@@ -73,14 +76,15 @@ class Registry:
                 max_in_flight=entry.max_in_flight,
             )
             self._by_name[entry.name].append(instance)
-            self._by_task[entry.task].append(instance)
+            for task in instance.tasks:
+                self._by_task[task].append(instance)
 
     def candidates(self, model: str, task: str) -> list[Instance]:
         """Instances that may serve `model` (or `model@version`) for `task`; empty when none."""
         if model == AUTO_ALIAS:
             return list(self._by_task.get(task, ()))
         name, _, version = model.partition("@")
-        return [i for i in self._by_name.get(name, ()) if i.task == task and (not version or i.version == version)]
+        return [i for i in self._by_name.get(name, ()) if task in i.tasks and (not version or i.version == version)]
 
     def knows(self, model: str) -> bool:
         if model == AUTO_ALIAS:

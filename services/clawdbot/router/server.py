@@ -61,6 +61,12 @@ class Plan:
     snapshot: Snapshot
 
 
+def _audio_seconds(usage: Any) -> float:
+    """OpenAI reports audio usage as {"type": "duration", "seconds": N}."""
+    seconds = usage.get("seconds") if isinstance(usage, dict) else None
+    return float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else 0.0
+
+
 def _usage_tokens(usage: Any) -> tuple[int, int]:
     if not isinstance(usage, dict):
         return 0, 0
@@ -248,7 +254,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self._metrics.token_usage.labels(task, instance.name, "input", instance.id).observe(prompt)
         if completion:
             self._metrics.token_usage.labels(task, instance.name, "output", instance.id).observe(completion)
-        cost = instance.expected_cost(prompt, completion)
+        cost = instance.expected_cost(prompt, completion, _audio_seconds(usage))
         if cost:
             self._metrics.cost.labels(meta.api_key_id or "none", instance.name, instance.id).inc(cost)
         self._quality.answered(meta.request_id, instance.id, task)
