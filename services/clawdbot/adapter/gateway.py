@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
+from typing import TypeVar
 
 import grpc
 import orjson
+from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -27,6 +29,8 @@ from clawdbot.common.telemetry import extract_context, inject_headers
 from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+Reply = TypeVar("Reply")
 
 
 class Gateway:
@@ -77,14 +81,14 @@ class Gateway:
     def _call_metadata(self) -> list[tuple[str, str]]:
         return list(inject_headers().items())
 
-    async def complete(self, request: router_pb2.ModelRequest) -> router_pb2.ModelResponse:
+    async def _unary(self, method: Callable[..., Awaitable[Reply]], request: Message, deadline_s: float) -> Reply:
         try:
-            response: router_pb2.ModelResponse = await self._router.Complete(
-                request, timeout=self._timeout, metadata=self._call_metadata()
-            )
+            return await method(request, timeout=deadline_s, metadata=self._call_metadata())
         except grpc.aio.AioRpcError as err:
             raise self._failure(err) from None
-        return response
+
+    async def complete(self, request: router_pb2.ModelRequest) -> router_pb2.ModelResponse:
+        return await self._unary(self._router.Complete, request, self._timeout)
 
     async def stream(self, request: router_pb2.ModelRequest) -> AsyncGenerator[router_pb2.StreamEvent, None]:
         """Events from the router. GatewayError before or during the stream."""
@@ -99,40 +103,20 @@ class Gateway:
             call.cancel()
 
     async def feedback(self, request: router_pb2.FeedbackRequest) -> router_pb2.FeedbackResponse:
-        try:
-            response: router_pb2.FeedbackResponse = await self._router.Feedback(
-                request, timeout=10.0, metadata=self._call_metadata()
-            )
-        except grpc.aio.AioRpcError as err:
-            raise self._failure(err) from None
-        return response
+        return await self._unary(self._router.Feedback, request, 10.0)
 
     async def explain(self, request: router_pb2.ExplainRequest) -> router_pb2.Explanation:
-        try:
-            response: router_pb2.Explanation = await self._router.Explain(
-                request, timeout=10.0, metadata=self._call_metadata()
-            )
-        except grpc.aio.AioRpcError as err:
-            raise self._failure(err) from None
-        return response
+        return await self._unary(self._router.Explain, request, 10.0)
 
     async def reload(self, meta: router_pb2.RequestMeta) -> router_pb2.ReloadResponse:
-        try:
-            response: router_pb2.ReloadResponse = await self._router.Reload(
-                router_pb2.ReloadRequest(meta=meta), timeout=60.0, metadata=self._call_metadata()
-            )
-        except grpc.aio.AioRpcError as err:
-            raise self._failure(err) from None
-        return response
+        # Generous: a reload health-checks the instances it adds.
+        return await self._unary(self._router.Reload, router_pb2.ReloadRequest(meta=meta), 60.0)
 
     async def list_models(self, meta: router_pb2.RequestMeta) -> list[router_pb2.ModelInfo]:
-        try:
-            response = await self._router.ListModels(
-                router_pb2.RouterListModelsRequest(meta=meta), timeout=10.0, metadata=self._call_metadata()
-            )
-        except grpc.aio.AioRpcError as err:
-            raise self._failure(err) from None
-        return list(response.models)
+        reply: router_pb2.RouterListModelsResponse = await self._unary(
+            self._router.ListModels, router_pb2.RouterListModelsRequest(meta=meta), 10.0
+        )
+        return list(reply.models)
 
     def _failure(self, err: grpc.aio.AioRpcError) -> GatewayError:
         failure = GatewayError.from_rpc_error(err, "router")

@@ -74,6 +74,12 @@ def _usage_tokens(usage: Any) -> tuple[int, int]:
     return (prompt if isinstance(prompt, int) else 0), (completion if isinstance(completion, int) else 0)
 
 
+def _features(meta: router_pb2.RequestMeta, task: str, model: str, modality: str, input_tokens: int) -> Features:
+    return Features(
+        task, model, modality, input_tokens, meta.device_type, meta.api_key_id, meta.protocol, dict(meta.headers)
+    )
+
+
 def _describe(span: trace.Span, meta: router_pb2.RequestMeta) -> None:
     """The caller's metadata on the server span: who asked, from where, on what."""
     span.set_attribute("clawdbot.request_id", meta.request_id)
@@ -144,16 +150,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         # About four bytes a token: all the comparison between candidates needs.
         input_tokens = max(1, len(request.openai_json) // 4)
         meta = request.meta
-        features = Features(
-            request.task,
-            request.model,
-            modality_of(body),
-            input_tokens,
-            meta.device_type,
-            meta.api_key_id,
-            meta.protocol,
-            dict(meta.headers),
-        )
+        features = _features(meta, request.task, request.model, modality_of(body), input_tokens)
         routing = apply_rules(snapshot.routing.rules, features, self._candidates(snapshot, request.model, request.task))
         strategy, weights = self._strategy(snapshot, meta.strategy or body_strategy, routing)
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
@@ -429,16 +426,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 raise GatewayError.bad_request("Missing required parameter: 'model'.", "model")
             shape = RequestShape(task, request.input_tokens or 256, request.max_tokens or None)
             meta = request.meta
-            features = Features(
-                task,
-                request.model,
-                request.modality or "text",
-                shape.input_tokens,
-                meta.device_type,
-                meta.api_key_id,
-                meta.protocol,
-                dict(meta.headers),
-            )
+            features = _features(meta, task, request.model, request.modality or "text", shape.input_tokens)
             routing = apply_rules(snapshot.routing.rules, features, self._candidates(snapshot, request.model, task))
             strategy, weights = self._strategy(snapshot, request.strategy or meta.strategy, routing)
         except GatewayError as err:
