@@ -47,6 +47,7 @@ def test_metrics_on_every_service(mesh: Mesh) -> None:
     router = httpx.get(f"http://127.0.0.1:{ports['router_http']}/metrics", timeout=10).text
     assert 'clawdbot_requests_total{operation="chat",protocol="rest",service="adapter",status="200"}' in adapter
     assert "clawdbot_request_duration_seconds_bucket" in adapter
+    assert 'clawdbot_requests_in_flight{service="adapter"} 0.0' in adapter
     assert 'gen_ai_client_token_usage_count{gen_ai_operation_name="chat",gen_ai_request_model="mock-1"' in router
     assert "gen_ai_client_operation_duration_seconds_bucket" in router
     assert "clawdbot_upstream_errors_total" in router

@@ -68,9 +68,17 @@ class Gateway:
 
     @contextlib.contextmanager
     def span(self, name: str, headers: Mapping[str, str], protocol: str) -> Iterator[Span]:
-        with self._tracer.start_as_current_span(name, context=extract_context(headers), kind=SpanKind.SERVER) as span:
-            span.set_attribute("clawdbot.protocol", protocol)
-            yield span
+        """The request's server span; also counts it as in flight while it lasts."""
+        in_flight = self._metrics.in_flight.labels("adapter")
+        in_flight.inc()
+        try:
+            with self._tracer.start_as_current_span(
+                name, context=extract_context(headers), kind=SpanKind.SERVER
+            ) as span:
+                span.set_attribute("clawdbot.protocol", protocol)
+                yield span
+        finally:
+            in_flight.dec()
 
     def record(self, operation: str, protocol: str, status: int, started: float) -> None:
         self._metrics.requests.labels("adapter", operation, protocol, str(status)).inc()
