@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._tracer = trace.get_tracer("clawdbot.router")
         self._stats = StatsStore()
         self._quality = QualityBook(config.model_router.quality_prior_weight)
-        self._breakers: dict[str, CircuitBreaker] = {}
+        # On demand: a request still on an old snapshot may retry an instance whose state
+        # was already forgotten; it gets a fresh breaker rather than a KeyError.
+        self._breaker_config = config.model_router.breaker
+        self._breakers: dict[str, CircuitBreaker] = defaultdict(lambda: CircuitBreaker(self._breaker_config))
         self._versions = 0
         routing = config.model_router
         self.fleet = (
@@ -109,9 +113,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def build_snapshot(self, config: Config) -> Snapshot:
         registry = Registry(config.models)
-        for instance in registry.instances():
-            if instance.id not in self._breakers:
-                self._breakers[instance.id] = CircuitBreaker(config.model_router.breaker)
+        self._breaker_config = config.model_router.breaker
         fleet = self.fleet
         scorer = Scorer(
             config.model_router,
