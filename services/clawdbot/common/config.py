@@ -87,6 +87,25 @@ class RouterConfig(ServiceEndpoint):
     max_connections: int = Field(512, gt=0)
 
 
+class WorkerModel(_Strict):
+    """A model the worker loads from a package on this machine."""
+
+    name: str
+    runtime: Literal["minilm"]
+
+
+class WorkerConfig(ServiceEndpoint):
+    grpc_port: int = 7021
+    http_port: int = 7022
+    models: tuple[WorkerModel, ...] = ()
+    # Embeddings requests arriving within this window share one model call...
+    batch_window_ms: float = Field(5.0, ge=0)
+    # ...of at most this many texts.
+    max_batch: int = Field(32, ge=1)
+    # Where model files are unpacked; relative to the working directory.
+    model_dir: str = ".clawdbot/models"
+
+
 class StrategyWeights(_Strict):
     latency: float = Field(0.0, ge=0)
     accuracy: float = Field(0.0, ge=0)
@@ -206,7 +225,7 @@ class ModelEntry(_Strict):
     task: Task = "chat"
     # Several tasks from one deployment (a model that chats and embeds); `task` then unused.
     tasks: tuple[Task, ...] = ()
-    connector: Literal["openai"] = "openai"
+    connector: Literal["openai", "worker"] = "openai"
     base_url: str
     api_key_env: str | None = None
     upstream_model: str | None = None  # id sent upstream; defaults to name
@@ -221,9 +240,10 @@ class ModelEntry(_Strict):
 
     @field_validator("base_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
+    def _url(cls, value: str) -> str:
+        # grpc:// is the worker's address (connector: worker).
+        if not value.startswith(("http://", "https://", "grpc://")):
+            raise ValueError("must start with http://, https:// or grpc://")
         return value.rstrip("/")
 
 
@@ -255,6 +275,7 @@ class Config(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
     model_router: ModelRouterConfig = Field(default_factory=ModelRouterConfig)
     models: tuple[ModelEntry, ...] = ()
     local_models: tuple[LocalModel, ...] = ()

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
 from clawdbot.router.attempts import Attempts
 from clawdbot.router.breaker import CircuitBreaker
 from clawdbot.router.connectors.openai import OpenAIConnector, UpstreamError
+from clawdbot.router.connectors.worker import WorkerConnector
 from clawdbot.router.prometheus_feed import PrometheusFeed
 from clawdbot.router.quality import QualityBook
 from clawdbot.router.registry import Instance, Registry
@@ -45,6 +46,8 @@ from clawdbot.router.snapshot import Snapshot
 from clawdbot.router.stats import StatsStore
 
 log = logging.getLogger(__name__)
+
+Connector = OpenAIConnector | WorkerConnector
 
 # Gateway options ride in the OpenAI body under this key; they never reach a provider.
 GATEWAY_FIELD = "clawdbot"
@@ -91,8 +94,8 @@ def _describe(span: trace.Span, meta: router_pb2.RequestMeta) -> None:
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, config: Config, connector: OpenAIConnector, metrics: Metrics) -> None:
-        self._connector = connector
+    def __init__(self, config: Config, connectors: Mapping[str, Connector], metrics: Metrics) -> None:
+        self._connectors = connectors
         self._metrics = metrics
         self._tracer = trace.get_tracer("clawdbot.router")
         self._stats = StatsStore()
@@ -292,7 +295,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             started = time.perf_counter()
             try:
                 with self._attempt(request.task, instance):
-                    data = await self._connector.call(
+                    data = await self._connectors[instance.connector].call(
                         instance, request.task, plan.body, inject_headers(), request.meta.request_id, timeout_s
                     )
             except UpstreamError as err:
@@ -342,7 +345,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             counter = _StreamCounter()
             try:
                 with self._attempt(request.task, instance):
-                    chunks = self._connector.stream(
+                    chunks = self._connectors[instance.connector].stream(
                         instance, plan.body, inject_headers(), request.meta.request_id, timeout_s
                     )
                     async for payload in chunks:
@@ -498,8 +501,8 @@ def create_server(config: Config, config_source: Path | None = None) -> ServiceH
     CLAWDBOT_CONFIG names); it is watched for changes."""
     metrics = Metrics("router")
     host = ServiceHost("router", config.router, metrics, reflection_services=("clawdbot.v1.Router",))
-    connector = OpenAIConnector(config.router.max_connections)
-    servicer = RouterServicer(config, connector, metrics)
+    openai, worker = OpenAIConnector(config.router.max_connections), WorkerConnector()
+    servicer = RouterServicer(config, {"openai": openai, "worker": worker}, metrics)
     source = config_source or Path(os.environ.get(SOURCE_CONFIG_ENV) or config_path())
     servicer.reloader = Reloader(source, servicer)
     router_pb2_grpc.add_RouterServicer_to_server(servicer, host.grpc_server)
@@ -508,5 +511,6 @@ def create_server(config: Config, config_source: Path | None = None) -> ServiceH
     if servicer.fleet is not None:
         host.in_background(servicer.fleet.run)
     host.on_shutdown(servicer.reloader.close)
-    host.on_shutdown(connector.close)
+    host.on_shutdown(openai.close)
+    host.on_shutdown(worker.close)
     return host

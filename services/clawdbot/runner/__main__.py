@@ -66,20 +66,26 @@ def ensure_api_key(state_dir: Path) -> tuple[str, bool]:
 def with_ephemeral_ports(config: Config) -> Config:
     """Every port taken fresh from the OS, for tests and benchmarks beside a running mesh."""
     local = tuple(m.model_copy(update={"port": free_port()}) for m in config.local_models)
-    moved = {m.name: m.port for m in local}
-    models = tuple(
-        m.model_copy(update={"base_url": f"http://127.0.0.1:{moved[m.name]}/v1"}) if m.name in moved else m
-        for m in config.models
-    )
+    worker = config.worker.model_copy(update={"grpc_port": free_port(), "http_port": free_port()})
+    config = config.model_copy(update={"local_models": local, "worker": worker})
+    urls = local_model_urls(config)
+    models = tuple(m.model_copy(update={"base_url": urls[m.name]}) if m.name in urls else m for m in config.models)
     return config.model_copy(
         update={
             "gateway": config.gateway.model_copy(update={"port": free_port(), "admin_port": free_port()}),
             "adapter": config.adapter.model_copy(update={"grpc_port": free_port(), "http_port": free_port()}),
             "router": config.router.model_copy(update={"grpc_port": free_port(), "http_port": free_port()}),
-            "local_models": local,
             "models": models,
         }
     )
+
+
+def local_model_urls(config: Config) -> dict[str, str]:
+    """Where the models this runner starts listen: llama.cpp servers and the worker's."""
+    urls = {m.name: f"http://{m.host}:{m.port}/v1" for m in config.local_models}
+    worker = f"grpc://{config.worker.host}:{config.worker.grpc_port}"
+    urls.update({m.name: worker for m in config.worker.models})
+    return urls
 
 
 class Runner:
@@ -102,7 +108,7 @@ class Runner:
             "CLAWDBOT_API_KEY": self.api_key,
             # Reloads re-read the user's file, with the local models where the runner put them.
             SOURCE_CONFIG_ENV: str(self.source),
-            MODEL_URLS_ENV: json.dumps({m.name: f"http://{m.host}:{m.port}/v1" for m in self.config.local_models}),
+            MODEL_URLS_ENV: json.dumps(local_model_urls(self.config)),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "services"), os.environ.get("PYTHONPATH")])),
         }
         return Child(
@@ -184,6 +190,8 @@ class Runner:
                 "adapter_http": self.config.adapter.http_port,
                 "router_grpc": self.config.router.grpc_port,
                 "router_http": self.config.router.http_port,
+                "worker_grpc": self.config.worker.grpc_port,
+                "worker_http": self.config.worker.http_port,
             },
         }
         tmp = self.ready_file.with_suffix(".tmp")
@@ -210,6 +218,10 @@ class Runner:
                     continue
                 await self.supervisor.launch(
                     Child(f"local-{model.name}", argv, http_ok(f"http://{model.host}:{model.port}/v1/models"))
+                )
+            if self.config.worker.models:
+                await self.supervisor.launch(
+                    self._service_child("worker", self.config.worker.grpc_port, config_file)
                 )
             await self.supervisor.launch(self._service_child("router", self.config.router.grpc_port, config_file))
             await self.supervisor.launch(self._service_child("adapter", self.config.adapter.grpc_port, config_file))
