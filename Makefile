@@ -27,6 +27,7 @@ proto: setup
 bench: setup
 	@bash scripts/setup.sh wrk
 	$(PY) -m clawdbot.devtools.bench
+	$(PY) -m clawdbot.devtools.bench_embeddings
 
 clean:
 	rm -rf .clawdbot/run .pytest_cache .mypy_cache .ruff_cache

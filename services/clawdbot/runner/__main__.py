@@ -220,9 +220,7 @@ class Runner:
                     Child(f"local-{model.name}", argv, http_ok(f"http://{model.host}:{model.port}/v1/models"))
                 )
             if self.config.worker.models:
-                await self.supervisor.launch(
-                    self._service_child("worker", self.config.worker.grpc_port, config_file)
-                )
+                await self.supervisor.launch(self._service_child("worker", self.config.worker.grpc_port, config_file))
             await self.supervisor.launch(self._service_child("router", self.config.router.grpc_port, config_file))
             await self.supervisor.launch(self._service_child("adapter", self.config.adapter.grpc_port, config_file))
             await self.supervisor.launch(self._envoy_child())
