@@ -117,6 +117,10 @@ class GatewayError(Exception):
     def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return ((ERROR_METADATA_KEY, self.to_metadata_value()),)
 
+    async def abort(self, context: grpc.aio.ServicerContext) -> None:
+        """End the gRPC call being served with this error (raises, as context.abort does)."""
+        await context.abort(self.grpc_code(), self.message, trailing_metadata=self.trailing_metadata())
+
     @classmethod
     def from_rpc_error(cls, err: grpc.aio.AioRpcError, peer: str) -> GatewayError:
         """Rebuild the error a downstream service raised, or describe a transport failure."""

@@ -34,6 +34,7 @@ from clawdbot.common.telemetry import extract_context, inject_headers
 from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
 from clawdbot.router.attempts import Attempts
 from clawdbot.router.breaker import CircuitBreaker
+from clawdbot.router.connectors.base import Connector
 from clawdbot.router.connectors.openai import OpenAIConnector, UpstreamError
 from clawdbot.router.connectors.worker import WorkerConnector
 from clawdbot.router.prometheus_feed import PrometheusFeed
@@ -46,8 +47,6 @@ from clawdbot.router.snapshot import Snapshot
 from clawdbot.router.stats import StatsStore
 
 log = logging.getLogger(__name__)
-
-Connector = OpenAIConnector | WorkerConnector
 
 # Gateway options ride in the OpenAI body under this key; they never reach a provider.
 GATEWAY_FIELD = "clawdbot"
@@ -229,7 +228,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 span.set_status(Status(StatusCode.ERROR, err.message))
                 self._metrics.upstream_errors.labels(instance.id, err.kind).inc()
                 if err.kind in _BREAKER_KINDS:
-                    stats.record_failure()
                     breaker.record_failure()
                 else:
                     breaker.record_success()  # it answered; the request was at fault
@@ -264,9 +262,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     # --- RPCs ------------------------------------------------------------------------
 
-    async def _abort(self, context: grpc.aio.ServicerContext, err: GatewayError) -> None:
-        await context.abort(err.grpc_code(), err.message, trailing_metadata=err.trailing_metadata())
-
     async def Complete(  # noqa: N802 - gRPC method name
         self, request: router_pb2.ModelRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ModelResponse:
@@ -278,10 +273,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 return await self._complete(request, context, span)
             except GatewayError as err:
                 span.set_status(Status(StatusCode.ERROR, err.message))
-                await self._abort(context, err)
+                await err.abort(context)
             except Exception:
                 log.exception("router failed")
-                await self._abort(context, internal_error())
+                await internal_error().abort(context)
         raise AssertionError("unreachable: abort raises")
 
     async def _complete(
@@ -327,10 +322,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     yield event
             except GatewayError as err:
                 span.set_status(Status(StatusCode.ERROR, err.message))
-                await self._abort(context, err)
+                await err.abort(context)
             except Exception:
                 log.exception("router stream failed")
-                await self._abort(context, internal_error())
+                await internal_error().abort(context)
 
     async def _stream(
         self, request: router_pb2.ModelRequest, context: grpc.aio.ServicerContext
@@ -392,7 +387,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 raise GatewayError.bad_request("'score' must be a number between 0 and 1.", "score")
             instance_id, task = self._quality.rate(request.request_id, request.score)
         except GatewayError as err:
-            await self._abort(context, err)
+            await err.abort(context)
             raise
         instance = next((i for i in self.snapshot.registry.instances() if i.id == instance_id), None)
         prior = instance.quality_for(task) if instance else None
@@ -404,12 +399,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.ReloadRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ReloadResponse:
         if self.reloader is None:
-            await self._abort(context, GatewayError(501, "Reload is not configured.", "server_error", "not_supported"))
+            await GatewayError(501, "Reload is not configured.", "server_error", "not_supported").abort(context)
             raise AssertionError("unreachable: abort raises")
         try:
             result = await self.reloader.reload(f"requested by {request.meta.api_key_id or 'an operator'}")
         except GatewayError as err:
-            await self._abort(context, err)
+            await err.abort(context)
             raise
         return router_pb2.ReloadResponse(
             version=result.version,
@@ -435,7 +430,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             routing = apply_rules(snapshot.routing.rules, features, self._candidates(snapshot, request.model, task))
             strategy, weights = self._strategy(snapshot, request.strategy or meta.strategy, routing)
         except GatewayError as err:
-            await self._abort(context, err)
+            await err.abort(context)
             raise
         ranked = snapshot.scorer.score(routing.candidates, shape, weights)
         chosen = next((c for c in ranked if c.eligible), None)

@@ -21,14 +21,11 @@ class InstanceStats:
     tpot_s: float | None = None  # time per output token after the first
     output_tokens: float | None = None
     in_flight: int = 0
-    calls: int = 0
-    failures: int = 0
 
     # Weight of the newest sample: about the last ten calls dominate.
     ALPHA = 0.2
 
     def record_success(self, latency_s: float, output_tokens: int | None = None, ttft_s: float | None = None) -> None:
-        self.calls += 1
         self.latency_s = _ewma(self.latency_s, latency_s, self.ALPHA)
         if output_tokens:
             self.output_tokens = _ewma(self.output_tokens, float(output_tokens), self.ALPHA)
@@ -37,10 +34,6 @@ class InstanceStats:
             if output_tokens and output_tokens > 1:
                 per_token = max(0.0, latency_s - ttft_s) / (output_tokens - 1)
                 self.tpot_s = _ewma(self.tpot_s, per_token, self.ALPHA)
-
-    def record_failure(self) -> None:
-        self.calls += 1
-        self.failures += 1
 
     def expected_latency(self, output_tokens: float) -> float | None:
         """Seconds a call is expected to take, or None for an instance never measured."""

@@ -92,14 +92,12 @@ class WorkerServicer(worker_pb2_grpc.ModelServiceServicer):
                 raise GatewayError.bad_request("The request body must be a JSON object.")
             return worker_pb2.InferResponse(openai_json=orjson.dumps(await task.answer(body)))
         except GatewayError as err:
-            await context.abort(err.grpc_code(), err.message, trailing_metadata=err.trailing_metadata())
+            await err.abort(context)
         except orjson.JSONDecodeError:
-            bad = GatewayError.bad_request("The request body is not valid JSON.", None, "invalid_json")
-            await context.abort(bad.grpc_code(), bad.message, trailing_metadata=bad.trailing_metadata())
+            await GatewayError.bad_request("The request body is not valid JSON.", None, "invalid_json").abort(context)
         except Exception:
             log.exception("inference failed")
-            failure = internal_error()
-            await context.abort(failure.grpc_code(), failure.message, trailing_metadata=failure.trailing_metadata())
+            await internal_error().abort(context)
         raise AssertionError("unreachable: abort raises")
 
     async def ListModels(  # noqa: N802 - gRPC method name

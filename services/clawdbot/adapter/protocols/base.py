@@ -21,7 +21,6 @@ from google.protobuf.message import Message
 
 from clawdbot.adapter.gateway import Gateway
 from clawdbot.common.config import Config
-from clawdbot.common.errors import GatewayError
 from clawdbot.common.service import ServiceHost
 from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc, router_pb2
 
@@ -88,8 +87,3 @@ def routing_headers(instance: str, strategy: str, cost_usd: float | None = None)
 def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
     """Invocation metadata as a dict of text values (what Envoy forwarded as headers)."""
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-
-
-async def abort_grpc(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
-    """End a typed gRPC call with the error's status and its OpenAI-shaped copy."""
-    await context.abort(err.grpc_code(), err.message, trailing_metadata=err.trailing_metadata())

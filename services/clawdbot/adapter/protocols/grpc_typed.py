@@ -20,7 +20,6 @@ from google.protobuf.message import Message
 from clawdbot.adapter.openai_requests import ParsedRequest, parse_chat, parse_embeddings, parse_feedback
 from clawdbot.adapter.protocols.base import (
     ProtocolContext,
-    abort_grpc,
     explain_request,
     metadata_dict,
     routing_headers,
@@ -76,11 +75,11 @@ class GrpcProtocol:
                 return from_openai(response.openai_json, reply)
             except GatewayError as err:
                 status = err.status
-                await abort_grpc(context, err)
+                await err.abort(context)
             except Exception:
                 log.exception("%s failed", operation)
                 status = 500
-                await abort_grpc(context, internal_error())
+                await internal_error().abort(context)
             finally:
                 self._gateway.record(operation, "grpc", status, started)
         raise AssertionError("unreachable: abort raises")
@@ -125,11 +124,11 @@ class GrpcProtocol:
                             yield chunk
             except GatewayError as err:
                 status = err.status
-                await abort_grpc(context, err)
+                await err.abort(context)
             except Exception:
                 log.exception("chat stream failed")
                 status = 500
-                await abort_grpc(context, internal_error())
+                await internal_error().abort(context)
             finally:
                 self._gateway.record("chat", "grpc", status, started)
 
@@ -141,7 +140,7 @@ class GrpcProtocol:
             meta = self._gateway.accept(headers, "grpc", context.peer())
             models = await self._gateway.list_models(meta)
         except GatewayError as err:
-            await abort_grpc(context, err)
+            await err.abort(context)
             raise
         return gateway_pb2.ListModelsResponse(
             object="list",
@@ -156,7 +155,7 @@ class GrpcProtocol:
             body = {"request_id": request.request_id, "score": request.score}
             return await self._gateway.feedback(parse_feedback(body, meta))
         except GatewayError as err:
-            await abort_grpc(context, err)
+            await err.abort(context)
             raise
 
     async def explain_routing(
@@ -166,7 +165,7 @@ class GrpcProtocol:
             meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
             return await self._gateway.explain(explain_request(request, meta))
         except GatewayError as err:
-            await abort_grpc(context, err)
+            await err.abort(context)
             raise
 
     async def reload_config(
@@ -175,7 +174,7 @@ class GrpcProtocol:
         try:
             return await self._gateway.reload(self._gateway.accept(metadata_dict(context), "grpc", context.peer()))
         except GatewayError as err:
-            await abort_grpc(context, err)
+            await err.abort(context)
             raise
 
 
