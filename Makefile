@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)/services
 
-.PHONY: setup run test lint proto bench clean
+.PHONY: setup run test lint proto bench intents clean
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,11 @@ bench: setup
 	@bash scripts/setup.sh wrk
 	$(PY) -m clawdbot.devtools.bench
 	$(PY) -m clawdbot.devtools.bench_embeddings
+
+# Retrain the intent classifier from config/intents.yaml (a running worker picks the new
+# version up on its next LoadModel, or at its next start).
+intents: setup
+	$(PY) -m clawdbot.worker.runtimes.intent_classifier train --dataset config/intents.yaml --out .clawdbot/models/intent-classifier
 
 clean:
 	rm -rf .clawdbot/run .pytest_cache .mypy_cache .ruff_cache

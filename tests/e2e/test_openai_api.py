@@ -105,3 +105,14 @@ def test_group_falls_back_to_live_instance(mesh: Mesh) -> None:
     assert r.status_code == 200, r.text
     assert r.headers["x-clawdbot-model-instance"] == "mock-ha-live"
     assert r.json()["model"] == "mock-ha"
+
+
+def test_hosted_audio_models_through_the_openai_connector(mesh: Mesh) -> None:
+    audio = client(mesh).audio.speech.create(model="mock-tts", voice="alloy", input="three short words")
+    assert audio.read()[:4] == b"RIFF" and len(audio.content) == 44 + 3 * 3200
+    transcript = client(mesh).audio.transcriptions.create(
+        model="mock-whisper", file=("a.wav", audio.content, "audio/wav"), language="en"
+    )
+    assert transcript.text == "mock transcript by mock-whisper"
+    uploads = [r for r in recorded(mesh) if r["path"] == "/v1/audio/transcriptions"]
+    assert uploads[-1]["body"] == {"model": "mock-whisper", "language": "en", "file_bytes": len(audio.content)}

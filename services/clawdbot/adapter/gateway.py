@@ -64,6 +64,7 @@ class Gateway:
             model=parsed.model,
             stream=parsed.stream,
             openai_json=raw if raw is not None else orjson.dumps(parsed.body),
+            binary=parsed.binary,
         )
 
     @contextlib.contextmanager

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from clawdbot.adapter.multipart import parse_form
 from clawdbot.common.errors import GatewayError
 from clawdbot.gen.v1 import router_pb2
 
@@ -34,6 +35,8 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     body: dict[str, Any]
+    # Binary input beside the body: the audio file of a transcription.
+    binary: bytes = b""
 
 
 def _kind(value: Any) -> str:
@@ -192,3 +195,68 @@ def parse_feedback(body: dict[str, Any], meta: router_pb2.RequestMeta) -> router
             f"Invalid 'score': expected a value between 0 and 1, but got {score}.", "score", "invalid_value"
         )
     return router_pb2.FeedbackRequest(meta=meta, request_id=request_id, score=float(score))
+
+
+TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+# Form fields whose values are numbers, not text.
+_NUMERIC_FORM_FIELDS = ("temperature",)
+
+
+def parse_transcription(content_type: str, raw: bytes) -> tuple[ParsedRequest, str]:
+    """An OpenAI /v1/audio/transcriptions upload, and the response format asked for."""
+    form = parse_form(content_type, raw)
+    if "file" not in form:
+        raise _missing("file")
+    audio = form.pop("file").data
+    body: dict[str, Any] = {name: part.text(name) for name, part in form.items()}
+    for name in _NUMERIC_FORM_FIELDS:
+        if name in body:
+            try:
+                body[name] = float(body[name])
+            except ValueError:
+                raise _wrong_type(name, "a decimal", body[name]) from None
+    response_format = body.pop("response_format", "json")
+    if response_format not in TRANSCRIPTION_FORMATS:
+        raise GatewayError.bad_request(
+            f"Invalid value for 'response_format': '{response_format}'. Supported values are: "
+            + ", ".join(f"'{f}'" for f in TRANSCRIPTION_FORMATS)
+            + ".",
+            "response_format",
+            "invalid_value",
+        )
+    return transcription_request(body, audio), response_format
+
+
+def transcription_request(body: dict[str, Any], audio: bytes) -> ParsedRequest:
+    """A transcription, whatever protocol brought it: form fields and the audio file."""
+    model = _model(body)
+    if not audio:
+        raise GatewayError.bad_request("The uploaded 'file' is empty.", "file", "empty_file")
+    return ParsedRequest("transcription", model, False, False, body, audio)
+
+
+def parse_speech(body: dict[str, Any]) -> ParsedRequest:
+    """An OpenAI /v1/audio/speech request; the voice and format are the model's to judge."""
+    model = _model(body)
+    for param in ("input", "voice"):
+        if param not in body:
+            raise _missing(param)
+        if not isinstance(body[param], str):
+            raise _wrong_type(param, "a string", body[param])
+    if not body["input"].strip():
+        raise GatewayError.bad_request("'input' must not be empty.", "input", "empty_input")
+    _optional(body, "speed", (int, float), "a decimal")
+    _optional(body, "response_format", (str,), "a string")
+    return ParsedRequest("speech", model, False, False, body)
+
+
+def parse_intent(body: dict[str, Any]) -> ParsedRequest:
+    """Clawdbot's /v1/intents: {model, input: string | [strings], top_n?}."""
+    model = _model(body)
+    if "input" not in body:
+        raise _missing("input")
+    value = body["input"]
+    if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+        raise _wrong_type("input", "a string or an array of strings", value)
+    _optional(body, "top_n", (int,), "an integer")
+    return ParsedRequest("intent", model, False, False, body)

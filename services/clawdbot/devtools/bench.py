@@ -374,7 +374,6 @@ def gateway_config(mock_port: int) -> str:
         "    task: chat\n"
         "    connector: openai\n"
         f"    base_url: http://127.0.0.1:{mock_port}/v1\n"
-        "local_models: []\n"
     )
 
 

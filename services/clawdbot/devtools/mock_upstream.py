@@ -498,6 +498,56 @@ class MockUpstream:
             payload["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
         return web.Response(body=dumps(payload), content_type="application/json")
 
+    async def transcriptions(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's multipart upload; answers with what it received, so tests can check it."""
+        try:
+            form = await request.post()
+        except ValueError as exc:
+            return error_response(400, f"could not parse the multipart body ({exc})", "invalid_request_error")
+        upload = form.get("file")
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        is_file = isinstance(upload, web.FileField)
+        self._record(
+            request, {**fields, "file_bytes": len(upload.file.read()) if isinstance(upload, web.FileField) else 0}
+        )
+        denied = self._check_auth(request)
+        if denied is not None:
+            return denied
+        if not is_file:
+            return error_response(400, "you must provide a file", "invalid_request_error", param="file")
+        payload = {
+            "text": f"mock transcript by {fields.get('model', '?')}",
+            "usage": {"type": "duration", "seconds": 1.0},
+        }
+        return web.Response(body=dumps(payload), content_type="application/json")
+
+    async def speech(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's text to speech: a WAV of silence, a tenth of a second per word."""
+        body, early = await self._read(request)
+        if early is not None:
+            return early
+        text = body.get("input")
+        if not isinstance(text, str) or not text:
+            return error_response(400, "you must provide an input", "invalid_request_error", param="input")
+        frames = 1600 * len(text.split())
+        header = struct.pack(
+            "<4sI4s4sIHHIIHH4sI",
+            b"RIFF",
+            36 + 2 * frames,
+            b"WAVE",
+            b"fmt ",
+            16,
+            1,
+            1,
+            16000,
+            32000,
+            2,
+            16,
+            b"data",
+            2 * frames,
+        )
+        return web.Response(body=header + bytes(2 * frames), content_type="audio/wav")
+
     async def list_models(self, request: web.Request) -> web.StreamResponse:
         self._record(request, None)
         denied = self._check_auth(request)
@@ -560,6 +610,8 @@ def create_app(
     app[MOCK_KEY] = mock
     app.router.add_post("/v1/chat/completions", mock.chat_completions)
     app.router.add_post("/v1/embeddings", mock.embeddings)
+    app.router.add_post("/v1/audio/transcriptions", mock.transcriptions)
+    app.router.add_post("/v1/audio/speech", mock.speech)
     app.router.add_get("/v1/models", mock.list_models)
     app.router.add_get("/_mock/requests", mock.get_recorded)
     app.router.add_delete("/_mock/requests", mock.clear_recorded)

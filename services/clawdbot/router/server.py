@@ -290,21 +290,34 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             started = time.perf_counter()
             try:
                 with self._attempt(request.task, instance):
-                    data = await self._connectors[instance.connector].call(
-                        instance, request.task, plan.body, inject_headers(), request.meta.request_id, timeout_s
+                    answer = await self._connectors[instance.connector].call(
+                        instance,
+                        request.task,
+                        plan.body,
+                        inject_headers(),
+                        request.meta.request_id,
+                        timeout_s,
+                        request.binary,
                     )
             except UpstreamError as err:
                 failure = err
                 if attempts.should_retry(err):
                     continue
                 raise
+            data = answer.data
             usage = data.get("usage")
             self._stats.get(instance.id).record_success(time.perf_counter() - started, _usage_tokens(usage)[1])
             cost = self._account(request.meta, request.task, instance, usage)
-            data["model"] = instance.name
+            if "model" in data:
+                data["model"] = instance.name
             span.set_attribute("clawdbot.instance", instance.id)
             return router_pb2.ModelResponse(
-                openai_json=orjson.dumps(data), instance=instance.id, strategy=plan.strategy, cost_usd=cost
+                openai_json=orjson.dumps(data),
+                instance=instance.id,
+                strategy=plan.strategy,
+                cost_usd=cost,
+                binary=answer.binary,
+                content_type=answer.content_type,
             )
         raise failure or GatewayError.unavailable(
             explain_choice(plan.ranked, None, plan.weights), code="no_available_instance"

@@ -1,7 +1,8 @@
 """`python -m clawdbot.runner` (what `make run` calls): the whole mesh in the foreground.
 
-Start order, each waiting for the one before to report ready: local model upstreams,
-router, adapter, then Envoy last, so the public port only opens onto a working mesh.
+Start order, each waiting for the one before to report ready: the worker (local models;
+it serves before its models finish loading), router, adapter, then Envoy last, so the
+public port only opens onto a working mesh.
 Ctrl-C or SIGTERM stops everything in the reverse order.
 """
 
@@ -26,7 +27,6 @@ from clawdbot.common.logging import setup_logging
 from clawdbot.common.service import run_service
 from clawdbot.router.reload import MODEL_URLS_ENV, SOURCE_CONFIG_ENV
 from clawdbot.runner import envoy_config
-from clawdbot.runner.local_models import LocalModelUnavailable, server_argv
 from clawdbot.runner.supervisor import Child, Supervisor, grpc_serving, http_ok
 
 log = logging.getLogger("clawdbot.runner")
@@ -65,9 +65,8 @@ def ensure_api_key(state_dir: Path) -> tuple[str, bool]:
 
 def with_ephemeral_ports(config: Config) -> Config:
     """Every port taken fresh from the OS, for tests and benchmarks beside a running mesh."""
-    local = tuple(m.model_copy(update={"port": free_port()}) for m in config.local_models)
     worker = config.worker.model_copy(update={"grpc_port": free_port(), "http_port": free_port()})
-    config = config.model_copy(update={"local_models": local, "worker": worker})
+    config = config.model_copy(update={"worker": worker})
     urls = local_model_urls(config)
     models = tuple(m.model_copy(update={"base_url": urls[m.name]}) if m.name in urls else m for m in config.models)
     return config.model_copy(
@@ -81,11 +80,9 @@ def with_ephemeral_ports(config: Config) -> Config:
 
 
 def local_model_urls(config: Config) -> dict[str, str]:
-    """Where the models this runner starts listen: llama.cpp servers and the worker's."""
-    urls = {m.name: f"http://{m.host}:{m.port}/v1" for m in config.local_models}
+    """Where the models this runner starts listen: the worker's address, for each of its models."""
     worker = f"grpc://{config.worker.host}:{config.worker.grpc_port}"
-    urls.update({m.name: worker for m in config.worker.models})
-    return urls
+    return {m.name: worker for m in config.worker.models}
 
 
 class Runner:
@@ -207,18 +204,6 @@ class Runner:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
-            for model in self.config.local_models:
-                try:
-                    argv = server_argv(model, self.state_dir / "models")
-                except LocalModelUnavailable as exc:
-                    log.error(
-                        "local model unavailable; requests for it will fail",
-                        extra={"model": model.name, "error": str(exc)},
-                    )
-                    continue
-                await self.supervisor.launch(
-                    Child(f"local-{model.name}", argv, http_ok(f"http://{model.host}:{model.port}/v1/models"))
-                )
             if self.config.worker.models:
                 await self.supervisor.launch(self._service_child("worker", self.config.worker.grpc_port, config_file))
             await self.supervisor.launch(self._service_child("router", self.config.router.grpc_port, config_file))

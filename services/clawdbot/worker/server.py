@@ -2,13 +2,15 @@
 
 Models load in the background after the service starts serving its health; until one
 is ready, requests for it get 503 (and the router's breaker and retries take over).
+Each model sits in a double-buffered slot (slots.py), so LoadModel replaces it while it
+serves.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from pathlib import Path
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import orjson
@@ -20,20 +22,25 @@ from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost
 from clawdbot.gen.v1 import worker_pb2, worker_pb2_grpc
-from clawdbot.worker.batching import Batcher
-from clawdbot.worker.embeddings import EmbeddingsTask
-from clawdbot.worker.runtimes.minilm import MiniLM, ModelUnavailable
+from clawdbot.worker.catalog import LoadedModel, builder
+from clawdbot.worker.slots import LoadFailed, ModelSlot
 
 log = logging.getLogger(__name__)
 
-TASK_OF_RUNTIME = {"minilm": "embeddings"}
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        raise GatewayError.bad_request("The request body is not valid JSON.", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise GatewayError.bad_request("The request body must be a JSON object.", None, "invalid_json")
+    return body
 
 
 class WorkerServicer(worker_pb2_grpc.ModelServiceServicer):
     def __init__(self, config: Config, metrics: Metrics) -> None:
-        self._config = config.worker
-        self._models: dict[str, EmbeddingsTask] = {}
-        self._state: dict[str, tuple[str, str]] = {m.name: ("loading", "") for m in config.worker.models}
+        self._specs: dict[str, WorkerModel] = {m.name: m for m in config.worker.models}
         self.model_calls = Counter(
             "clawdbot_worker_model_calls",
             "Calls into a model runtime (a batch is one call).",
@@ -47,74 +54,107 @@ class WorkerServicer(worker_pb2_grpc.ModelServiceServicer):
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=metrics.registry,
         )
+        self.loads = Counter(
+            "clawdbot_worker_model_loads",
+            "Model loads into the standby slot, by outcome (swapped or failed).",
+            ["model", "outcome"],
+            registry=metrics.registry,
+        )
+        self._slots: dict[str, ModelSlot[LoadedModel]] = {
+            spec.name: ModelSlot(spec.name, builder(spec, config.worker, self._count_batch))
+            for spec in config.worker.models
+        }
+
+    def _count_batch(self, model: str, size: int) -> None:
+        self.model_calls.labels(model).inc()
+        self.batch_size.labels(model).observe(size)
 
     async def load_all(self) -> None:
-        for spec in self._config.models:
-            await self._load(spec)
+        for name in self._slots:
+            try:
+                await self._load(name, "")
+            except LoadFailed:
+                continue  # the slot logged why and reports it as unavailable; load the rest
 
-    async def _load(self, spec: WorkerModel) -> None:
+    async def _load(self, name: str, source: str) -> worker_pb2.LoadModelResponse:
         try:
-            model = await asyncio.to_thread(MiniLM.load, Path(self._config.model_dir) / spec.name)
-        except ModelUnavailable as exc:
-            self._state[spec.name] = ("unavailable", str(exc))
-            log.error("model unavailable", extra={"model": spec.name, "error": str(exc)})
-            return
+            report = await self._slots[name].load(source)
+        except LoadFailed:
+            self.loads.labels(name, "failed").inc()
+            raise
+        self.loads.labels(name, "swapped").inc()
+        return worker_pb2.LoadModelResponse(name=name, **report.__dict__)
 
-        def counted(size: int, name: str = spec.name) -> None:
-            self.model_calls.labels(name).inc()
-            self.batch_size.labels(name).observe(size)
-
-        window_s = self._config.batch_window_ms / 1000
-        batcher = Batcher(model.embed, window_s, self._config.max_batch, counted)
-        self._models[spec.name] = EmbeddingsTask(spec.name, model, batcher)
-        self._state[spec.name] = ("ready", "")
-        log.info("model ready", extra={"model": spec.name, "runtime": spec.runtime})
-
-    def _task(self, name: str) -> EmbeddingsTask:
-        task = self._models.get(name)
-        if task is not None:
-            return task
-        state, detail = self._state.get(name, ("unknown", ""))
-        if state == "unknown":
+    def _slot(self, name: str, task: str) -> ModelSlot[LoadedModel]:
+        slot = self._slots.get(name)
+        if slot is None:
             raise GatewayError.model_not_found(name)
-        raise GatewayError.unavailable(f"The local model `{name}` is {state}" + (f": {detail}" if detail else "."))
+        if self._specs[name].task != task:
+            raise GatewayError.bad_request(f"`{name}` does not serve {task} requests.", "model", "model_not_supported")
+        return slot
 
     async def Infer(  # noqa: N802 - gRPC method name
         self, request: worker_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.InferResponse:
         request_id_var.set(request.request_id)
         try:
-            task = self._task(request.model)
-            if request.task != "embeddings":
-                raise GatewayError.bad_request(f"`{request.model}` does not serve {request.task} requests.", "model")
-            body = orjson.loads(request.openai_json)
-            if not isinstance(body, dict):
-                raise GatewayError.bad_request("The request body must be a JSON object.")
-            return worker_pb2.InferResponse(openai_json=orjson.dumps(await task.answer(body)))
+            slot = self._slot(request.model, request.task)
+            body = _json_object(request.openai_json)
+            with slot.use() as model:
+                task = model.task
+                if request.task == "speech":
+                    audio, content_type = await task.answer(body)
+                    return worker_pb2.InferResponse(
+                        openai_json=b"{}", binary=audio, content_type=content_type, model_version=model.version
+                    )
+                if request.task == "transcription":
+                    data = await task.answer(body, request.binary)
+                else:
+                    data = await task.answer(body)
+                return worker_pb2.InferResponse(openai_json=orjson.dumps(data), model_version=model.version)
         except GatewayError as err:
             await err.abort(context)
-        except orjson.JSONDecodeError:
-            await GatewayError.bad_request("The request body is not valid JSON.", None, "invalid_json").abort(context)
         except Exception:
-            log.exception("inference failed")
+            log.exception("inference failed", extra={"model": request.model})
             await internal_error().abort(context)
         raise AssertionError("unreachable: abort raises")
+
+    async def InferStream(  # noqa: N802 - gRPC method name
+        self, request: worker_pb2.InferRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.InferChunk]:
+        request_id_var.set(request.request_id)
+        try:
+            slot = self._slot(request.model, "chat")
+            body = _json_object(request.openai_json)
+            with slot.use() as model:
+                async for payload in model.task.stream(body):
+                    yield worker_pb2.InferChunk(chunk_json=payload)
+        except GatewayError as err:
+            await err.abort(context)
+        except Exception:
+            log.exception("streamed inference failed", extra={"model": request.model})
+            await internal_error().abort(context)
 
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: worker_pb2.WorkerListModelsRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.WorkerListModelsResponse:
         return worker_pb2.WorkerListModelsResponse(
             models=[
-                worker_pb2.WorkerModel(
-                    name=m.name,
-                    task=TASK_OF_RUNTIME[m.runtime],
-                    runtime=m.runtime,
-                    state=self._state[m.name][0],
-                    detail=self._state[m.name][1],
-                )
-                for m in self._config.models
+                worker_pb2.WorkerModel(name=spec.name, task=spec.task, runtime=spec.runtime, **slot.describe())
+                for spec, slot in ((self._specs[name], slot) for name, slot in self._slots.items())
             ]
         )
+
+    async def LoadModel(  # noqa: N802 - gRPC method name
+        self, request: worker_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.LoadModelResponse:
+        if request.name not in self._slots:
+            await GatewayError.model_not_found(request.name).abort(context)
+        try:
+            return await self._load(request.name, request.source)
+        except LoadFailed as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        raise AssertionError("unreachable: abort raises")
 
 
 def create_server(config: Config) -> ServiceHost:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -17,7 +17,15 @@ import orjson
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from clawdbot.adapter.openai_requests import ParsedRequest, parse_chat, parse_embeddings, parse_feedback
+from clawdbot.adapter.openai_requests import (
+    ParsedRequest,
+    parse_chat,
+    parse_embeddings,
+    parse_feedback,
+    parse_intent,
+    parse_speech,
+    transcription_request,
+)
 from clawdbot.adapter.protocols.base import (
     ProtocolContext,
     explain_request,
@@ -53,14 +61,24 @@ class GrpcProtocol:
         servicer.CreateChatCompletion = self.create_chat_completion  # type: ignore[method-assign]
         servicer.StreamChatCompletion = self.stream_chat_completion  # type: ignore[method-assign]
         servicer.CreateEmbeddings = self.create_embeddings  # type: ignore[method-assign]
+        servicer.CreateTranscription = self.create_transcription  # type: ignore[method-assign]
+        servicer.CreateSpeech = self.create_speech  # type: ignore[method-assign]
+        servicer.ClassifyIntent = self.classify_intent  # type: ignore[method-assign]
         servicer.ListModels = self.list_models  # type: ignore[method-assign]
         servicer.SubmitFeedback = self.submit_feedback  # type: ignore[method-assign]
         servicer.ExplainRouting = self.explain_routing  # type: ignore[method-assign]
         servicer.ReloadConfig = self.reload_config  # type: ignore[method-assign]
 
     async def _unary(
-        self, operation: str, parsed_of: Any, request: Message, reply: Message, context: grpc.aio.ServicerContext
+        self,
+        operation: str,
+        parsed_of: Callable[[dict[str, Any]], ParsedRequest],
+        request: Message,
+        reply: Message | Callable[[router_pb2.ModelResponse], Message],
+        context: grpc.aio.ServicerContext,
     ) -> Message:
+        """One typed call: request -> OpenAI JSON -> router -> the typed reply (a message
+        filled from the answer's JSON, or built from the response by a function)."""
         started = time.perf_counter()
         headers = metadata_dict(context)
         status = 200
@@ -72,7 +90,7 @@ class GrpcProtocol:
                 await context.send_initial_metadata(
                     routing_headers(response.instance, response.strategy, response.cost_usd)
                 )
-                return from_openai(response.openai_json, reply)
+                return reply(response) if callable(reply) else from_openai(response.openai_json, reply)
             except GatewayError as err:
                 status = err.status
                 await err.abort(context)
@@ -101,6 +119,24 @@ class GrpcProtocol:
             return parse_embeddings(body)
 
         return await self._unary("embeddings", parsed_of, request, gateway_pb2.EmbeddingsResponse(), context)
+
+    async def create_transcription(
+        self, request: gateway_pb2.TranscriptionRequest, context: grpc.aio.ServicerContext
+    ) -> Message:
+        def parsed_of(body: dict[str, Any]) -> ParsedRequest:
+            body.pop("file", None)  # base64 in the JSON mapping; the bytes go beside it
+            return transcription_request(body, request.file)
+
+        return await self._unary("transcription", parsed_of, request, gateway_pb2.Transcription(), context)
+
+    async def create_speech(self, request: gateway_pb2.SpeechRequest, context: grpc.aio.ServicerContext) -> Message:
+        def reply(response: router_pb2.ModelResponse) -> Message:
+            return gateway_pb2.SpeechAudio(audio=response.binary, content_type=response.content_type)
+
+        return await self._unary("speech", parse_speech, request, reply, context)
+
+    async def classify_intent(self, request: gateway_pb2.IntentRequest, context: grpc.aio.ServicerContext) -> Message:
+        return await self._unary("intent", parse_intent, request, gateway_pb2.IntentResponse(), context)
 
     async def stream_chat_completion(
         self, request: gateway_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext

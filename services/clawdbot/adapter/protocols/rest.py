@@ -18,7 +18,16 @@ import orjson
 from google.api import httpbody_pb2
 from google.protobuf import empty_pb2
 
-from clawdbot.adapter.openai_requests import load_json_object, parse_chat, parse_embeddings, parse_feedback
+from clawdbot.adapter.openai_requests import (
+    ParsedRequest,
+    load_json_object,
+    parse_chat,
+    parse_embeddings,
+    parse_feedback,
+    parse_intent,
+    parse_speech,
+    parse_transcription,
+)
 from clawdbot.adapter.protocols.base import (
     ProtocolContext,
     explain_request,
@@ -26,6 +35,7 @@ from clawdbot.adapter.protocols.base import (
     metadata_dict,
     routing_headers,
 )
+from clawdbot.adapter.transcripts import render_transcription
 from clawdbot.common.errors import GatewayError, internal_error
 from clawdbot.gen.v1 import gateway_pb2, router_pb2
 
@@ -59,6 +69,9 @@ class RestProtocol:
         # The generated add_GatewayServicer_to_server reads these attributes by name.
         servicer.ChatCompletionsHttp = self.chat_completions  # type: ignore[method-assign]
         servicer.EmbeddingsHttp = self.embeddings  # type: ignore[method-assign]
+        servicer.TranscriptionsHttp = self.transcriptions  # type: ignore[method-assign]
+        servicer.SpeechHttp = self.speech  # type: ignore[method-assign]
+        servicer.IntentsHttp = self.intents  # type: ignore[method-assign]
         servicer.ListModelsHttp = self.list_models  # type: ignore[method-assign]
         servicer.FeedbackHttp = self.feedback  # type: ignore[method-assign]
         servicer.ExplainRoutingHttp = self.explain  # type: ignore[method-assign]
@@ -146,18 +159,50 @@ class RestProtocol:
             finally:
                 self._gateway.record(operation, "rest", status, started)
 
+    async def _routed(
+        self, context: grpc.aio.ServicerContext, parsed: ParsedRequest, meta: router_pb2.RequestMeta, raw: bytes | None
+    ) -> router_pb2.ModelResponse:
+        """One model call through the router; its routing headers go out with the answer."""
+        response = await self._gateway.complete(self._gateway.model_request(parsed, meta, raw))
+        await context.send_initial_metadata(routing_headers(response.instance, response.strategy, response.cost_usd))
+        return response
+
     async def embeddings(
         self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
     ) -> httpbody_pb2.HttpBody:
         async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
             parsed = parse_embeddings(load_json_object(request.data))
-            response = await self._gateway.complete(self._gateway.model_request(parsed, meta, request.data))
-            await context.send_initial_metadata(
-                routing_headers(response.instance, response.strategy, response.cost_usd)
-            )
+            response = await self._routed(context, parsed, meta, request.data)
             return httpbody_pb2.HttpBody(content_type=JSON, data=response.openai_json)
 
         return await self._unary("embeddings", "POST /v1/embeddings", context, work)
+
+    async def transcriptions(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            parsed, response_format = parse_transcription(request.content_type, request.data)
+            response = await self._routed(context, parsed, meta, None)
+            data, content_type = render_transcription(orjson.loads(response.openai_json), response_format)
+            return httpbody_pb2.HttpBody(content_type=content_type, data=data)
+
+        return await self._unary("transcription", "POST /v1/audio/transcriptions", context, work)
+
+    async def speech(self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            parsed = parse_speech(load_json_object(request.data))
+            response = await self._routed(context, parsed, meta, request.data)
+            return httpbody_pb2.HttpBody(content_type=response.content_type, data=response.binary)
+
+        return await self._unary("speech", "POST /v1/audio/speech", context, work)
+
+    async def intents(self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            parsed = parse_intent(load_json_object(request.data))
+            response = await self._routed(context, parsed, meta, request.data)
+            return httpbody_pb2.HttpBody(content_type=JSON, data=response.openai_json)
+
+        return await self._unary("intent", "POST /v1/intents", context, work)
 
     async def list_models(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
         async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:

@@ -216,3 +216,89 @@ class ListModelsResponse(_message.Message):
     object: str
     data: _containers.RepeatedCompositeFieldContainer[Model]
     def __init__(self, object: _Optional[str] = ..., data: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
+
+class TranscriptionRequest(_message.Message):
+    __slots__ = ("model", "file", "language", "prompt")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    file: bytes
+    language: str
+    prompt: str
+    def __init__(self, model: _Optional[str] = ..., file: _Optional[bytes] = ..., language: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
+
+class Transcription(_message.Message):
+    __slots__ = ("text", "language", "duration")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    language: str
+    duration: float
+    def __init__(self, text: _Optional[str] = ..., language: _Optional[str] = ..., duration: _Optional[float] = ...) -> None: ...
+
+class SpeechRequest(_message.Message):
+    __slots__ = ("model", "input", "voice", "response_format", "speed")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    VOICE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SPEED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    input: str
+    voice: str
+    response_format: str
+    speed: float
+    def __init__(self, model: _Optional[str] = ..., input: _Optional[str] = ..., voice: _Optional[str] = ..., response_format: _Optional[str] = ..., speed: _Optional[float] = ...) -> None: ...
+
+class SpeechAudio(_message.Message):
+    __slots__ = ("audio", "content_type")
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    audio: bytes
+    content_type: str
+    def __init__(self, audio: _Optional[bytes] = ..., content_type: _Optional[str] = ...) -> None: ...
+
+class IntentRequest(_message.Message):
+    __slots__ = ("model", "input", "top_n")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    input: _containers.RepeatedScalarFieldContainer[str]
+    top_n: int
+    def __init__(self, model: _Optional[str] = ..., input: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ...) -> None: ...
+
+class IntentScore(_message.Message):
+    __slots__ = ("intent", "confidence")
+    INTENT_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    intent: str
+    confidence: float
+    def __init__(self, intent: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
+
+class IntentResult(_message.Message):
+    __slots__ = ("index", "intent", "confidence", "ranking")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    INTENT_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    RANKING_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    intent: str
+    confidence: float
+    ranking: _containers.RepeatedCompositeFieldContainer[IntentScore]
+    def __init__(self, index: _Optional[int] = ..., intent: _Optional[str] = ..., confidence: _Optional[float] = ..., ranking: _Optional[_Iterable[_Union[IntentScore, _Mapping]]] = ...) -> None: ...
+
+class IntentResponse(_message.Message):
+    __slots__ = ("object", "model", "model_version", "data")
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    object: str
+    model: str
+    model_version: str
+    data: _containers.RepeatedCompositeFieldContainer[IntentResult]
+    def __init__(self, object: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., data: _Optional[_Iterable[_Union[IntentResult, _Mapping]]] = ...) -> None: ...

@@ -47,6 +47,21 @@ class GatewayStub:
                 request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.TranscriptionsHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/TranscriptionsHttp',
+                request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.SpeechHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/SpeechHttp',
+                request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.IntentsHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/IntentsHttp',
+                request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.ListModelsHttp = channel.unary_unary(
                 '/clawdbot.v1.Gateway/ListModelsHttp',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
@@ -87,6 +102,21 @@ class GatewayStub:
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.CreateTranscription = channel.unary_unary(
+                '/clawdbot.v1.Gateway/CreateTranscription',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.TranscriptionRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_gateway__pb2.Transcription.FromString,
+                _registered_method=True)
+        self.CreateSpeech = channel.unary_unary(
+                '/clawdbot.v1.Gateway/CreateSpeech',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.SpeechRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_gateway__pb2.SpeechAudio.FromString,
+                _registered_method=True)
+        self.ClassifyIntent = channel.unary_unary(
+                '/clawdbot.v1.Gateway/ClassifyIntent',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.IntentRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_gateway__pb2.IntentResponse.FromString,
+                _registered_method=True)
         self.SubmitFeedback = channel.unary_unary(
                 '/clawdbot.v1.Gateway/SubmitFeedback',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.SubmitFeedbackRequest.SerializeToString,
@@ -123,9 +153,30 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ListModelsHttp(self, request, context):
+    def TranscriptionsHttp(self, request, context):
         """GET /v1/models
+        multipart/form-data as OpenAI's: file, model, language, prompt, response_format.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpeechHttp(self, request, context):
+        """JSON in, audio bytes out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IntentsHttp(self, request, context):
+        """Clawdbot's own route: {model, input, top_n} -> the intent of each input.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModelsHttp(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -179,6 +230,24 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTranscription(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSpeech(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyIntent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitFeedback(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -207,6 +276,21 @@ def add_GatewayServicer_to_server(servicer, server):
             ),
             'EmbeddingsHttp': grpc.unary_unary_rpc_method_handler(
                     servicer.EmbeddingsHttp,
+                    request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'TranscriptionsHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.TranscriptionsHttp,
+                    request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'SpeechHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpeechHttp,
+                    request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'IntentsHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.IntentsHttp,
                     request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
@@ -249,6 +333,21 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ListModelsRequest.FromString,
                     response_serializer=clawdbot_dot_v1_dot_gateway__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'CreateTranscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTranscription,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.TranscriptionRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_gateway__pb2.Transcription.SerializeToString,
+            ),
+            'CreateSpeech': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSpeech,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.SpeechRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_gateway__pb2.SpeechAudio.SerializeToString,
+            ),
+            'ClassifyIntent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClassifyIntent,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.IntentRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_gateway__pb2.IntentResponse.SerializeToString,
             ),
             'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitFeedback,
@@ -318,6 +417,87 @@ class Gateway:
             request,
             target,
             '/clawdbot.v1.Gateway/EmbeddingsHttp',
+            google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TranscriptionsHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/TranscriptionsHttp',
+            google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SpeechHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/SpeechHttp',
+            google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IntentsHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/IntentsHttp',
             google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
@@ -536,6 +716,87 @@ class Gateway:
             '/clawdbot.v1.Gateway/ListModels',
             clawdbot_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
             clawdbot_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTranscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/CreateTranscription',
+            clawdbot_dot_v1_dot_gateway__pb2.TranscriptionRequest.SerializeToString,
+            clawdbot_dot_v1_dot_gateway__pb2.Transcription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSpeech(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/CreateSpeech',
+            clawdbot_dot_v1_dot_gateway__pb2.SpeechRequest.SerializeToString,
+            clawdbot_dot_v1_dot_gateway__pb2.SpeechAudio.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyIntent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/ClassifyIntent',
+            clawdbot_dot_v1_dot_gateway__pb2.IntentRequest.SerializeToString,
+            clawdbot_dot_v1_dot_gateway__pb2.IntentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,30 +34,36 @@ class RequestMeta(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., client_ip: _Optional[str] = ..., device_type: _Optional[str] = ..., api_key_id: _Optional[str] = ..., protocol: _Optional[str] = ..., user_agent: _Optional[str] = ..., strategy: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
-    __slots__ = ("meta", "task", "model", "stream", "openai_json")
+    __slots__ = ("meta", "task", "model", "stream", "openai_json", "binary")
     META_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     OPENAI_JSON_FIELD_NUMBER: _ClassVar[int]
+    BINARY_FIELD_NUMBER: _ClassVar[int]
     meta: RequestMeta
     task: str
     model: str
     stream: bool
     openai_json: bytes
-    def __init__(self, meta: _Optional[_Union[RequestMeta, _Mapping]] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., stream: _Optional[bool] = ..., openai_json: _Optional[bytes] = ...) -> None: ...
+    binary: bytes
+    def __init__(self, meta: _Optional[_Union[RequestMeta, _Mapping]] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., stream: _Optional[bool] = ..., openai_json: _Optional[bytes] = ..., binary: _Optional[bytes] = ...) -> None: ...
 
 class ModelResponse(_message.Message):
-    __slots__ = ("openai_json", "instance", "strategy", "cost_usd")
+    __slots__ = ("openai_json", "instance", "strategy", "cost_usd", "binary", "content_type")
     OPENAI_JSON_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
+    BINARY_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     openai_json: bytes
     instance: str
     strategy: str
     cost_usd: float
-    def __init__(self, openai_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ..., cost_usd: _Optional[float] = ...) -> None: ...
+    binary: bytes
+    content_type: str
+    def __init__(self, openai_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ..., cost_usd: _Optional[float] = ..., binary: _Optional[bytes] = ..., content_type: _Optional[str] = ...) -> None: ...
 
 class StreamEvent(_message.Message):
     __slots__ = ("chunk_json", "instance", "strategy")

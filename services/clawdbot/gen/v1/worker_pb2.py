@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63lawdbot/v1/worker.proto\x12\x0b\x63lawdbot.v1\"T\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x13\n\x0bopenai_json\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"$\n\rInferResponse\x12\x13\n\x0bopenai_json\x18\x01 \x01(\x0c\" \n\nInferChunk\x12\x12\n\nchunk_json\x18\x01 \x01(\x0c\"\x19\n\x17WorkerListModelsRequest\"Y\n\x0bWorkerModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"D\n\x18WorkerListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.clawdbot.v1.WorkerModel2\xee\x01\n\x0cModelService\x12>\n\x05Infer\x12\x19.clawdbot.v1.InferRequest\x1a\x1a.clawdbot.v1.InferResponse\x12\x43\n\x0bInferStream\x12\x19.clawdbot.v1.InferRequest\x1a\x17.clawdbot.v1.InferChunk0\x01\x12Y\n\nListModels\x12$.clawdbot.v1.WorkerListModelsRequest\x1a%.clawdbot.v1.WorkerListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63lawdbot/v1/worker.proto\x12\x0b\x63lawdbot.v1\"d\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x13\n\x0bopenai_json\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06\x62inary\x18\x05 \x01(\x0c\"a\n\rInferResponse\x12\x13\n\x0bopenai_json\x18\x01 \x01(\x0c\x12\x0e\n\x06\x62inary\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\" \n\nInferChunk\x12\x12\n\nchunk_json\x18\x01 \x01(\x0c\"\x19\n\x17WorkerListModelsRequest\"}\n\x0bWorkerModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x11\n\tin_flight\x18\x07 \x01(\x05\"D\n\x18WorkerListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.clawdbot.v1.WorkerModel\"0\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"p\n\x11LoadModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x0f\n\x07load_ms\x18\x04 \x01(\x01\x12\x11\n\twarmup_ms\x18\x05 \x01(\x01\x32\xba\x02\n\x0cModelService\x12>\n\x05Infer\x12\x19.clawdbot.v1.InferRequest\x1a\x1a.clawdbot.v1.InferResponse\x12\x43\n\x0bInferStream\x12\x19.clawdbot.v1.InferRequest\x1a\x17.clawdbot.v1.InferChunk0\x01\x12Y\n\nListModels\x12$.clawdbot.v1.WorkerListModelsRequest\x1a%.clawdbot.v1.WorkerListModelsResponse\x12J\n\tLoadModel\x12\x1d.clawdbot.v1.LoadModelRequest\x1a\x1e.clawdbot.v1.LoadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clawdbot.v1.worker_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERREQUEST']._serialized_start=41
-  _globals['_INFERREQUEST']._serialized_end=125
-  _globals['_INFERRESPONSE']._serialized_start=127
-  _globals['_INFERRESPONSE']._serialized_end=163
-  _globals['_INFERCHUNK']._serialized_start=165
-  _globals['_INFERCHUNK']._serialized_end=197
-  _globals['_WORKERLISTMODELSREQUEST']._serialized_start=199
-  _globals['_WORKERLISTMODELSREQUEST']._serialized_end=224
-  _globals['_WORKERMODEL']._serialized_start=226
-  _globals['_WORKERMODEL']._serialized_end=315
-  _globals['_WORKERLISTMODELSRESPONSE']._serialized_start=317
-  _globals['_WORKERLISTMODELSRESPONSE']._serialized_end=385
-  _globals['_MODELSERVICE']._serialized_start=388
-  _globals['_MODELSERVICE']._serialized_end=626
+  _globals['_INFERREQUEST']._serialized_end=141
+  _globals['_INFERRESPONSE']._serialized_start=143
+  _globals['_INFERRESPONSE']._serialized_end=240
+  _globals['_INFERCHUNK']._serialized_start=242
+  _globals['_INFERCHUNK']._serialized_end=274
+  _globals['_WORKERLISTMODELSREQUEST']._serialized_start=276
+  _globals['_WORKERLISTMODELSREQUEST']._serialized_end=301
+  _globals['_WORKERMODEL']._serialized_start=303
+  _globals['_WORKERMODEL']._serialized_end=428
+  _globals['_WORKERLISTMODELSRESPONSE']._serialized_start=430
+  _globals['_WORKERLISTMODELSRESPONSE']._serialized_end=498
+  _globals['_LOADMODELREQUEST']._serialized_start=500
+  _globals['_LOADMODELREQUEST']._serialized_end=548
+  _globals['_LOADMODELRESPONSE']._serialized_start=550
+  _globals['_LOADMODELRESPONSE']._serialized_end=662
+  _globals['_MODELSERVICE']._serialized_start=665
+  _globals['_MODELSERVICE']._serialized_end=979
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,11 @@ class ModelServiceStub:
                 request_serializer=clawdbot_dot_v1_dot_worker__pb2.WorkerListModelsRequest.SerializeToString,
                 response_deserializer=clawdbot_dot_v1_dot_worker__pb2.WorkerListModelsResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/clawdbot.v1.ModelService/LoadModel',
+                request_serializer=clawdbot_dot_v1_dot_worker__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_worker__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -72,6 +77,13 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """A failed load leaves the serving version in place and says why (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +101,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=clawdbot_dot_v1_dot_worker__pb2.WorkerListModelsRequest.FromString,
                     response_serializer=clawdbot_dot_v1_dot_worker__pb2.WorkerListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=clawdbot_dot_v1_dot_worker__pb2.LoadModelRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_worker__pb2.LoadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +189,33 @@ class ModelService:
             '/clawdbot.v1.ModelService/ListModels',
             clawdbot_dot_v1_dot_worker__pb2.WorkerListModelsRequest.SerializeToString,
             clawdbot_dot_v1_dot_worker__pb2.WorkerListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.ModelService/LoadModel',
+            clawdbot_dot_v1_dot_worker__pb2.LoadModelRequest.SerializeToString,
+            clawdbot_dot_v1_dot_worker__pb2.LoadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

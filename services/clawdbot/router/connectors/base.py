@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from clawdbot.router.registry import Instance
+
+
+@dataclass
+class Answer:
+    """An upstream's answer: OpenAI JSON, or (speech) binary content with its type."""
+
+    data: dict[str, Any]
+    binary: bytes = b""
+    content_type: str = ""
 
 
 class Connector(Protocol):
@@ -17,8 +27,10 @@ class Connector(Protocol):
         trace_headers: Mapping[str, str],
         request_id: str,
         timeout_s: float,
-    ) -> dict[str, Any]:
-        """The upstream's OpenAI JSON answer; UpstreamError when it fails."""
+        binary: bytes = b"",
+    ) -> Answer:
+        """The upstream's answer; UpstreamError when it fails. `binary` is the audio file
+        of a transcription, whose other form fields are in `body`."""
         ...
 
     def stream(

@@ -11,11 +11,17 @@ import aiohttp
 import orjson
 
 from clawdbot.common.errors import GatewayError
+from clawdbot.router.connectors.base import Answer
 from clawdbot.router.registry import Instance
 
 log = logging.getLogger(__name__)
 
-_PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
+_PATHS = {
+    "chat": "/chat/completions",
+    "embeddings": "/embeddings",
+    "transcription": "/audio/transcriptions",
+    "speech": "/audio/speech",
+}
 
 
 class UpstreamError(GatewayError):
@@ -125,8 +131,12 @@ class OpenAIConnector:
             self._session = None
 
     @staticmethod
-    def _headers(instance: Instance, trace_headers: Mapping[str, str], request_id: str) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id, **trace_headers}
+    def _headers(
+        instance: Instance, trace_headers: Mapping[str, str], request_id: str, json_body: bool = True
+    ) -> dict[str, str]:
+        headers = {"X-Request-Id": request_id, **trace_headers}
+        if json_body:  # a multipart body sets its own type, with its boundary
+            headers["Content-Type"] = "application/json"
         if instance.api_key:
             headers["Authorization"] = f"Bearer {instance.api_key}"
         return headers
@@ -159,23 +169,34 @@ class OpenAIConnector:
         trace_headers: Mapping[str, str],
         request_id: str,
         timeout_s: float,
-    ) -> dict[str, Any]:
+        binary: bytes = b"",
+    ) -> Answer:
         url = instance.base_url + _PATHS[task]
         timeout = aiohttp.ClientTimeout(total=timeout_s)
+        payload: bytes | aiohttp.FormData = orjson.dumps(body)
+        if task == "transcription":
+            payload = aiohttp.FormData()
+            for name, value in body.items():
+                if value is not None:
+                    payload.add_field(name, value if isinstance(value, str) else orjson.dumps(value).decode())
+            payload.add_field("file", binary, filename="audio.wav", content_type="audio/wav")
         try:
             async with self._client().post(
                 url,
-                data=orjson.dumps(body),
-                headers=self._headers(instance, trace_headers, request_id),
+                data=payload,
+                headers=self._headers(instance, trace_headers, request_id, json_body=task != "transcription"),
                 timeout=timeout,
             ) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     raise map_status(instance, resp.status, raw, resp.headers)
+                content_type = resp.headers.get("Content-Type", "")
         except TimeoutError as exc:
             raise self._timeout(instance, timeout_s) from exc
         except aiohttp.ClientError as exc:
             raise self._unreachable(instance, exc) from exc
+        if task == "speech":
+            return Answer({}, raw, content_type or "application/octet-stream")
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -196,7 +217,7 @@ class OpenAIConnector:
                 retryable=True,
                 kind="bad_response",
             )
-        return data
+        return Answer(data)
 
     async def stream(
         self,

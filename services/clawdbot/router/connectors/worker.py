@@ -10,6 +10,7 @@ import orjson
 
 from clawdbot.common.errors import GatewayError
 from clawdbot.gen.v1 import worker_pb2, worker_pb2_grpc
+from clawdbot.router.connectors.base import Answer
 from clawdbot.router.connectors.openai import UpstreamError
 from clawdbot.router.registry import Instance
 
@@ -45,7 +46,14 @@ class WorkerConnector:
         channel = self._channels.get(target)
         if channel is None:
             channel = self._channels[target] = grpc.aio.insecure_channel(
-                target, options=[("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+                target,
+                options=[
+                    # Audio both ways (a transcription's file, a speech answer) outgrows 4 MiB.
+                    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000),
+                ],
             )
         return worker_pb2_grpc.ModelServiceStub(channel)
 
@@ -62,16 +70,20 @@ class WorkerConnector:
         trace_headers: Mapping[str, str],
         request_id: str,
         timeout_s: float,
-    ) -> dict[str, Any]:
+        binary: bytes = b"",
+    ) -> Answer:
         request = worker_pb2.InferRequest(
-            model=instance.upstream_model, task=task, openai_json=orjson.dumps(body), request_id=request_id
+            model=instance.upstream_model,
+            task=task,
+            openai_json=orjson.dumps(body),
+            request_id=request_id,
+            binary=binary,
         )
         try:
             reply = await self._stub(instance).Infer(request, timeout=timeout_s, metadata=list(trace_headers.items()))
         except grpc.aio.AioRpcError as err:
             raise _as_upstream_error(instance, err) from None
-        data: dict[str, Any] = orjson.loads(reply.openai_json)
-        return data
+        return Answer(orjson.loads(reply.openai_json), reply.binary, reply.content_type)
 
     async def stream(
         self,

@@ -149,6 +149,14 @@ class MiniLM:
 
         Raises ModelUnavailable, saying what to install or delete, if it cannot.
         """
+        return cls.from_directory(_extracted(_locate_zip(), Path(cache_dir)))
+
+    @classmethod
+    def from_directory(cls, model_dir: Path) -> MiniLM:
+        """Load a sentence-transformers directory of this architecture (a new version, say).
+
+        Raises ModelUnavailable, saying what is wrong with it, if it cannot.
+        """
         try:
             from safetensors.numpy import load_file
             from tokenizers import Tokenizer
@@ -157,7 +165,9 @@ class MiniLM:
                 f"all-MiniLM-L6-v2 needs the 'tokenizers' and 'safetensors' packages: {exc}"
             ) from exc
 
-        model_dir = _extracted(_locate_zip(), Path(cache_dir))
+        missing = [name for name in _REQUIRED_FILES if not (model_dir / name).is_file()]
+        if missing:
+            raise ModelUnavailable(f"{model_dir} is not a MiniLM model directory: missing {', '.join(missing)}")
         try:
             config = _read_json(model_dir / "config.json")
             st_config = _read_json(model_dir / "sentence_bert_config.json")
