@@ -28,6 +28,7 @@ bench: setup
 	@bash scripts/setup.sh wrk
 	$(PY) -m clawdbot.devtools.bench
 	$(PY) -m clawdbot.devtools.bench_embeddings
+	$(PY) -m clawdbot.devtools.bench_local_models
 
 # Retrain the intent classifier from config/intents.yaml (a running worker picks the new
 # version up on its next LoadModel, or at its next start).
