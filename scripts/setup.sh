@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything Clawdbot needs to run and test, on a fresh Debian machine or an
-# existing checkout: build tools, Debian packages (Prometheus, espeak-ng), the virtualenv
+# existing checkout: build tools, Debian packages (Prometheus, espeak-ng, Redis), the virtualenv
 # with pinned Python packages, the local model runtime (llama-cpp-python, built once and
 # cached as a wheel), and grpcurl.
 # Idempotent: a stamp skips the Python part when nothing it depends on changed.
@@ -35,8 +35,9 @@ command -v go >/dev/null || apt_install golang-go
 "$PYTHON" -c 'import ensurepip' 2>/dev/null || apt_install python3-venv
 # Prometheus: the router can read fleet-wide latency from it (and its test starts one).
 command -v prometheus >/dev/null || apt_install prometheus
-# espeak-ng: the worker's text-to-speech runtime.
+# espeak-ng: the worker's text-to-speech runtime. Redis: the cache's second level.
 command -v espeak-ng >/dev/null || apt_install espeak-ng
+command -v redis-server >/dev/null || apt_install redis-server
 for extra in "$@"; do apt_install "$extra"; done
 
 stamp_input() { cat pyproject.toml scripts/setup.sh; "$PYTHON" --version; }

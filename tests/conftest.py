@@ -154,6 +154,8 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
             ],
             "batch_window_ms": 20,
         },
+        # A fresh object store per session: answers cached by an earlier run must not hit.
+        "cache": {"object_dir": str(traces_dir.parent / "objects")},
         "model_router": {
             "rules": [
                 {"name": "images", "match": {"modality": "image"}, "require_labels": {"modalities": "image"}},

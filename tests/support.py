@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -120,3 +122,67 @@ def grpcurl(
     if data is not None:
         argv += ["-d", json.dumps(data)]
     return subprocess.run([*argv, target, *args], capture_output=True, text=True, timeout=90)
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_answers(port: int) -> bool:
+    """Whether a Redis on 127.0.0.1:port answers PING (raw RESP: no client library needed)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(tmp: Path, port: int | None = None) -> tuple[Proc, int]:
+    """A throwaway redis-server on 127.0.0.1, without persistence, once it answers PING.
+
+    Stop it with Proc.stop(); pass the same `port` to start it again there (its data is gone).
+    """
+    found = shutil.which("redis-server") or "/usr/bin/redis-server"
+    assert Path(found).exists(), "redis-server missing: `make setup` installs it"
+    # A free port can be taken by someone else before redis binds it: then try another.
+    for attempt in range(1 if port is not None else 3):
+        chosen = port if port is not None else _free_tcp_port()
+        log = tmp / f"redis-{chosen}-{len(list(tmp.glob(f'redis-{chosen}-*.log')))}.log"
+        argv = [found, "--port", str(chosen), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        proc = Proc([*argv, "--dir", str(tmp)], log)
+
+        def answers(proc: Proc = proc, chosen: int = chosen) -> bool:
+            if not proc.alive():
+                raise GiveUp(f"redis-server exited:\n{proc.output()}")
+            return redis_answers(chosen)
+
+        try:
+            wait_for(answers, 30, f"redis-server on port {chosen}")
+        except GiveUp:
+            proc.stop()
+            if port is not None or attempt == 2:
+                raise
+            continue
+        except BaseException:
+            proc.stop()
+            raise
+        return proc, chosen
+    raise AssertionError("unreachable")
+
+
+async def wait_for_async(
+    condition: Callable[[], Awaitable[T | None]], within_s: float, what: str, interval: float = 0.05
+) -> T:
+    """wait_for for async tests: polls an async condition without blocking the event loop."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = await condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {within_s:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+        interval = min(interval * 1.5, 0.5)

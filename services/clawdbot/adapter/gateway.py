@@ -20,8 +20,10 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from clawdbot.adapter.auth import Authenticator
+from clawdbot.adapter.chat_streams import assemble_chat, replay_chat
 from clawdbot.adapter.metadata import build_meta
 from clawdbot.adapter.openai_requests import ParsedRequest
+from clawdbot.adapter.response_cache import CacheLookup, ResponseCache
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
@@ -35,9 +37,15 @@ Reply = TypeVar("Reply")
 
 class Gateway:
     def __init__(
-        self, router: router_pb2_grpc.RouterStub, auth: Authenticator, metrics: Metrics, router_timeout_s: float
+        self,
+        router: router_pb2_grpc.RouterStub,
+        auth: Authenticator,
+        metrics: Metrics,
+        router_timeout_s: float,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._router = router
+        self._cache = cache
         self._auth = auth
         self._metrics = metrics
         self._timeout = router_timeout_s
@@ -97,10 +105,65 @@ class Gateway:
             raise self._failure(err) from None
 
     async def complete(self, request: router_pb2.ModelRequest) -> router_pb2.ModelResponse:
+        """The answer, from the cache when it has it; a miss is stored for the next caller."""
+        plan = self._cache.plan(request) if self._cache else None
+        if plan is None or self._cache is None:
+            response = await self._complete(request)
+            response.cache = "miss"
+            return response
+        found = await self._cache.lookup(plan)
+        if found.response is not None:
+            return found.response
+        try:
+            response = await self._complete(request)
+        except BaseException:
+            await self._cache.abandon(plan, found.lease)
+            raise
+        await self._cache.store(plan, found.lease, response)
+        response.cache = "miss"
+        return response
+
+    async def _complete(self, request: router_pb2.ModelRequest) -> router_pb2.ModelResponse:
         return await self._unary(self._router.Complete, request, self._timeout)
 
     async def stream(self, request: router_pb2.ModelRequest) -> AsyncGenerator[router_pb2.StreamEvent, None]:
-        """Events from the router. GatewayError before or during the stream."""
+        """Events: the instance announcement first, then chunks. GatewayError before or
+        during the stream. A cached answer is replayed; a streamed one cached once whole."""
+        plan = self._cache.plan(request) if self._cache else None
+        found = CacheLookup()
+        if plan is not None and self._cache is not None:
+            found = await self._cache.lookup(plan)
+            cached = found.response
+            if cached is not None and cached.openai_json:
+                yield router_pb2.StreamEvent(instance=cached.instance, strategy=cached.strategy, cache=cached.cache)
+                for payload in replay_chat(orjson.loads(cached.openai_json), plan.include_usage):
+                    yield router_pb2.StreamEvent(chunk_json=payload)
+                return
+        chunks: list[bytes] = []
+        announced = router_pb2.StreamEvent()
+        complete = False
+        try:
+            async with contextlib.aclosing(self._stream(request)) as events:
+                async for event in events:
+                    if event.HasField("instance"):
+                        event.cache = "miss"
+                        announced = event
+                    elif plan is not None:
+                        chunks.append(event.chunk_json)
+                    yield event
+            complete = True
+        finally:
+            if plan is not None and self._cache is not None:
+                answer = assemble_chat(chunks) if complete else None
+                if answer is None:
+                    await self._cache.abandon(plan, found.lease)
+                else:
+                    response = router_pb2.ModelResponse(
+                        openai_json=orjson.dumps(answer), instance=announced.instance, strategy=announced.strategy
+                    )
+                    await self._cache.store(plan, found.lease, response)
+
+    async def _stream(self, request: router_pb2.ModelRequest) -> AsyncGenerator[router_pb2.StreamEvent, None]:
         call = self._router.CompleteStream(request, timeout=self._timeout, metadata=self._call_metadata())
         try:
             async for event in call:

@@ -92,4 +92,5 @@ def build_meta(headers: Mapping[str, str], protocol: str, key_id: str, peer: str
         user_agent=user_agent,
         strategy=headers.get("x-clawdbot-strategy", ""),
         headers=rule_headers(headers),
+        cache_control=headers.get("cache-control", ""),
     )

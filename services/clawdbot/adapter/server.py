@@ -1,7 +1,8 @@
 """The adapter service: the protocol front of the mesh.
 
 It serves the public clawdbot.v1.Gateway (behind Envoy), turns every protocol's request
-into one internal ModelRequest with metadata, and calls the router.
+into one internal ModelRequest with metadata, consults the cache service, and calls the
+router.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import grpc
 from clawdbot.adapter.auth import Authenticator
 from clawdbot.adapter.gateway import Gateway
 from clawdbot.adapter.protocols.base import ProtocolContext, load_protocols
+from clawdbot.adapter.response_cache import ResponseCache
 from clawdbot.common.config import Config
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost
-from clawdbot.gen.v1 import gateway_pb2_grpc, router_pb2_grpc
+from clawdbot.gen.v1 import cache_pb2_grpc, gateway_pb2_grpc, router_pb2_grpc
 
 GATEWAY_SERVICE = "clawdbot.v1.Gateway"
 
@@ -24,6 +26,19 @@ GATEWAY_SERVICE = "clawdbot.v1.Gateway"
 def api_keys_from_env(env: dict[str, str] | None = None) -> list[str]:
     value = (env if env is not None else dict(os.environ)).get("CLAWDBOT_API_KEY", "")
     return [k.strip() for k in value.split(",") if k.strip()]
+
+
+def _channel(host: str, port: int) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(
+        f"{host}:{port}",
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # Reconnect quickly after a restart of the peer instead of backing off for seconds.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ],
+    )
 
 
 def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceHost:
@@ -35,18 +50,15 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
         reflection_services=(GATEWAY_SERVICE,),
         http_client_max_size=config.gateway.max_request_bytes,
     )
-    router_channel = grpc.aio.insecure_channel(
-        f"{config.router.host}:{config.router.grpc_port}",
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            # Reconnect quickly after a router restart instead of backing off for seconds.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ],
-    )
+    router_channel = _channel(config.router.host, config.router.grpc_port)
+    channels = [router_channel]
+    cache: ResponseCache | None = None
+    if config.cache.enabled:
+        cache_channel = _channel(config.cache.host, config.cache.grpc_port)
+        channels.append(cache_channel)
+        cache = ResponseCache(cache_pb2_grpc.CacheServiceStub(cache_channel), config.cache, config.models)
     auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env())
-    gateway = Gateway(router_pb2_grpc.RouterStub(router_channel), auth, metrics, config.adapter.router_timeout_s)
+    gateway = Gateway(router_pb2_grpc.RouterStub(router_channel), auth, metrics, config.adapter.router_timeout_s, cache)
     servicer = gateway_pb2_grpc.GatewayServicer()
     ctx = ProtocolContext(config=config, gateway=gateway, servicer=servicer, host=host)
     for plugin in load_protocols(config):
@@ -54,8 +66,9 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, host.grpc_server)
     host.add_service_name(GATEWAY_SERVICE)
 
-    async def close_channel() -> None:
-        await router_channel.close(grace=None)
+    async def close_channels() -> None:
+        for channel in channels:
+            await channel.close(grace=None)
 
-    host.on_shutdown(close_channel)
+    host.on_shutdown(close_channels)
     return host

@@ -87,6 +87,34 @@ class RouterConfig(ServiceEndpoint):
     max_connections: int = Field(512, gt=0)
 
 
+class CacheConfig(ServiceEndpoint):
+    """The cache service: memory (L1), Redis (L2), object storage (L3)."""
+
+    grpc_port: int = 7031
+    http_port: int = 7032
+    enabled: bool = True
+    # L1: this process's memory, bounded in bytes.
+    l1_max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    l1_ttl_s: float = Field(300.0, gt=0)
+    # L2: Redis. Empty: no L2. The runner starts a local redis-server for a redis://
+    # 127.0.0.1 URL when `run_redis` is on and Debian's redis-server is installed.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    run_redis: bool = True
+    l2_ttl_s: float = Field(3600.0, gt=0)
+    # L3: a local directory (content-addressed files). Empty: no L3.
+    object_dir: str = ".clawdbot/cache"
+    l3_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
+    # Values larger than this skip L1 and live in L3, with a pointer in L2.
+    large_value_bytes: int = Field(256 * 1024, gt=0)
+    # Entries are per API key unless shared.
+    shared: bool = False
+    # What is cached: these tasks, when deterministic (temperature 0 or a seed; embeddings
+    # always) or when the caller opts in with `x-clawdbot-cache: on`.
+    tasks: tuple[Task, ...] = ("chat", "embeddings", "speech")
+    # How long identical concurrent requests wait for the first one's answer.
+    wait_s: float = Field(60.0, gt=0)
+
+
 # What each worker runtime serves.
 RUNTIME_TASKS: Mapping[str, Task] = {
     "minilm": "embeddings",
@@ -290,6 +318,7 @@ class Config(_Strict):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     model_router: ModelRouterConfig = Field(default_factory=ModelRouterConfig)
     models: tuple[ModelEntry, ...] = ()
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

@@ -1,8 +1,9 @@
 """`python -m clawdbot.runner` (what `make run` calls): the whole mesh in the foreground.
 
-Start order, each waiting for the one before to report ready: the worker (local models;
-it serves before its models finish loading), router, adapter, then Envoy last, so the
-public port only opens onto a working mesh.
+Start order, each waiting for the one before to report ready: Redis (when the cache uses
+a local one), the cache, the worker (local models; it serves before its models finish
+loading), router, adapter, then Envoy last, so the public port only opens onto a working
+mesh.
 Ctrl-C or SIGTERM stops everything in the reverse order.
 """
 
@@ -19,6 +20,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -27,7 +29,7 @@ from clawdbot.common.logging import setup_logging
 from clawdbot.common.service import run_service
 from clawdbot.router.reload import MODEL_URLS_ENV, SOURCE_CONFIG_ENV
 from clawdbot.runner import envoy_config
-from clawdbot.runner.supervisor import Child, Supervisor, grpc_serving, http_ok
+from clawdbot.runner.supervisor import Child, Supervisor, grpc_serving, http_ok, redis_pong
 
 log = logging.getLogger("clawdbot.runner")
 
@@ -66,7 +68,10 @@ def ensure_api_key(state_dir: Path) -> tuple[str, bool]:
 def with_ephemeral_ports(config: Config) -> Config:
     """Every port taken fresh from the OS, for tests and benchmarks beside a running mesh."""
     worker = config.worker.model_copy(update={"grpc_port": free_port(), "http_port": free_port()})
-    config = config.model_copy(update={"worker": worker})
+    cache_update: dict[str, object] = {"grpc_port": free_port(), "http_port": free_port()}
+    if local_redis(config) is not None:
+        cache_update["redis_url"] = f"redis://127.0.0.1:{free_port()}/0"
+    config = config.model_copy(update={"worker": worker, "cache": config.cache.model_copy(update=cache_update)})
     urls = local_model_urls(config)
     models = tuple(m.model_copy(update={"base_url": urls[m.name]}) if m.name in urls else m for m in config.models)
     return config.model_copy(
@@ -77,6 +82,15 @@ def with_ephemeral_ports(config: Config) -> Config:
             "models": models,
         }
     )
+
+
+def local_redis(config: Config) -> tuple[str, int] | None:
+    """(host, port) of the Redis the runner should start for the cache, if any."""
+    cache = config.cache
+    url = urlsplit(cache.redis_url)
+    if not (cache.enabled and cache.run_redis and url.scheme == "redis" and url.hostname in ("127.0.0.1", "localhost")):
+        return None
+    return "127.0.0.1", url.port or 6379
 
 
 def local_model_urls(config: Config) -> dict[str, str]:
@@ -115,6 +129,26 @@ class Runner:
             env,
             stop_timeout_s=self.config.adapter.shutdown_grace_s + 10,
         )
+
+    async def _launch_cache(self, config_file: Path) -> None:
+        if not self.config.cache.enabled:
+            return
+        redis = local_redis(self.config)
+        if redis is not None:
+            binary = shutil.which("redis-server")
+            if binary is None:
+                log.error(
+                    "redis-server is not installed: the cache runs without its Redis level (apt-get install "
+                    "redis-server, or set cache.redis_url to a running Redis)"
+                )
+            else:
+                data_dir = self.state_dir / "redis"
+                data_dir.mkdir(parents=True, exist_ok=True)
+                host, port = redis
+                # A cache, not a database: no snapshots, no append-only file.
+                argv = [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"]
+                await self.supervisor.launch(Child("redis", [*argv, "--dir", str(data_dir)], redis_pong(host, port)))
+        await self.supervisor.launch(self._service_child("cache", self.config.cache.grpc_port, config_file))
 
     def _envoy_child(self) -> Child:
         cfg = self.config
@@ -189,6 +223,9 @@ class Runner:
                 "router_http": self.config.router.http_port,
                 "worker_grpc": self.config.worker.grpc_port,
                 "worker_http": self.config.worker.http_port,
+                "cache_grpc": self.config.cache.grpc_port,
+                "cache_http": self.config.cache.http_port,
+                "redis": urlsplit(self.config.cache.redis_url).port or 0,
             },
         }
         tmp = self.ready_file.with_suffix(".tmp")
@@ -204,6 +241,7 @@ class Runner:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
+            await self._launch_cache(config_file)
             if self.config.worker.models:
                 await self.supervisor.launch(self._service_child("worker", self.config.worker.grpc_port, config_file))
             await self.supervisor.launch(self._service_child("router", self.config.router.grpc_port, config_file))

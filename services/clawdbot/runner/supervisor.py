@@ -57,6 +57,26 @@ def http_ok(url: str) -> ReadyCheck:
     return check
 
 
+def redis_pong(host: str, port: int) -> ReadyCheck:
+    """Ready when the server answers PING (inline command, so no client library needed)."""
+
+    async def check() -> bool:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+        except (OSError, TimeoutError):
+            return False
+        try:
+            writer.write(b"PING\r\n")
+            await writer.drain()
+            return (await asyncio.wait_for(reader.readline(), 2.0)).startswith(b"+PONG")
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            writer.close()
+
+    return check
+
+
 @dataclass
 class Child:
     name: str

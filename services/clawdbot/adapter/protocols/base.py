@@ -76,11 +76,14 @@ def explain_request(
     )
 
 
-def routing_headers(instance: str, strategy: str, cost_usd: float | None = None) -> list[tuple[str, str]]:
-    """Response headers that explain and account for a routed call."""
-    headers = [("x-clawdbot-model-instance", instance), ("x-clawdbot-strategy", strategy)]
-    if cost_usd is not None:
-        headers.append(("x-clawdbot-cost-usd", f"{cost_usd:.8f}"))
+def routing_headers(served: router_pb2.ModelResponse | router_pb2.StreamEvent) -> list[tuple[str, str]]:
+    """Response headers that explain and account for a routed call: who served it, chosen
+    how, at what cost (not known at the start of a stream), and whether the cache did."""
+    headers = [("x-clawdbot-model-instance", served.instance), ("x-clawdbot-strategy", served.strategy)]
+    if isinstance(served, router_pb2.ModelResponse):
+        headers.append(("x-clawdbot-cost-usd", f"{served.cost_usd:.8f}"))
+    if served.cache:
+        headers.append(("x-clawdbot-cache", served.cache))
     return headers
 
 

@@ -87,9 +87,7 @@ class GrpcProtocol:
                 meta = self._gateway.accept(headers, "grpc", context.peer())
                 parsed: ParsedRequest = parsed_of(to_openai(request))
                 response = await self._gateway.complete(self._gateway.model_request(parsed, meta, None))
-                await context.send_initial_metadata(
-                    routing_headers(response.instance, response.strategy, response.cost_usd)
-                )
+                await context.send_initial_metadata(routing_headers(response))
                 return reply(response) if callable(reply) else from_openai(response.openai_json, reply)
             except GatewayError as err:
                 status = err.status
@@ -154,7 +152,7 @@ class GrpcProtocol:
                 async with contextlib.aclosing(self._gateway.stream(model_request)) as events:
                     async for event in events:
                         if event.HasField("instance"):
-                            await context.send_initial_metadata(routing_headers(event.instance, event.strategy))
+                            await context.send_initial_metadata(routing_headers(event))
                         else:
                             chunk = from_openai(event.chunk_json, gateway_pb2.ChatCompletionChunk())
                             yield chunk

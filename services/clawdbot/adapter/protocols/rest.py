@@ -99,16 +99,14 @@ class RestProtocol:
                 model_request = gateway.model_request(parsed, meta, request.data)
                 if not parsed.stream:
                     response = await gateway.complete(model_request)
-                    await context.send_initial_metadata(
-                        routing_headers(response.instance, response.strategy, response.cost_usd)
-                    )
+                    await context.send_initial_metadata(routing_headers(response))
                     yield httpbody_pb2.HttpBody(content_type=JSON, data=response.openai_json)
                     return
                 async with contextlib.aclosing(gateway.stream(model_request)) as events:
                     # Wait for the router's first event before answering: failures that
                     # come before any token (unknown model, upstream 429) keep their status.
                     first = await anext(events)
-                    await context.send_initial_metadata(routing_headers(first.instance, first.strategy))
+                    await context.send_initial_metadata(routing_headers(first))
                     try:
                         async for event in events:
                             if event.HasField("chunk_json"):
@@ -164,7 +162,7 @@ class RestProtocol:
     ) -> router_pb2.ModelResponse:
         """One model call through the router; its routing headers go out with the answer."""
         response = await self._gateway.complete(self._gateway.model_request(parsed, meta, raw))
-        await context.send_initial_metadata(routing_headers(response.instance, response.strategy, response.cost_usd))
+        await context.send_initial_metadata(routing_headers(response))
         return response
 
     async def embeddings(

@@ -9,7 +9,7 @@ or just the OpenAI chat request itself. Streaming is the default on a socket; sa
 Frames, server -> client (always text JSON; `id` echoes the request's):
     {"type": "chat.completion.chunk", "id", "data": {<chunk>}}   one per chunk
     {"type": "chat.completion", "id", "data": {<completion>}}    non-streamed answer
-    {"type": "done", "id", "instance", "request_id"}             end of one request
+    {"type": "done", "id", "instance", "cache", "request_id"}    end of one request
     {"type": "error", "id", "status", "error": {<OpenAI error>}} the request failed;
                                                                   the socket stays open
 Several requests may be in flight on one socket; their frames interleave by id.
@@ -148,12 +148,12 @@ class WebSocketProtocol:
                 body.setdefault("stream", True)
                 parsed = parse_chat(body)
                 model_request = gateway.model_request(parsed, meta, None)
-                instance = ""
+                instance = cache = ""
                 if parsed.stream:
                     async with contextlib.aclosing(gateway.stream(model_request)) as events:
                         async for event in events:
                             if event.HasField("instance"):
-                                instance = event.instance
+                                instance, cache = event.instance, event.cache
                             else:
                                 await self._send(
                                     ws,
@@ -165,12 +165,19 @@ class WebSocketProtocol:
                                 )
                 else:
                     response = await gateway.complete(model_request)
-                    instance = response.instance
+                    instance, cache = response.instance, response.cache
                     await self._send(
                         ws, {"type": "chat.completion", "id": frame_id, "data": orjson.Fragment(response.openai_json)}
                     )
                 await self._send(
-                    ws, {"type": "done", "id": frame_id, "instance": instance, "request_id": meta.request_id}
+                    ws,
+                    {
+                        "type": "done",
+                        "id": frame_id,
+                        "instance": instance,
+                        "cache": cache,
+                        "request_id": meta.request_id,
+                    },
                 )
             except GatewayError as err:
                 status = err.status

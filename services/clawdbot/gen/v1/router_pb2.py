@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63lawdbot/v1/router.proto\x12\x0b\x63lawdbot.v1\"\xfd\x01\n\x0bRequestMeta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tclient_ip\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12\x12\n\nuser_agent\x18\x06 \x01(\t\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x36\n\x07headers\x18\x08 \x03(\x0b\x32%.clawdbot.v1.RequestMeta.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x88\x01\n\x0cModelRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x13\n\x0bopenai_json\x18\x05 \x01(\x0c\x12\x0e\n\x06\x62inary\x18\x06 \x01(\x0c\"\x80\x01\n\rModelResponse\x12\x13\n\x0bopenai_json\x18\x01 \x01(\x0c\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x10\n\x08\x63ost_usd\x18\x04 \x01(\x01\x12\x0e\n\x06\x62inary\x18\x05 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\"R\n\x0bStreamEvent\x12\x14\n\nchunk_json\x18\x01 \x01(\x0cH\x00\x12\x12\n\x08instance\x18\x02 \x01(\tH\x00\x12\x10\n\x08strategy\x18\x03 \x01(\tB\x07\n\x05\x65vent\"\\\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\"C\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07quality\x18\x03 \x01(\x01\"\xa3\x01\n\x0e\x45xplainRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x10\n\x08modality\x18\x07 \x01(\t\"=\n\nScoreTerms\x12\x0f\n\x07latency\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x03 \x01(\x01\"\xa8\x02\n\x0e\x43\x61ndidateScore\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1a\n\x12\x65xpected_latency_s\x18\x04 \x01(\x01\x12\x19\n\x11\x65xpected_cost_usd\x18\x05 \x01(\x01\x12\x0f\n\x07quality\x18\x06 \x01(\x01\x12\x0c\n\x04\x63old\x18\x07 \x01(\x08\x12\x0f\n\x07\x62reaker\x18\x08 \x01(\t\x12\x11\n\tin_flight\x18\t \x01(\x05\x12&\n\x05terms\x18\n \x01(\x0b\x32\x17.clawdbot.v1.ScoreTerms\x12\r\n\x05score\x18\x0b \x01(\x01\x12\x0c\n\x04rank\x18\x0c \x01(\x05\x12\x16\n\x0elatency_source\x18\r \x01(\t\x12\x0b\n\x03qps\x18\x0e \x01(\x01\"\xc3\x01\n\x0b\x45xplanation\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12(\n\x07weights\x18\x04 \x01(\x0b\x32\x17.clawdbot.v1.ScoreTerms\x12/\n\ncandidates\x18\x05 \x03(\x0b\x32\x1b.clawdbot.v1.CandidateScore\x12\x0e\n\x06\x63hosen\x18\x06 \x01(\t\x12\x0b\n\x03why\x18\x07 \x01(\t\x12\r\n\x05rules\x18\x08 \x03(\t\"A\n\x17RouterListModelsRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\"H\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\"B\n\x18RouterListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.clawdbot.v1.ModelInfo\"7\n\rReloadRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\"\x83\x01\n\x0eReloadResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\x12\x0c\n\x04kept\x18\x04 \x03(\t\x12\x11\n\tunhealthy\x18\x05 \x03(\t\x12\x0f\n\x07took_ms\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t2\xbd\x03\n\x06Router\x12\x41\n\x08\x43omplete\x12\x19.clawdbot.v1.ModelRequest\x1a\x1a.clawdbot.v1.ModelResponse\x12G\n\x0e\x43ompleteStream\x12\x19.clawdbot.v1.ModelRequest\x1a\x18.clawdbot.v1.StreamEvent0\x01\x12Y\n\nListModels\x12$.clawdbot.v1.RouterListModelsRequest\x1a%.clawdbot.v1.RouterListModelsResponse\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.clawdbot.v1.FeedbackRequest\x1a\x1d.clawdbot.v1.FeedbackResponse\x12@\n\x07\x45xplain\x12\x1b.clawdbot.v1.ExplainRequest\x1a\x18.clawdbot.v1.Explanation\x12\x41\n\x06Reload\x12\x1a.clawdbot.v1.ReloadRequest\x1a\x1b.clawdbot.v1.ReloadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63lawdbot/v1/router.proto\x12\x0b\x63lawdbot.v1\"\x94\x02\n\x0bRequestMeta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tclient_ip\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12\x12\n\nuser_agent\x18\x06 \x01(\t\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x36\n\x07headers\x18\x08 \x03(\x0b\x32%.clawdbot.v1.RequestMeta.HeadersEntry\x12\x15\n\rcache_control\x18\t \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x88\x01\n\x0cModelRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x13\n\x0bopenai_json\x18\x05 \x01(\x0c\x12\x0e\n\x06\x62inary\x18\x06 \x01(\x0c\"\x8f\x01\n\rModelResponse\x12\x13\n\x0bopenai_json\x18\x01 \x01(\x0c\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x10\n\x08\x63ost_usd\x18\x04 \x01(\x01\x12\x0e\n\x06\x62inary\x18\x05 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x07 \x01(\t\"a\n\x0bStreamEvent\x12\x14\n\nchunk_json\x18\x01 \x01(\x0cH\x00\x12\x12\n\x08instance\x18\x02 \x01(\tH\x00\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x04 \x01(\tB\x07\n\x05\x65vent\"\\\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\"C\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07quality\x18\x03 \x01(\x01\"\xa3\x01\n\x0e\x45xplainRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x10\n\x08modality\x18\x07 \x01(\t\"=\n\nScoreTerms\x12\x0f\n\x07latency\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x03 \x01(\x01\"\xa8\x02\n\x0e\x43\x61ndidateScore\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1a\n\x12\x65xpected_latency_s\x18\x04 \x01(\x01\x12\x19\n\x11\x65xpected_cost_usd\x18\x05 \x01(\x01\x12\x0f\n\x07quality\x18\x06 \x01(\x01\x12\x0c\n\x04\x63old\x18\x07 \x01(\x08\x12\x0f\n\x07\x62reaker\x18\x08 \x01(\t\x12\x11\n\tin_flight\x18\t \x01(\x05\x12&\n\x05terms\x18\n \x01(\x0b\x32\x17.clawdbot.v1.ScoreTerms\x12\r\n\x05score\x18\x0b \x01(\x01\x12\x0c\n\x04rank\x18\x0c \x01(\x05\x12\x16\n\x0elatency_source\x18\r \x01(\t\x12\x0b\n\x03qps\x18\x0e \x01(\x01\"\xc3\x01\n\x0b\x45xplanation\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12(\n\x07weights\x18\x04 \x01(\x0b\x32\x17.clawdbot.v1.ScoreTerms\x12/\n\ncandidates\x18\x05 \x03(\x0b\x32\x1b.clawdbot.v1.CandidateScore\x12\x0e\n\x06\x63hosen\x18\x06 \x01(\t\x12\x0b\n\x03why\x18\x07 \x01(\t\x12\r\n\x05rules\x18\x08 \x03(\t\"A\n\x17RouterListModelsRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\"H\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\"B\n\x18RouterListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.clawdbot.v1.ModelInfo\"7\n\rReloadRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\"\x83\x01\n\x0eReloadResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\x12\x0c\n\x04kept\x18\x04 \x03(\t\x12\x11\n\tunhealthy\x18\x05 \x03(\t\x12\x0f\n\x07took_ms\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t2\xbd\x03\n\x06Router\x12\x41\n\x08\x43omplete\x12\x19.clawdbot.v1.ModelRequest\x1a\x1a.clawdbot.v1.ModelResponse\x12G\n\x0e\x43ompleteStream\x12\x19.clawdbot.v1.ModelRequest\x1a\x18.clawdbot.v1.StreamEvent0\x01\x12Y\n\nListModels\x12$.clawdbot.v1.RouterListModelsRequest\x1a%.clawdbot.v1.RouterListModelsResponse\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.clawdbot.v1.FeedbackRequest\x1a\x1d.clawdbot.v1.FeedbackResponse\x12@\n\x07\x45xplain\x12\x1b.clawdbot.v1.ExplainRequest\x1a\x18.clawdbot.v1.Explanation\x12\x41\n\x06Reload\x12\x1a.clawdbot.v1.ReloadRequest\x1a\x1b.clawdbot.v1.ReloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,37 +34,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTMETA_HEADERSENTRY']._loaded_options = None
   _globals['_REQUESTMETA_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_REQUESTMETA']._serialized_start=42
-  _globals['_REQUESTMETA']._serialized_end=295
-  _globals['_REQUESTMETA_HEADERSENTRY']._serialized_start=249
-  _globals['_REQUESTMETA_HEADERSENTRY']._serialized_end=295
-  _globals['_MODELREQUEST']._serialized_start=298
-  _globals['_MODELREQUEST']._serialized_end=434
-  _globals['_MODELRESPONSE']._serialized_start=437
-  _globals['_MODELRESPONSE']._serialized_end=565
-  _globals['_STREAMEVENT']._serialized_start=567
-  _globals['_STREAMEVENT']._serialized_end=649
-  _globals['_FEEDBACKREQUEST']._serialized_start=651
-  _globals['_FEEDBACKREQUEST']._serialized_end=743
-  _globals['_FEEDBACKRESPONSE']._serialized_start=745
-  _globals['_FEEDBACKRESPONSE']._serialized_end=812
-  _globals['_EXPLAINREQUEST']._serialized_start=815
-  _globals['_EXPLAINREQUEST']._serialized_end=978
-  _globals['_SCORETERMS']._serialized_start=980
-  _globals['_SCORETERMS']._serialized_end=1041
-  _globals['_CANDIDATESCORE']._serialized_start=1044
-  _globals['_CANDIDATESCORE']._serialized_end=1340
-  _globals['_EXPLANATION']._serialized_start=1343
-  _globals['_EXPLANATION']._serialized_end=1538
-  _globals['_ROUTERLISTMODELSREQUEST']._serialized_start=1540
-  _globals['_ROUTERLISTMODELSREQUEST']._serialized_end=1605
-  _globals['_MODELINFO']._serialized_start=1607
-  _globals['_MODELINFO']._serialized_end=1679
-  _globals['_ROUTERLISTMODELSRESPONSE']._serialized_start=1681
-  _globals['_ROUTERLISTMODELSRESPONSE']._serialized_end=1747
-  _globals['_RELOADREQUEST']._serialized_start=1749
-  _globals['_RELOADREQUEST']._serialized_end=1804
-  _globals['_RELOADRESPONSE']._serialized_start=1807
-  _globals['_RELOADRESPONSE']._serialized_end=1938
-  _globals['_ROUTER']._serialized_start=1941
-  _globals['_ROUTER']._serialized_end=2386
+  _globals['_REQUESTMETA']._serialized_end=318
+  _globals['_REQUESTMETA_HEADERSENTRY']._serialized_start=272
+  _globals['_REQUESTMETA_HEADERSENTRY']._serialized_end=318
+  _globals['_MODELREQUEST']._serialized_start=321
+  _globals['_MODELREQUEST']._serialized_end=457
+  _globals['_MODELRESPONSE']._serialized_start=460
+  _globals['_MODELRESPONSE']._serialized_end=603
+  _globals['_STREAMEVENT']._serialized_start=605
+  _globals['_STREAMEVENT']._serialized_end=702
+  _globals['_FEEDBACKREQUEST']._serialized_start=704
+  _globals['_FEEDBACKREQUEST']._serialized_end=796
+  _globals['_FEEDBACKRESPONSE']._serialized_start=798
+  _globals['_FEEDBACKRESPONSE']._serialized_end=865
+  _globals['_EXPLAINREQUEST']._serialized_start=868
+  _globals['_EXPLAINREQUEST']._serialized_end=1031
+  _globals['_SCORETERMS']._serialized_start=1033
+  _globals['_SCORETERMS']._serialized_end=1094
+  _globals['_CANDIDATESCORE']._serialized_start=1097
+  _globals['_CANDIDATESCORE']._serialized_end=1393
+  _globals['_EXPLANATION']._serialized_start=1396
+  _globals['_EXPLANATION']._serialized_end=1591
+  _globals['_ROUTERLISTMODELSREQUEST']._serialized_start=1593
+  _globals['_ROUTERLISTMODELSREQUEST']._serialized_end=1658
+  _globals['_MODELINFO']._serialized_start=1660
+  _globals['_MODELINFO']._serialized_end=1732
+  _globals['_ROUTERLISTMODELSRESPONSE']._serialized_start=1734
+  _globals['_ROUTERLISTMODELSRESPONSE']._serialized_end=1800
+  _globals['_RELOADREQUEST']._serialized_start=1802
+  _globals['_RELOADREQUEST']._serialized_end=1857
+  _globals['_RELOADRESPONSE']._serialized_start=1860
+  _globals['_RELOADRESPONSE']._serialized_end=1991
+  _globals['_ROUTER']._serialized_start=1994
+  _globals['_ROUTER']._serialized_end=2439
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RequestMeta(_message.Message):
-    __slots__ = ("request_id", "client_ip", "device_type", "api_key_id", "protocol", "user_agent", "strategy", "headers")
+    __slots__ = ("request_id", "client_ip", "device_type", "api_key_id", "protocol", "user_agent", "strategy", "headers", "cache_control")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class RequestMeta(_message.Message):
     USER_AGENT_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_CONTROL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     client_ip: str
     device_type: str
@@ -31,7 +32,8 @@ class RequestMeta(_message.Message):
     user_agent: str
     strategy: str
     headers: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., client_ip: _Optional[str] = ..., device_type: _Optional[str] = ..., api_key_id: _Optional[str] = ..., protocol: _Optional[str] = ..., user_agent: _Optional[str] = ..., strategy: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    cache_control: str
+    def __init__(self, request_id: _Optional[str] = ..., client_ip: _Optional[str] = ..., device_type: _Optional[str] = ..., api_key_id: _Optional[str] = ..., protocol: _Optional[str] = ..., user_agent: _Optional[str] = ..., strategy: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., cache_control: _Optional[str] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("meta", "task", "model", "stream", "openai_json", "binary")
@@ -50,30 +52,34 @@ class ModelRequest(_message.Message):
     def __init__(self, meta: _Optional[_Union[RequestMeta, _Mapping]] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., stream: _Optional[bool] = ..., openai_json: _Optional[bytes] = ..., binary: _Optional[bytes] = ...) -> None: ...
 
 class ModelResponse(_message.Message):
-    __slots__ = ("openai_json", "instance", "strategy", "cost_usd", "binary", "content_type")
+    __slots__ = ("openai_json", "instance", "strategy", "cost_usd", "binary", "content_type", "cache")
     OPENAI_JSON_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     BINARY_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     openai_json: bytes
     instance: str
     strategy: str
     cost_usd: float
     binary: bytes
     content_type: str
-    def __init__(self, openai_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ..., cost_usd: _Optional[float] = ..., binary: _Optional[bytes] = ..., content_type: _Optional[str] = ...) -> None: ...
+    cache: str
+    def __init__(self, openai_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ..., cost_usd: _Optional[float] = ..., binary: _Optional[bytes] = ..., content_type: _Optional[str] = ..., cache: _Optional[str] = ...) -> None: ...
 
 class StreamEvent(_message.Message):
-    __slots__ = ("chunk_json", "instance", "strategy")
+    __slots__ = ("chunk_json", "instance", "strategy", "cache")
     CHUNK_JSON_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     chunk_json: bytes
     instance: str
     strategy: str
-    def __init__(self, chunk_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ...) -> None: ...
+    cache: str
+    def __init__(self, chunk_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ..., cache: _Optional[str] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("meta", "request_id", "score")

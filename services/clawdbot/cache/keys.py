@@ -1,0 +1,43 @@
+"""The canonical cache key of a request: equal for requests that must get equal answers.
+
+It hashes what changes the output — task, model and version, the messages or input and
+every sampling parameter — as canonical JSON (sorted keys, no insignificant whitespace,
+numbers as JSON numbers so 0 and 0.0 agree), and leaves out what does not: request ids,
+the end user, streaming, metadata. Entries are scoped per API key unless shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Final
+
+import orjson
+
+KEY_VERSION: Final = "v1"
+# Fields that never change what the model answers.
+IGNORED_FIELDS: Final = frozenset(
+    {"stream", "stream_options", "user", "metadata", "store", "service_tier", "clawdbot", "model", "request_id"}
+)
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # 0.0 and 0 are one temperature
+    return value
+
+
+def cache_key(task: str, model: str, version: str, scope: str, body: dict[str, Any], binary: bytes = b"") -> str:
+    """`v1:<task>:<sha256>`; the task stays readable for operators looking at Redis."""
+    material = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
+    document = orjson.dumps(
+        {"task": task, "model": model, "version": version, "scope": scope, "request": _canonical(material)},
+        option=orjson.OPT_SORT_KEYS,
+    )
+    digest = hashlib.sha256(document)
+    if binary:
+        digest.update(hashlib.sha256(binary).digest())
+    return f"{KEY_VERSION}:{task}:{digest.hexdigest()}"
