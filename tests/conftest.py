@@ -104,6 +104,8 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
                 "quality": {"chat": 0.7},
             },
             {"name": "mock-embed", "task": "embeddings", "base_url": mock_url},
+            # mock-1 again, with the semantic cache on.
+            {"name": "mock-semantic", "task": "chat", "base_url": mock_url, "upstream_model": "mock-1"},
             # Hosted audio models, as OpenAI serves them.
             {"name": "mock-whisper", "task": "transcription", "base_url": mock_url},
             {"name": "mock-tts", "task": "speech", "base_url": mock_url},
@@ -155,7 +157,10 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
             "batch_window_ms": 20,
         },
         # A fresh object store per session: answers cached by an earlier run must not hit.
-        "cache": {"object_dir": str(traces_dir.parent / "objects")},
+        "cache": {
+            "object_dir": str(traces_dir.parent / "objects"),
+            "semantic": {"models": ["mock-semantic"], "embeddings_model": "all-minilm-l6-v2"},
+        },
         "model_router": {
             "rules": [
                 {"name": "images", "match": {"modality": "image"}, "require_labels": {"modalities": "image"}},

@@ -186,3 +186,43 @@ async def wait_for_async(
             raise TimeoutError(f"timed out after {within_s:g} s waiting for {what}")
         await asyncio.sleep(interval)
         interval = min(interval * 1.5, 0.5)
+
+
+def s3_answers(port: int) -> bool:
+    """Whether an HTTP server on 127.0.0.1:port answers at all (any status: S3 says 403 to strangers)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            return s.recv(16).startswith(b"HTTP/1.")
+    except OSError:
+        return False
+
+
+def start_s3_server(tmp: Path, port: int | None = None) -> tuple[Proc, int]:
+    """A throwaway S3-compatible server (moto, in memory) on 127.0.0.1, once it answers HTTP.
+
+    It takes any credentials. Stop it with Proc.stop(); pass the same `port` to start it
+    again there (its buckets are gone).
+    """
+    for attempt in range(1 if port is not None else 3):
+        chosen = port if port is not None else _free_tcp_port()
+        log = tmp / f"s3-{chosen}-{len(list(tmp.glob(f's3-{chosen}-*.log')))}.log"
+        proc = Proc([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(chosen)], log)
+
+        def answers(proc: Proc = proc, chosen: int = chosen) -> bool:
+            if not proc.alive():
+                raise GiveUp(f"moto server exited:\n{proc.output()}")
+            return s3_answers(chosen)
+
+        try:
+            wait_for(answers, 60, f"the S3 server on port {chosen}")
+        except GiveUp:
+            proc.stop()
+            if port is not None or attempt == 2:
+                raise
+            continue
+        except BaseException:
+            proc.stop()
+            raise
+        return proc, chosen
+    raise AssertionError("unreachable")

@@ -171,3 +171,26 @@ def test_requests_keep_succeeding_while_redis_hangs_and_l2_comes_back(mesh: Mesh
         return cache_stats(mesh)["l2"]
 
     wait_for(l2_up, 30, "the cache's Redis level to come back", interval=0.5)
+
+
+def ask(mesh: Mesh, model: str, question: str, system: str = "You are terse.") -> httpx.Response:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return http(mesh).post(f"{mesh.v1}/chat/completions", json={"model": model, "messages": messages, "temperature": 0})
+
+
+@pytest.mark.local_model
+def test_a_paraphrase_hits_the_semantic_cache_only_where_enabled(local_models: Mesh) -> None:
+    mesh = local_models  # the embeddings come from the worker's all-MiniLM-L6-v2
+    # (each test session has a fresh cache, so these are new questions to it)
+    question, paraphrase = "What is the capital of France?", "What's the capital city of France?"
+    first = ask(mesh, "mock-semantic", question)
+    assert first.headers[CACHE] == "miss"
+    similar = ask(mesh, "mock-semantic", paraphrase)
+    assert similar.headers[CACHE] == "semantic", similar.headers
+    assert similar.json()["choices"] == first.json()["choices"]  # the stored answer, said so
+    assert ask(mesh, "mock-semantic", paraphrase).headers[CACHE] == "hit-l1"  # now an exact entry too
+    assert ask(mesh, "mock-semantic", "How do I bake bread at home?").headers[CACHE] == "miss"
+    assert ask(mesh, "mock-semantic", paraphrase, system="You are verbose.").headers[CACHE] == "miss"
+    # Not enabled for mock-1: the same paraphrase pair never matches.
+    assert ask(mesh, "mock-1", question).headers[CACHE] == "miss"
+    assert ask(mesh, "mock-1", paraphrase).headers[CACHE] == "miss"

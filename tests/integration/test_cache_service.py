@@ -12,10 +12,10 @@ import grpc
 import pytest
 
 from clawdbot.cache.server import create_server
-from clawdbot.common.config import CacheConfig, Config
+from clawdbot.common.config import CacheConfig, Config, S3Config
 from clawdbot.common.service import ServiceHost
 from clawdbot.gen.v1 import cache_pb2, cache_pb2_grpc
-from tests.support import Proc, start_redis, wait_for_async
+from tests.support import Proc, start_redis, start_s3_server, wait_for_async
 
 
 @pytest.fixture
@@ -174,3 +174,24 @@ async def test_redis_stopped_and_restarted(tmp_path: Path, redis: tuple[Proc, in
                 assert (await get(other, "after"))[:3] == ("hit", "l2", b"3")
         finally:
             restarted.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_s3_compatible_bucket_as_object_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, port = start_s3_server(tmp_path)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    s3 = S3Config(bucket="answers", endpoint_url=f"http://127.0.0.1:{port}")
+    try:
+        async with cache_service(tmp_path, None, "unused", s3=s3, large_value_bytes=1024) as first:
+
+            async def stored() -> bool:  # the bucket is made in the background at start
+                return "l3" in await put(first, "big", b"x" * 5000)
+
+            await wait_for_async(stored, 30, "the bucket to exist")
+        # A new instance (empty memory, no Redis) finds it in the bucket.
+        async with cache_service(tmp_path, None, "unused", s3=s3, large_value_bytes=1024) as second:
+            assert await get(second, "big") == ("hit", "l3", b"x" * 5000, "")
+        assert not (tmp_path / "unused").exists()  # the directory store was not used
+    finally:
+        server.stop()

@@ -111,7 +111,7 @@ class Gateway:
             response = await self._complete(request)
             response.cache = "miss"
             return response
-        found = await self._cache.lookup(plan)
+        found = await self._cache.read(plan)
         if found.response is not None:
             return found.response
         try:
@@ -119,7 +119,7 @@ class Gateway:
         except BaseException:
             await self._cache.abandon(plan, found.lease)
             raise
-        await self._cache.store(plan, found.lease, response)
+        await self._cache.write(plan, found, response)
         response.cache = "miss"
         return response
 
@@ -132,7 +132,7 @@ class Gateway:
         plan = self._cache.plan(request) if self._cache else None
         found = CacheLookup()
         if plan is not None and self._cache is not None:
-            found = await self._cache.lookup(plan)
+            found = await self._cache.read(plan)
             cached = found.response
             if cached is not None and cached.openai_json:
                 yield router_pb2.StreamEvent(instance=cached.instance, strategy=cached.strategy, cache=cached.cache)
@@ -161,7 +161,7 @@ class Gateway:
                     response = router_pb2.ModelResponse(
                         openai_json=orjson.dumps(answer), instance=announced.instance, strategy=announced.strategy
                     )
-                    await self._cache.store(plan, found.lease, response)
+                    await self._cache.write(plan, found, response)
 
     async def _stream(self, request: router_pb2.ModelRequest) -> AsyncGenerator[router_pb2.StreamEvent, None]:
         call = self._router.CompleteStream(request, timeout=self._timeout, metadata=self._call_metadata())

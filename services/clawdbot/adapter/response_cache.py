@@ -16,9 +16,9 @@ from typing import Any, Final
 import grpc
 import orjson
 
-from clawdbot.cache.keys import cache_key
+from clawdbot.cache.keys import IGNORED_FIELDS, cache_key
 from clawdbot.common.config import CacheConfig, ModelEntry
-from clawdbot.gen.v1 import cache_pb2, cache_pb2_grpc, router_pb2
+from clawdbot.gen.v1 import cache_pb2, cache_pb2_grpc, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,9 @@ CHUNK_BYTES: Final = 256 * 1024
 OPT_HEADER: Final = "x-clawdbot-cache"
 # Tasks whose answers do not depend on sampling.
 DETERMINISTIC_TASKS: Final = frozenset({"embeddings", "intent"})
+# The tail of a conversation that is embedded: the small local embeddings model reads at
+# most 256 tokens, and the latest turns carry the question.
+SEMANTIC_TEXT_CHARS: Final = 1000
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,20 @@ class CachePlan:
     read: bool  # false for Cache-Control: no-cache (fetch fresh, then store)
     max_age_s: float  # Cache-Control: max-age; 0 = any age
     include_usage: bool  # for replaying a cached answer to a streaming client
+    meta: router_pb2.RequestMeta
+    # Semantic cache (models that opted in): where matches may come from, and the
+    # conversation whose meaning is compared.
+    semantic_namespace: str = ""
+    semantic_text: str = ""
 
 
 @dataclass
 class CacheLookup:
     response: router_pb2.ModelResponse | None = None
     lease: str = ""
+    # The conversation's embedding, when the semantic cache computed one: stored with the
+    # answer once there is one.
+    vector: list[float] | None = None
 
 
 def _cache_control(value: str) -> tuple[bool, bool, float]:
@@ -63,6 +74,24 @@ def _cache_control(value: str) -> tuple[bool, bool, float]:
     return no_store, no_cache, max_age
 
 
+def _conversation(body: dict[str, Any]) -> tuple[str, str]:
+    """(system prompt, the rest of the conversation as text) of a chat body."""
+    system: list[str] = []
+    turns: list[str] = []
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        text = f"{content}" if content is not None else ""
+        if message.get("role") in ("system", "developer"):
+            system.append(text)
+        else:
+            turns.append(f"{message.get('role')}: {text}")
+    return "\n".join(system), "\n".join(turns)
+
+
 def _deterministic(task: str, body: dict[str, Any]) -> bool:
     if task in DETERMINISTIC_TASKS:
         return True
@@ -72,10 +101,15 @@ def _deterministic(task: str, body: dict[str, Any]) -> bool:
 
 class ResponseCache:
     def __init__(
-        self, stub: cache_pb2_grpc.CacheServiceStub, config: CacheConfig, models: tuple[ModelEntry, ...]
+        self,
+        stub: cache_pb2_grpc.CacheServiceStub,
+        config: CacheConfig,
+        models: tuple[ModelEntry, ...],
+        router: router_pb2_grpc.RouterStub | None = None,
     ) -> None:
         self._stub = stub
         self._config = config
+        self._router = router  # for the semantic cache's embeddings
         # The key names a model's versions, so a new version never serves an old answer.
         versions: dict[str, set[str]] = {}
         for entry in models:
@@ -102,7 +136,14 @@ class ResponseCache:
         key = cache_key(request.task, request.model, version, scope, body, request.binary)
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return CachePlan(key, not no_cache, max_age, include_usage)
+        namespace = text = ""
+        if request.task == "chat" and request.model in self._config.semantic.models:
+            system, text = _conversation(body)
+            params = {k: v for k, v in body.items() if k not in IGNORED_FIELDS and k != "messages"}
+            namespace = cache_key("semantic", request.model, version, scope, {"system": system, "params": params})
+        return CachePlan(
+            key, not no_cache, max_age, include_usage, request.meta, namespace, text[-SEMANTIC_TEXT_CHARS:]
+        )
 
     def _unreachable(self, err: grpc.aio.AioRpcError) -> None:
         # Once a minute at most: a cache outage must not flood the logs at full traffic.
@@ -110,12 +151,12 @@ class ResponseCache:
             self._warned_at = time.monotonic()
             log.warning("cache service unavailable; serving without it", extra={"error": err.code().name})
 
-    async def lookup(self, plan: CachePlan) -> CacheLookup:
+    async def lookup(self, plan: CachePlan, lease: bool = True) -> CacheLookup:
         """A hit, or a miss with the lease to fill the key (identical requests wait for it)."""
         if not plan.read:
             return CacheLookup()
         request = cache_pb2.CacheGetRequest(
-            key=plan.key, max_age_s=plan.max_age_s, lease=True, wait_s=self._config.wait_s
+            key=plan.key, max_age_s=plan.max_age_s, lease=lease, wait_s=self._config.wait_s
         )
         first: cache_pb2.CacheChunk | None = None
         parts: list[bytes] = []
@@ -163,3 +204,77 @@ class ResponseCache:
             await self._stub.Delete(cache_pb2.CacheDeleteRequest(key=plan.key, lease=lease), timeout=10)
         except grpc.aio.AioRpcError as err:
             self._unreachable(err)
+
+    async def _embed(self, plan: CachePlan) -> list[float] | None:
+        if self._router is None or not plan.semantic_text.strip():
+            return None
+        body = {
+            "model": self._config.semantic.embeddings_model,
+            "input": plan.semantic_text,
+            "encoding_format": "float",
+        }
+        request = router_pb2.ModelRequest(
+            meta=plan.meta, task="embeddings", model=body["model"], openai_json=orjson.dumps(body)
+        )
+        try:
+            reply = await self._router.Complete(request, timeout=10)
+            vector: list[float] = orjson.loads(reply.openai_json)["data"][0]["embedding"]
+        except (grpc.aio.AioRpcError, KeyError, IndexError, TypeError, orjson.JSONDecodeError) as exc:
+            # Without a vector the request is just an exact-cache miss.
+            log.warning("semantic cache: no embedding", extra={"error": f"{type(exc).__name__}: {exc}"})
+            return None
+        return vector
+
+    async def semantic_lookup(self, plan: CachePlan) -> tuple[router_pb2.ModelResponse | None, list[float] | None]:
+        """A stored answer to a conversation that means the same, and this one's vector."""
+        if not plan.semantic_namespace or not plan.read:
+            return None, None
+        vector = await self._embed(plan)
+        if vector is None:
+            return None, None
+        search = cache_pb2.SemanticSearchRequest(
+            namespace=plan.semantic_namespace, vector=vector, threshold=self._config.semantic.threshold
+        )
+        try:
+            match = await self._stub.SemanticSearch(search, timeout=10)
+        except grpc.aio.AioRpcError as err:
+            self._unreachable(err)
+            return None, vector
+        if not match.found:
+            return None, vector
+        found = await self.lookup(
+            CachePlan(match.key, True, plan.max_age_s, plan.include_usage, plan.meta), lease=False
+        )
+        if found.response is None:
+            return None, vector  # the matching answer has expired from every level
+        found.response.cache = "semantic"
+        return found.response, vector
+
+    async def semantic_add(self, plan: CachePlan, vector: list[float]) -> None:
+        add = cache_pb2.SemanticAddRequest(namespace=plan.semantic_namespace, key=plan.key, vector=vector)
+        try:
+            await self._stub.SemanticAdd(add, timeout=10)
+        except grpc.aio.AioRpcError as err:
+            self._unreachable(err)
+
+    async def read(self, plan: CachePlan) -> CacheLookup:
+        """The exact entry, else (models that opted in) one that means the same; a miss
+        carries the lease to fill the key and the conversation's vector."""
+        found = await self.lookup(plan)
+        if found.response is not None or not plan.semantic_namespace:
+            return found
+        similar, vector = await self.semantic_lookup(plan)
+        if similar is None:
+            return CacheLookup(lease=found.lease, vector=vector)
+        # Also the answer to this exact request from now on (and to those waiting on it).
+        stored = router_pb2.ModelResponse()
+        stored.CopyFrom(similar)
+        stored.cache = ""
+        await self.store(plan, found.lease, stored)
+        return CacheLookup(similar)
+
+    async def write(self, plan: CachePlan, found: CacheLookup, response: router_pb2.ModelResponse) -> None:
+        """Store a fresh answer under the plan's key (and its vector, for the semantic cache)."""
+        await self.store(plan, found.lease, response)
+        if found.vector is not None:
+            await self.semantic_add(plan, found.vector)

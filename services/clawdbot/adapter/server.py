@@ -51,12 +51,13 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
         http_client_max_size=config.gateway.max_request_bytes,
     )
     router_channel = _channel(config.router.host, config.router.grpc_port)
+    router = router_pb2_grpc.RouterStub(router_channel)
     channels = [router_channel]
     cache: ResponseCache | None = None
     if config.cache.enabled:
         cache_channel = _channel(config.cache.host, config.cache.grpc_port)
         channels.append(cache_channel)
-        cache = ResponseCache(cache_pb2_grpc.CacheServiceStub(cache_channel), config.cache, config.models)
+        cache = ResponseCache(cache_pb2_grpc.CacheServiceStub(cache_channel), config.cache, config.models, router)
     auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env())
     gateway = Gateway(router_pb2_grpc.RouterStub(router_channel), auth, metrics, config.adapter.router_timeout_s, cache)
     servicer = gateway_pb2_grpc.GatewayServicer()

@@ -8,18 +8,22 @@ the first miss for a key fills it, identical requests meanwhile wait for that an
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
 import grpc
+import numpy as np
 
 from clawdbot.cache.entry import Entry
 from clawdbot.cache.memory import MemoryLevel
 from clawdbot.cache.metrics import CacheMetrics
 from clawdbot.cache.objects import ObjectLevel
 from clawdbot.cache.redis_level import RedisLevel
+from clawdbot.cache.s3_level import S3Level
+from clawdbot.cache.semantic import SemanticIndex
 from clawdbot.cache.singleflight import Flights
 from clawdbot.cache.store import TieredStore
 from clawdbot.common.config import CacheConfig, Config
@@ -50,11 +54,23 @@ def build_store(config: CacheConfig, metrics: CacheMetrics) -> tuple[TieredStore
         if config.redis_url
         else None
     )
-    l3 = (
-        ObjectLevel(Path(config.object_dir), config.l3_ttl_s, on_corrupt=corrupt, on_state_change=level_state("l3"))
-        if config.object_dir
-        else None
-    )
+    l3: ObjectLevel | S3Level | None = None
+    if config.s3 is not None:
+        l3 = S3Level(
+            config.s3.bucket,
+            endpoint_url=config.s3.endpoint_url,
+            region=config.s3.region,
+            access_key=os.environ.get(config.s3.access_key_env),
+            secret_key=os.environ.get(config.s3.secret_key_env),
+            prefix=config.s3.prefix,
+            ttl_s=config.l3_ttl_s,
+            on_corrupt=corrupt,
+            on_state_change=level_state("l3"),
+        )
+    elif config.object_dir:
+        l3 = ObjectLevel(
+            Path(config.object_dir), config.l3_ttl_s, on_corrupt=corrupt, on_state_change=level_state("l3")
+        )
     for level in (l1, l2, l3):
         if level is not None:
             metrics.level_up.labels(level.name).set(1)
@@ -77,10 +93,18 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self._metrics = CacheMetrics(metrics)
         self.store, self._redis = build_store(config, self._metrics)
         self._flights = Flights(self.store, self._redis, config.wait_s, self._metrics)
+        self._semantic = SemanticIndex(config.semantic.max_entries)
+
+    async def prepare(self) -> None:
+        """Create the bucket if the object storage is S3 and it has none yet."""
+        if isinstance(self.store.l3, S3Level):
+            await self.store.l3.ensure_bucket()
 
     async def close(self) -> None:
         if self._redis is not None:
             await self._redis.close()
+        if isinstance(self.store.l3, S3Level):
+            await self.store.l3.close()
 
     async def Get(  # noqa: N802 - gRPC method name
         self, request: cache_pb2.CacheGetRequest, context: grpc.aio.ServicerContext
@@ -159,6 +183,24 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             levels=levels, coalesced=self._flights.coalesced, in_flight=self._flights.in_flight
         )
 
+    async def SemanticSearch(  # noqa: N802 - gRPC method name
+        self, request: cache_pb2.SemanticSearchRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.SemanticSearchResponse:
+        if not request.vector:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "vector is required")
+        match = self._semantic.search(request.namespace, np.asarray(request.vector, np.float32), request.threshold)
+        if match is None:
+            return cache_pb2.SemanticSearchResponse(found=False)
+        return cache_pb2.SemanticSearchResponse(found=True, key=match[0], similarity=match[1])
+
+    async def SemanticAdd(  # noqa: N802 - gRPC method name
+        self, request: cache_pb2.SemanticAddRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.SemanticAddResponse:
+        if not request.vector or not request.key:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "key and vector are required")
+        self._semantic.add(request.namespace, request.key, np.asarray(request.vector, np.float32))
+        return cache_pb2.SemanticAddResponse(entries=len(self._semantic))
+
 
 def create_server(config: Config) -> ServiceHost:
     metrics = Metrics("cache")
@@ -166,5 +208,6 @@ def create_server(config: Config) -> ServiceHost:
     servicer = CacheServicer(config.cache, metrics)
     cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, host.grpc_server)
     host.add_service_name("clawdbot.v1.CacheService")
+    host.in_background(servicer.prepare)
     host.on_shutdown(servicer.close)
     return host

@@ -19,7 +19,6 @@ from clawdbot.cache.entry import Entry
 from clawdbot.cache.levels import Level
 from clawdbot.cache.memory import MemoryLevel
 from clawdbot.cache.metrics import CacheMetrics
-from clawdbot.cache.objects import ObjectLevel
 from clawdbot.cache.redis_level import RedisLevel
 
 # An L2 entry with this attribute holds no value: the value is in L3 under the same key.
@@ -31,7 +30,7 @@ class TieredStore:
         self,
         l1: MemoryLevel,
         l2: RedisLevel | None,
-        l3: ObjectLevel | None,
+        l3: Level | None,
         large_value_bytes: int,
         metrics: CacheMetrics,
         clock: Callable[[], float] = time.time,

@@ -87,6 +87,31 @@ class RouterConfig(ServiceEndpoint):
     max_connections: int = Field(512, gt=0)
 
 
+class SemanticCacheConfig(_Strict):
+    """Opt-in per model: a stored answer to a question that means the same is served."""
+
+    # Chat models whose answers may be found by meaning.
+    models: tuple[str, ...] = ()
+    # The embeddings model (any configured one) that turns a conversation into a vector.
+    embeddings_model: str = "all-minilm-l6-v2"
+    # Cosine similarity a stored conversation must reach to count as the same question.
+    threshold: float = Field(0.92, gt=0, le=1)
+    # Vectors kept per cache instance, oldest dropped first.
+    max_entries: int = Field(50_000, gt=0)
+
+
+class S3Config(_Strict):
+    """An S3-compatible bucket (AWS S3, MinIO, Ceph, ...) as the cache's object storage."""
+
+    bucket: str = Field(..., min_length=3)
+    endpoint_url: str | None = None  # None: AWS itself
+    region: str = "us-east-1"
+    prefix: str = "clawdbot-cache/"
+    # Credentials are read from these variables (never from YAML); unset: boto3's own chain.
+    access_key_env: str = "AWS_ACCESS_KEY_ID"
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+
+
 class CacheConfig(ServiceEndpoint):
     """The cache service: memory (L1), Redis (L2), object storage (L3)."""
 
@@ -101,8 +126,10 @@ class CacheConfig(ServiceEndpoint):
     redis_url: str = "redis://127.0.0.1:6379/0"
     run_redis: bool = True
     l2_ttl_s: float = Field(3600.0, gt=0)
-    # L3: a local directory (content-addressed files). Empty: no L3.
+    # L3: a local directory (content-addressed files), or an S3-compatible bucket when
+    # `s3` is set. Neither: no L3.
     object_dir: str = ".clawdbot/cache"
+    s3: S3Config | None = None
     l3_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
     # Values larger than this skip L1 and live in L3, with a pointer in L2.
     large_value_bytes: int = Field(256 * 1024, gt=0)
@@ -113,6 +140,7 @@ class CacheConfig(ServiceEndpoint):
     tasks: tuple[Task, ...] = ("chat", "embeddings", "speech")
     # How long identical concurrent requests wait for the first one's answer.
     wait_s: float = Field(60.0, gt=0)
+    semantic: SemanticCacheConfig = Field(default_factory=SemanticCacheConfig)
 
 
 # What each worker runtime serves.

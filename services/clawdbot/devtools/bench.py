@@ -38,6 +38,8 @@ REQUEST_BODY: dict[str, Any] = {
     "model": BENCH_MODEL,
     "messages": [{"role": "user", "content": "hi"}],
 }
+# Deterministic, so the gateway caches it: after the first request, every one is a hit.
+CACHED_BODY: dict[str, Any] = {**REQUEST_BODY, "temperature": 0}
 # The mock runs without --api-key and ignores this; it only keeps the request shape
 # identical to what goes through the gateway.
 DIRECT_API_KEY = "bench-direct"
@@ -350,8 +352,9 @@ def bench_target(
     duration_s: float,
     warmup_s: float,
     workdir: Path,
+    request_body: dict[str, Any] = REQUEST_BODY,
 ) -> list[Row]:
-    body = json.dumps(REQUEST_BODY, separators=(",", ":"))
+    body = json.dumps(request_body, separators=(",", ":"))
     problem = preflight(url, body.encode(), api_key)
     if problem is not None:
         print(f"bench: warning: {target} preflight failed: {problem}", file=sys.stderr)
@@ -367,8 +370,9 @@ def bench_target(
     return rows
 
 
-def gateway_config(mock_port: int) -> str:
+def gateway_config(mock_port: int, workdir: Path) -> str:
     return (
+        f"cache: {{object_dir: {workdir / 'objects'}}}\n"
         "models:\n"
         f"  - name: {BENCH_MODEL}\n"
         "    task: chat\n"
@@ -484,7 +488,7 @@ def run(args: argparse.Namespace, rows: list[Row]) -> None:
             if args.skip_gateway:
                 return
             config = workdir / "bench-config.yaml"
-            config.write_text(gateway_config(mock_port))
+            config.write_text(gateway_config(mock_port, workdir))
             runner_ready = workdir / "runner.ready.json"
             runner_cmd = [
                 sys.executable,
@@ -509,6 +513,16 @@ def run(args: argparse.Namespace, rows: list[Row]) -> None:
                     args.duration,
                     args.warmup,
                     workdir,
+                )
+                rows += bench_target(
+                    "cache-hit",
+                    base.rstrip("/") + "/v1/chat/completions",
+                    key if isinstance(key, str) else None,
+                    args.connections,
+                    args.duration,
+                    args.warmup,
+                    workdir,
+                    CACHED_BODY,
                 )
 
 

@@ -116,3 +116,39 @@ class CacheStatsResponse(_message.Message):
     coalesced: int
     in_flight: int
     def __init__(self, levels: _Optional[_Iterable[_Union[CacheLevelStats, _Mapping]]] = ..., coalesced: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
+
+class SemanticSearchRequest(_message.Message):
+    __slots__ = ("namespace", "vector", "threshold")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    threshold: float
+    def __init__(self, namespace: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class SemanticSearchResponse(_message.Message):
+    __slots__ = ("found", "key", "similarity")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    key: str
+    similarity: float
+    def __init__(self, found: _Optional[bool] = ..., key: _Optional[str] = ..., similarity: _Optional[float] = ...) -> None: ...
+
+class SemanticAddRequest(_message.Message):
+    __slots__ = ("namespace", "key", "vector")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    key: str
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SemanticAddResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: int
+    def __init__(self, entries: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,16 @@ class CacheServiceStub:
                 request_serializer=clawdbot_dot_v1_dot_cache__pb2.CacheStatsRequest.SerializeToString,
                 response_deserializer=clawdbot_dot_v1_dot_cache__pb2.CacheStatsResponse.FromString,
                 _registered_method=True)
+        self.SemanticSearch = channel.unary_unary(
+                '/clawdbot.v1.CacheService/SemanticSearch',
+                request_serializer=clawdbot_dot_v1_dot_cache__pb2.SemanticSearchRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_cache__pb2.SemanticSearchResponse.FromString,
+                _registered_method=True)
+        self.SemanticAdd = channel.unary_unary(
+                '/clawdbot.v1.CacheService/SemanticAdd',
+                request_serializer=clawdbot_dot_v1_dot_cache__pb2.SemanticAddRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_cache__pb2.SemanticAddResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -83,6 +93,18 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SemanticSearch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SemanticAdd(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +127,16 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=clawdbot_dot_v1_dot_cache__pb2.CacheStatsRequest.FromString,
                     response_serializer=clawdbot_dot_v1_dot_cache__pb2.CacheStatsResponse.SerializeToString,
+            ),
+            'SemanticSearch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SemanticSearch,
+                    request_deserializer=clawdbot_dot_v1_dot_cache__pb2.SemanticSearchRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_cache__pb2.SemanticSearchResponse.SerializeToString,
+            ),
+            'SemanticAdd': grpc.unary_unary_rpc_method_handler(
+                    servicer.SemanticAdd,
+                    request_deserializer=clawdbot_dot_v1_dot_cache__pb2.SemanticAddRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_cache__pb2.SemanticAddResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +247,60 @@ class CacheService:
             '/clawdbot.v1.CacheService/Stats',
             clawdbot_dot_v1_dot_cache__pb2.CacheStatsRequest.SerializeToString,
             clawdbot_dot_v1_dot_cache__pb2.CacheStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SemanticSearch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.CacheService/SemanticSearch',
+            clawdbot_dot_v1_dot_cache__pb2.SemanticSearchRequest.SerializeToString,
+            clawdbot_dot_v1_dot_cache__pb2.SemanticSearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SemanticAdd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.CacheService/SemanticAdd',
+            clawdbot_dot_v1_dot_cache__pb2.SemanticAddRequest.SerializeToString,
+            clawdbot_dot_v1_dot_cache__pb2.SemanticAddResponse.FromString,
             options,
             channel_credentials,
             insecure,
