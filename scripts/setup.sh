@@ -67,4 +67,9 @@ if [ ! -x "$TOOLS/grpcurl" ]; then
   mkdir -p "$TOOLS"
   GOBIN=$TOOLS GOFLAGS=-mod=mod go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
 fi
+# Kafka (the jobs' queue): a one-node broker run from its Maven Central jars, which Maven
+# resolves once into .tools/kafka.
+command -v java >/dev/null || apt_install openjdk-17-jre-headless
+command -v mvn >/dev/null || apt_install maven
+bash deploy/kafka/kafka.sh install
 say "ready"

@@ -11,7 +11,10 @@ import grpc
 import pytest
 import yaml
 
-from tests.support import REPO_ROOT, GiveUp, Proc, read_json_file, start_mock_upstream, wait_for
+from tests.support import GiveUp, Proc, python_env, read_json_file, start_mock_upstream, wait_for
+
+# What the mesh's job callbacks are signed with.
+CALLBACK_SECRET = "test-callback-secret"
 
 
 @pytest.fixture(scope="session")
@@ -157,6 +160,8 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
             "batch_window_ms": 20,
         },
         # A fresh object store per session: answers cached by an earlier run must not hit.
+        # Two consumer processes, and quick retries, for the job tests.
+        "jobs": {"consumers": 2, "backoff_s": 0.1, "max_attempts": 3},
         "cache": {
             "object_dir": str(traces_dir.parent / "objects"),
             "semantic": {"models": ["mock-semantic"], "embeddings_model": "all-minilm-l6-v2"},
@@ -178,12 +183,12 @@ def running_mesh(tmp: Path, config: dict[str, Any], mock_url: str) -> Iterator[M
     config_file = tmp / "clawdbot.yaml"
     config_file.write_text(yaml.safe_dump(config))
     ready = tmp / "ready.json"
-    # The model file is assembled once per machine, not once per test run.
-    state = REPO_ROOT / ".clawdbot" / "test-state"
-    state.mkdir(parents=True, exist_ok=True)
+    # Its own key, Kafka data and Redis: nothing carries over from another mesh or run.
+    # (Model files are unpacked once per checkout, into worker.model_dir.)
+    state = tmp / "state"
     argv = [sys.executable, "-m", "clawdbot.runner", "--config", str(config_file), "--ephemeral-ports"]
     argv += ["--ready-file", str(ready), "--state-dir", str(state)]
-    runner = Proc(argv, tmp / "runner.log")
+    runner = Proc(argv, tmp / "runner.log", env=python_env(CLAWDBOT_CALLBACK_SECRET=CALLBACK_SECRET))
 
     def started() -> dict[str, Any] | None:
         if not runner.alive():

@@ -226,3 +226,46 @@ def start_s3_server(tmp: Path, port: int | None = None) -> tuple[Proc, int]:
             raise
         return proc, chosen
     raise AssertionError("unreachable")
+
+
+def start_kafka(tmp: Path, port: int | None = None, controller_port: int | None = None) -> tuple[Proc, int, int]:
+    """A one-node Kafka broker (KRaft) on 127.0.0.1 with its data in tmp/kafka, once it
+    answers metadata; returns it with its broker and controller ports.
+
+    Stop it with Proc.stop() (SIGTERM: a clean shutdown); pass the same tmp (and ports) to
+    start it again over the same data. Call it from synchronous code (a fixture): it runs
+    its readiness probe with asyncio.run.
+    """
+    from clawdbot.runner.kafka import broker_argv, broker_ready, format_storage, kafka_installed
+
+    assert kafka_installed(), "Kafka's jars missing: `make setup` installs them (deploy/kafka/kafka.sh install)"
+    data_dir = tmp / "kafka"
+    fixed = port is not None or controller_port is not None
+    # A free port can be taken by someone else before the broker binds it: then try others.
+    for attempt in range(1 if fixed else 3):
+        chosen = port if port is not None else _free_tcp_port()
+        chosen_controller = controller_port
+        while chosen_controller is None or chosen_controller == chosen:
+            chosen_controller = _free_tcp_port()
+        format_storage(data_dir, chosen, chosen_controller)
+        log = tmp / f"kafka-{chosen}-{len(list(tmp.glob(f'kafka-{chosen}-*.log')))}.log"
+        proc = Proc(broker_argv(data_dir), log)
+
+        def ready(proc: Proc = proc, chosen: int = chosen) -> bool:
+            if not proc.alive():
+                raise GiveUp(f"the Kafka broker exited:\n{proc.output()}")
+            return asyncio.run(broker_ready(f"127.0.0.1:{chosen}"))
+
+        try:
+            # A JVM start takes seconds even on an idle machine; a busy one can take a minute.
+            wait_for(ready, 180, f"the Kafka broker on port {chosen}", interval=0.2)
+        except GiveUp:
+            proc.stop()
+            if fixed or attempt == 2:
+                raise
+            continue
+        except BaseException:
+            proc.stop()
+            raise
+        return proc, chosen, chosen_controller
+    raise AssertionError("unreachable")

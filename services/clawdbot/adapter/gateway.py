@@ -29,6 +29,7 @@ from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.telemetry import extract_context, inject_headers
 from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
+from clawdbot.jobs.api import JobsApi
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,11 @@ class Gateway:
         metrics: Metrics,
         router_timeout_s: float,
         cache: ResponseCache | None = None,
+        jobs: JobsApi | None = None,
     ) -> None:
         self._router = router
         self._cache = cache
+        self._jobs = jobs
         self._auth = auth
         self._metrics = metrics
         self._timeout = router_timeout_s
@@ -92,6 +95,14 @@ class Gateway:
     def record(self, operation: str, protocol: str, status: int, started: float) -> None:
         self._metrics.requests.labels("adapter", operation, protocol, str(status)).inc()
         self._metrics.request_duration.labels("adapter", operation, protocol).observe(time.perf_counter() - started)
+
+    @property
+    def jobs(self) -> JobsApi:
+        if self._jobs is None:
+            raise GatewayError(
+                503, "Async jobs are turned off here (jobs.enabled).", "service_unavailable", "jobs_disabled"
+            )
+        return self._jobs
 
     # --- calls to the router -------------------------------------------------------------
 

@@ -19,6 +19,11 @@ from clawdbot.common.config import Config
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost
 from clawdbot.gen.v1 import cache_pb2_grpc, gateway_pb2_grpc, router_pb2_grpc
+from clawdbot.jobs.api import JobsApi
+from clawdbot.jobs.execution import JobExecutor
+from clawdbot.jobs.processing import JobProcessor
+from clawdbot.jobs.queue import InProcessJobQueue, KafkaJobQueue
+from clawdbot.jobs.store import MemoryJobStore, RedisJobStore, store_url
 
 GATEWAY_SERVICE = "clawdbot.v1.Gateway"
 
@@ -41,6 +46,17 @@ def _channel(host: str, port: int) -> grpc.aio.Channel:
     )
 
 
+def jobs_api(config: Config, router: router_pb2_grpc.RouterStub) -> JobsApi:
+    """Jobs through Kafka with records in Redis; without Kafka, in this process and memory."""
+    if config.jobs.kafka_bootstrap:
+        return JobsApi(
+            RedisJobStore(store_url(config), config.jobs.retention_s), KafkaJobQueue(config.jobs.kafka_bootstrap)
+        )
+    store = MemoryJobStore()
+    processor = JobProcessor(JobExecutor(router, store, config.jobs), store, config.jobs)
+    return JobsApi(store, InProcessJobQueue(processor))
+
+
 def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceHost:
     metrics = Metrics("adapter")
     host = ServiceHost(
@@ -59,7 +75,8 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
         channels.append(cache_channel)
         cache = ResponseCache(cache_pb2_grpc.CacheServiceStub(cache_channel), config.cache, config.models, router)
     auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env())
-    gateway = Gateway(router_pb2_grpc.RouterStub(router_channel), auth, metrics, config.adapter.router_timeout_s, cache)
+    jobs = jobs_api(config, router) if config.jobs.enabled else None
+    gateway = Gateway(router, auth, metrics, config.adapter.router_timeout_s, cache, jobs)
     servicer = gateway_pb2_grpc.GatewayServicer()
     ctx = ProtocolContext(config=config, gateway=gateway, servicer=servicer, host=host)
     for plugin in load_protocols(config):
@@ -68,6 +85,8 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
     host.add_service_name(GATEWAY_SERVICE)
 
     async def close_channels() -> None:
+        if jobs is not None:
+            await jobs.close()
         for channel in channels:
             await channel.close(grace=None)
 

@@ -143,6 +143,34 @@ class CacheConfig(ServiceEndpoint):
     semantic: SemanticCacheConfig = Field(default_factory=SemanticCacheConfig)
 
 
+class JobsConfig(ServiceEndpoint):
+    """Async jobs over Kafka: the adapter produces, `python -m clawdbot.jobs` consumes."""
+
+    grpc_port: int = 7041
+    http_port: int = 7042
+    enabled: bool = True
+    # The Kafka bootstrap server. The runner starts a local broker (deploy/kafka) for a
+    # 127.0.0.1 address when `run_kafka` is on and Java is there; without Kafka, jobs run
+    # on an in-process queue and say `"durable": false`.
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    run_kafka: bool = True
+    kafka_controller_port: int = Field(9093, ge=0, le=65535)
+    partitions: int = Field(6, gt=0)
+    # Consumer processes the runner starts (one consumer group).
+    consumers: int = Field(1, ge=0)
+    # Where job records live (queued, running, results, errors). Empty: the cache's Redis.
+    redis_url: str = ""
+    retention_s: float = Field(7 * 24 * 3600.0, gt=0)
+    # Retryable failures (upstream 5xx, 429, timeouts) are retried this often in all...
+    max_attempts: int = Field(3, ge=1)
+    # ...waiting backoff_s, 2*backoff_s, ... between attempts.
+    backoff_s: float = Field(0.5, ge=0)
+    # Each job's model call may take this long.
+    job_timeout_s: float = Field(300.0, gt=0)
+    # Callbacks are signed with the secret in this variable (HMAC-SHA256 of the body).
+    callback_secret_env: str = "CLAWDBOT_CALLBACK_SECRET"
+
+
 # What each worker runtime serves.
 RUNTIME_TASKS: Mapping[str, Task] = {
     "minilm": "embeddings",
@@ -347,6 +375,7 @@ class Config(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
     model_router: ModelRouterConfig = Field(default_factory=ModelRouterConfig)
     models: tuple[ModelEntry, ...] = ()
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

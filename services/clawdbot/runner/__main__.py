@@ -1,8 +1,8 @@
 """`python -m clawdbot.runner` (what `make run` calls): the whole mesh in the foreground.
 
-Start order, each waiting for the one before to report ready: Redis (when the cache uses
-a local one), the cache, the worker (local models; it serves before its models finish
-loading), router, adapter, then Envoy last, so the public port only opens onto a working
+Start order, each waiting for the one before to report ready: Kafka and Redis (when the
+jobs and the cache use local ones), the cache, the worker (local models; it serves before its models finish
+loading), router, job consumers, adapter, then Envoy last, so the public port only opens onto a working
 mesh.
 Ctrl-C or SIGTERM stops everything in the reverse order.
 """
@@ -28,7 +28,7 @@ from clawdbot.common.config import REPO_ROOT, Config, ConfigError, config_path, 
 from clawdbot.common.logging import setup_logging
 from clawdbot.common.service import run_service
 from clawdbot.router.reload import MODEL_URLS_ENV, SOURCE_CONFIG_ENV
-from clawdbot.runner import envoy_config
+from clawdbot.runner import envoy_config, kafka
 from clawdbot.runner.supervisor import Child, Supervisor, grpc_serving, http_ok, redis_pong
 
 log = logging.getLogger("clawdbot.runner")
@@ -68,6 +68,10 @@ def ensure_api_key(state_dir: Path) -> tuple[str, bool]:
 def with_ephemeral_ports(config: Config) -> Config:
     """Every port taken fresh from the OS, for tests and benchmarks beside a running mesh."""
     worker = config.worker.model_copy(update={"grpc_port": free_port(), "http_port": free_port()})
+    jobs_update: dict[str, object] = {"grpc_port": free_port(), "http_port": free_port()}
+    if local_kafka(config) is not None:
+        jobs_update |= {"kafka_bootstrap": f"127.0.0.1:{free_port()}", "kafka_controller_port": free_port()}
+    config = config.model_copy(update={"jobs": config.jobs.model_copy(update=jobs_update)})
     cache_update: dict[str, object] = {"grpc_port": free_port(), "http_port": free_port()}
     if local_redis(config) is not None:
         cache_update["redis_url"] = f"redis://127.0.0.1:{free_port()}/0"
@@ -93,6 +97,15 @@ def local_redis(config: Config) -> tuple[str, int] | None:
     return "127.0.0.1", url.port or 6379
 
 
+def local_kafka(config: Config) -> tuple[str, int] | None:
+    """(host, port) of the Kafka broker the runner should start for the jobs, if any."""
+    jobs = config.jobs
+    host, _, port = jobs.kafka_bootstrap.rpartition(":")
+    if not (jobs.enabled and jobs.run_kafka and host in ("127.0.0.1", "localhost") and port.isdigit()):
+        return None
+    return "127.0.0.1", int(port)
+
+
 def local_model_urls(config: Config) -> dict[str, str]:
     """Where the models this runner starts listen: the worker's address, for each of its models."""
     worker = f"grpc://{config.worker.host}:{config.worker.grpc_port}"
@@ -113,7 +126,7 @@ class Runner:
         # rewritten after each restart (pids change).
         self.up = False
 
-    def _service_child(self, name: str, grpc_port: int, config_file: Path) -> Child:
+    def _service_child(self, name: str, grpc_port: int, config_file: Path, module: str = "") -> Child:
         env = {
             "CLAWDBOT_CONFIG": str(config_file),
             "CLAWDBOT_API_KEY": self.api_key,
@@ -124,11 +137,58 @@ class Runner:
         }
         return Child(
             name,
-            [sys.executable, "-m", f"clawdbot.{name}"],
+            [sys.executable, "-m", module or f"clawdbot.{name}"],
             grpc_serving(f"127.0.0.1:{grpc_port}"),
             env,
             stop_timeout_s=self.config.adapter.shutdown_grace_s + 10,
         )
+
+    async def _launch_kafka(self) -> None:
+        """Start the local broker for the jobs; without one, say so loudly and let jobs run
+        in-process (services see an empty kafka_bootstrap in the config they are given)."""
+        jobs = self.config.jobs
+        address = local_kafka(self.config)
+        if address is None:
+            return
+        problem = ""
+        if shutil.which("java") is None:
+            problem = "Java is not installed"
+        elif not kafka.kafka_installed():
+            problem = "the Kafka jars are not installed (run `make setup`)"
+        if not problem:
+            data_dir = self.state_dir / "kafka"
+            try:
+                await asyncio.to_thread(kafka.format_storage, data_dir, address[1], jobs.kafka_controller_port)
+                bootstrap = f"{address[0]}:{address[1]}"
+
+                async def ready() -> bool:
+                    return await kafka.broker_ready(bootstrap)
+
+                await self.supervisor.launch(
+                    Child("kafka", kafka.broker_argv(data_dir), ready, ready_timeout_s=180, stop_timeout_s=60)
+                )
+                return
+            except (RuntimeError, OSError) as exc:
+                problem = f"the broker did not start: {exc}"
+        log.error(
+            'NO KAFKA: async jobs run in-process and are not durable ("durable": false); %s',
+            problem,
+            extra={"problem": problem},
+        )
+        self.config = self.config.model_copy(update={"jobs": jobs.model_copy(update={"kafka_bootstrap": ""})})
+
+    async def _launch_job_consumers(self) -> None:
+        jobs = self.config.jobs
+        if not (jobs.enabled and jobs.kafka_bootstrap):
+            return
+        for index in range(1, jobs.consumers + 1):
+            # Each consumer process needs ports of its own: a config file of its own.
+            ports = {"grpc_port": free_port(), "http_port": free_port()} if index > 1 else {}
+            own = self.config.model_copy(update={"jobs": jobs.model_copy(update=ports)})
+            own_file = self.run_dir / f"clawdbot.jobs-{index}.yaml"
+            own_file.write_text(dump_config(own))
+            child = self._service_child(f"jobs-{index}", own.jobs.grpc_port, own_file, module="clawdbot.jobs")
+            await self.supervisor.launch(child)
 
     async def _launch_cache(self, config_file: Path) -> None:
         if not self.config.cache.enabled:
@@ -226,6 +286,7 @@ class Runner:
                 "cache_grpc": self.config.cache.grpc_port,
                 "cache_http": self.config.cache.http_port,
                 "redis": urlsplit(self.config.cache.redis_url).port or 0,
+                "kafka": broker[1] if (broker := local_kafka(self.config)) else 0,
             },
         }
         tmp = self.ready_file.with_suffix(".tmp")
@@ -235,16 +296,18 @@ class Runner:
     async def run(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_file = self.run_dir / "clawdbot.yaml"
-        config_file.write_text(dump_config(self.config))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
+            await self._launch_kafka()
+            config_file.write_text(dump_config(self.config))
             await self._launch_cache(config_file)
             if self.config.worker.models:
                 await self.supervisor.launch(self._service_child("worker", self.config.worker.grpc_port, config_file))
             await self.supervisor.launch(self._service_child("router", self.config.router.grpc_port, config_file))
+            await self._launch_job_consumers()
             await self.supervisor.launch(self._service_child("adapter", self.config.adapter.grpc_port, config_file))
             await self.supervisor.launch(self._envoy_child())
         except RuntimeError as exc:

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import orjson
@@ -34,15 +34,28 @@ from clawdbot.adapter.protocols.base import (
 )
 from clawdbot.common.errors import GatewayError, internal_error
 from clawdbot.gen.v1 import gateway_pb2, router_pb2
+from clawdbot.jobs.records import Job
 
 log = logging.getLogger(__name__)
+
+
+def whole_numbers(value: Any) -> Any:
+    """A google.protobuf.Struct holds every number as a double: 5 arrives as 5.0, which an
+    OpenAI API refuses for max_tokens, n, seed... Whole doubles become ints again."""
+    if isinstance(value, dict):
+        return {k: whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def to_openai(message: Message) -> dict[str, Any]:
     body = json_format.MessageToDict(message, preserving_proto_field_name=True)
     extra = body.pop("extra", None)
     if isinstance(extra, dict):
-        for key, value in extra.items():
+        for key, value in whole_numbers(extra).items():
             body.setdefault(key, value)
     return body
 
@@ -64,6 +77,9 @@ class GrpcProtocol:
         servicer.CreateTranscription = self.create_transcription  # type: ignore[method-assign]
         servicer.CreateSpeech = self.create_speech  # type: ignore[method-assign]
         servicer.ClassifyIntent = self.classify_intent  # type: ignore[method-assign]
+        servicer.SubmitJob = self.submit_job  # type: ignore[method-assign]
+        servicer.GetJob = self.get_job  # type: ignore[method-assign]
+        servicer.ListJobs = self.list_jobs  # type: ignore[method-assign]
         servicer.ListModels = self.list_models  # type: ignore[method-assign]
         servicer.SubmitFeedback = self.submit_feedback  # type: ignore[method-assign]
         servicer.ExplainRouting = self.explain_routing  # type: ignore[method-assign]
@@ -202,6 +218,36 @@ class GrpcProtocol:
             await err.abort(context)
             raise
 
+    async def submit_job(
+        self, request: gateway_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.Job:
+        try:
+            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+            body = whole_numbers(json_format.MessageToDict(request, preserving_proto_field_name=True))
+            return job_message(await self._gateway.jobs.submit(meta, body))
+        except GatewayError as err:
+            await err.abort(context)
+            raise
+
+    async def get_job(self, request: gateway_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.Job:
+        try:
+            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+            return job_message(await self._gateway.jobs.get(meta, request.id))
+        except GatewayError as err:
+            await err.abort(context)
+            raise
+
+    async def list_jobs(
+        self, request: gateway_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.JobList:
+        try:
+            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+            jobs = await self._gateway.jobs.list(meta, request.limit)
+            return gateway_pb2.JobList(object="list", data=[job_message(job) for job in jobs])
+        except GatewayError as err:
+            await err.abort(context)
+            raise
+
     async def reload_config(
         self, request: gateway_pb2.ReloadConfigRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ReloadResponse:
@@ -210,6 +256,10 @@ class GrpcProtocol:
         except GatewayError as err:
             await err.abort(context)
             raise
+
+
+def job_message(job: Job) -> gateway_pb2.Job:
+    return cast(gateway_pb2.Job, json_format.ParseDict(job.public(), gateway_pb2.Job(), ignore_unknown_fields=True))
 
 
 def create_protocol() -> GrpcProtocol:

@@ -72,6 +72,9 @@ class RestProtocol:
         servicer.TranscriptionsHttp = self.transcriptions  # type: ignore[method-assign]
         servicer.SpeechHttp = self.speech  # type: ignore[method-assign]
         servicer.IntentsHttp = self.intents  # type: ignore[method-assign]
+        servicer.SubmitJobHttp = self.submit_job  # type: ignore[method-assign]
+        servicer.GetJobHttp = self.get_job  # type: ignore[method-assign]
+        servicer.ListJobsHttp = self.list_jobs  # type: ignore[method-assign]
         servicer.ListModelsHttp = self.list_models  # type: ignore[method-assign]
         servicer.FeedbackHttp = self.feedback  # type: ignore[method-assign]
         servicer.ExplainRoutingHttp = self.explain  # type: ignore[method-assign]
@@ -201,6 +204,36 @@ class RestProtocol:
             return httpbody_pb2.HttpBody(content_type=JSON, data=response.openai_json)
 
         return await self._unary("intent", "POST /v1/intents", context, work)
+
+    async def submit_job(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            job = await self._gateway.jobs.submit(meta, load_json_object(request.data))
+            # 202: accepted (the queue has it), not done.
+            await context.send_initial_metadata([(STATUS_HEADER, "202"), ("location", f"/v1/jobs/{job.id}")])
+            return httpbody_pb2.HttpBody(content_type=JSON, data=orjson.dumps(job.public()))
+
+        return await self._unary("job.submit", "POST /v1/jobs", context, work)
+
+    async def get_job(
+        self, request: gateway_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            job = await self._gateway.jobs.get(meta, request.id)
+            return httpbody_pb2.HttpBody(content_type=JSON, data=orjson.dumps(job.public()))
+
+        return await self._unary("job.get", "GET /v1/jobs/{id}", context, work)
+
+    async def list_jobs(
+        self, request: gateway_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            jobs = await self._gateway.jobs.list(meta, request.limit)
+            listed = {"object": "list", "data": [job.public() for job in jobs]}
+            return httpbody_pb2.HttpBody(content_type=JSON, data=orjson.dumps(listed))
+
+        return await self._unary("job.list", "GET /v1/jobs", context, work)
 
     async def list_models(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
         async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:

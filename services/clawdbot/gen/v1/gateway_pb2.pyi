@@ -302,3 +302,59 @@ class IntentResponse(_message.Message):
     model_version: str
     data: _containers.RepeatedCompositeFieldContainer[IntentResult]
     def __init__(self, object: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., data: _Optional[_Iterable[_Union[IntentResult, _Mapping]]] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("kind", "request", "callback_url")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    request: _struct_pb2.Struct
+    callback_url: str
+    def __init__(self, kind: _Optional[str] = ..., request: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., callback_url: _Optional[str] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "object", "kind", "status", "result", "error", "attempts", "created_at", "updated_at", "durable", "callback_url")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    object: str
+    kind: str
+    status: str
+    result: _struct_pb2.Struct
+    error: _struct_pb2.Struct
+    attempts: int
+    created_at: float
+    updated_at: float
+    durable: bool
+    callback_url: str
+    def __init__(self, id: _Optional[str] = ..., object: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., attempts: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., durable: _Optional[bool] = ..., callback_url: _Optional[str] = ...) -> None: ...
+
+class JobList(_message.Message):
+    __slots__ = ("object", "data")
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    object: str
+    data: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, object: _Optional[str] = ..., data: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...

@@ -62,6 +62,21 @@ class GatewayStub:
                 request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.SubmitJobHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/SubmitJobHttp',
+                request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.GetJobHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/GetJobHttp',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.ListJobsHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/ListJobsHttp',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.ListModelsHttp = channel.unary_unary(
                 '/clawdbot.v1.Gateway/ListModelsHttp',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
@@ -117,6 +132,21 @@ class GatewayStub:
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.IntentRequest.SerializeToString,
                 response_deserializer=clawdbot_dot_v1_dot_gateway__pb2.IntentResponse.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/clawdbot.v1.Gateway/SubmitJob',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_gateway__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/clawdbot.v1.Gateway/GetJob',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_gateway__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/clawdbot.v1.Gateway/ListJobs',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_gateway__pb2.JobList.FromString,
+                _registered_method=True)
         self.SubmitFeedback = channel.unary_unary(
                 '/clawdbot.v1.Gateway/SubmitFeedback',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.SubmitFeedbackRequest.SerializeToString,
@@ -171,6 +201,25 @@ class GatewayServicer:
     def IntentsHttp(self, request, context):
         """Clawdbot's own route: {model, input, top_n} -> the intent of each input.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitJobHttp(self, request, context):
+        """Async jobs: {kind, request, callback_url?} -> 202 with the job; then poll it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobHttp(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobsHttp(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -248,6 +297,24 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitFeedback(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -292,6 +359,21 @@ def add_GatewayServicer_to_server(servicer, server):
             'IntentsHttp': grpc.unary_unary_rpc_method_handler(
                     servicer.IntentsHttp,
                     request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'SubmitJobHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJobHttp,
+                    request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GetJobHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobHttp,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.GetJobRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'ListJobsHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobsHttp,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'ListModelsHttp': grpc.unary_unary_rpc_method_handler(
@@ -348,6 +430,21 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ClassifyIntent,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.IntentRequest.FromString,
                     response_serializer=clawdbot_dot_v1_dot_gateway__pb2.IntentResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.SubmitJobRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_gateway__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.GetJobRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_gateway__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_gateway__pb2.JobList.SerializeToString,
             ),
             'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitFeedback,
@@ -499,6 +596,87 @@ class Gateway:
             target,
             '/clawdbot.v1.Gateway/IntentsHttp',
             google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJobHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/SubmitJobHttp',
+            google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/GetJobHttp',
+            clawdbot_dot_v1_dot_gateway__pb2.GetJobRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobsHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/ListJobsHttp',
+            clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
@@ -797,6 +975,87 @@ class Gateway:
             '/clawdbot.v1.Gateway/ClassifyIntent',
             clawdbot_dot_v1_dot_gateway__pb2.IntentRequest.SerializeToString,
             clawdbot_dot_v1_dot_gateway__pb2.IntentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/SubmitJob',
+            clawdbot_dot_v1_dot_gateway__pb2.SubmitJobRequest.SerializeToString,
+            clawdbot_dot_v1_dot_gateway__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/GetJob',
+            clawdbot_dot_v1_dot_gateway__pb2.GetJobRequest.SerializeToString,
+            clawdbot_dot_v1_dot_gateway__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/ListJobs',
+            clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
+            clawdbot_dot_v1_dot_gateway__pb2.JobList.FromString,
             options,
             channel_credentials,
             insecure,

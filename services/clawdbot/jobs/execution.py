@@ -1,0 +1,92 @@
+"""Running one job through the router: attempts with backoff for what may succeed on a
+retry (upstream 5xx, 429, timeouts, no instance available), none for what cannot (a bad
+request). The job record says how it went after every step."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from typing import Any
+
+import grpc
+import orjson
+
+from clawdbot.common.config import JobsConfig
+from clawdbot.common.errors import GatewayError
+from clawdbot.common.telemetry import inject_headers
+from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
+from clawdbot.jobs.records import Job
+from clawdbot.jobs.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class JobFailure(Exception):
+    def __init__(self, error: dict[str, Any], retryable: bool) -> None:
+        super().__init__(error.get("message", "job failed"))
+        self.error = error
+        self.retryable = retryable
+
+
+def model_request(job: Job) -> router_pb2.ModelRequest:
+    """The router request a job stands for; JobFailure when it cannot be one."""
+    body = dict(job.request)
+    binary = b""
+    if job.kind == "transcription":
+        try:
+            binary = base64.b64decode(str(body.pop("file", "")), validate=True)
+        except (binascii.Error, ValueError):
+            raise JobFailure(
+                GatewayError.bad_request("'file' must be base64.", "file").to_dict()["error"], False
+            ) from None
+    if job.kind == "chat":
+        body["stream"] = False
+    meta = router_pb2.RequestMeta(request_id=job.id, api_key_id=job.api_key_id, protocol="job")
+    return router_pb2.ModelRequest(
+        meta=meta, task=job.kind, model=str(body.get("model", "")), openai_json=orjson.dumps(body), binary=binary
+    )
+
+
+class JobExecutor:
+    def __init__(self, router: router_pb2_grpc.RouterStub, store: JobStore, config: JobsConfig) -> None:
+        self._router = router
+        self._store = store
+        self._config = config
+
+    async def _call(self, job: Job) -> dict[str, Any]:
+        request = model_request(job)
+        try:
+            reply = await self._router.Complete(
+                request, timeout=self._config.job_timeout_s, metadata=list(inject_headers().items())
+            )
+        except grpc.aio.AioRpcError as err:
+            failure = GatewayError.from_rpc_error(err, "router")
+            retryable = failure.status >= 500 or failure.status == 429
+            raise JobFailure(failure.to_dict()["error"], retryable) from None
+        result: dict[str, Any] = orjson.loads(reply.openai_json) if reply.openai_json else {}
+        return result
+
+    async def run(self, job: Job) -> Job:
+        """Attempts until success, a final failure, or the limit; the job in its end state
+        (not yet stored as such: the caller finishes it, exactly once)."""
+        while True:
+            job.attempts += 1
+            job.status = "running"
+            await self._store.update(job)
+            try:
+                job.result = await self._call(job)
+                job.status, job.error = "succeeded", None
+                return job
+            except JobFailure as failure:
+                if failure.retryable and job.attempts < self._config.max_attempts:
+                    delay = self._config.backoff_s * 2 ** (job.attempts - 1)
+                    log.info(
+                        "job attempt failed; retrying",
+                        extra={"job": job.id, "attempt": job.attempts, "error": str(failure)},
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                job.status, job.error = "failed", {**failure.error, "attempts": job.attempts}
+                return job

@@ -1,0 +1,112 @@
+"""Getting a job to a consumer: Kafka (durable; answered only once the broker has it), or
+an in-process queue when there is no Kafka (the jobs die with the process)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from clawdbot.common.errors import GatewayError
+from clawdbot.common.telemetry import inject_headers
+from clawdbot.jobs import topics
+from clawdbot.jobs.processing import JobProcessor
+from clawdbot.jobs.records import Job
+
+log = logging.getLogger(__name__)
+
+
+class JobQueue(Protocol):
+    durable: bool
+
+    async def send(self, job: Job) -> None:
+        """Hand the job over; raises GatewayError(503) when it cannot be taken."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def kafka_headers() -> list[tuple[str, bytes]]:
+    """The current trace context, so the consumer's spans join the submitter's trace."""
+    return [(k, v.encode()) for k, v in inject_headers().items()]
+
+
+class KafkaJobQueue:
+    durable = True
+
+    def __init__(self, bootstrap: str, send_timeout_s: float = 15.0) -> None:
+        self._bootstrap = bootstrap
+        self._timeout = send_timeout_s
+        self._producer: AIOKafkaProducer | None = None
+        self._starting = asyncio.Lock()
+
+    async def _ready(self) -> AIOKafkaProducer:
+        async with self._starting:
+            if self._producer is None:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=self._bootstrap,
+                    acks="all",
+                    enable_idempotence=True,
+                    request_timeout_ms=int(self._timeout * 1000),
+                    retry_backoff_ms=200,
+                )
+                await producer.start()
+                self._producer = producer
+            return self._producer
+
+    async def send(self, job: Job) -> None:
+        try:
+            producer = await self._ready()
+            await asyncio.wait_for(
+                producer.send_and_wait(topics.JOBS, job.to_json(), key=job.id.encode(), headers=kafka_headers()),
+                self._timeout,
+            )
+        except (KafkaError, TimeoutError, OSError) as exc:
+            log.error(
+                "job not queued: Kafka unavailable", extra={"job": job.id, "error": f"{type(exc).__name__}: {exc}"}
+            )
+            raise GatewayError.unavailable(
+                "The job queue is unavailable; the job was not accepted. Try again shortly.", code="queue_unavailable"
+            ) from exc
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+
+class InProcessJobQueue:
+    """Without Kafka: jobs run in this process, `concurrency` at a time, and say they are
+    not durable (a restart loses those not finished)."""
+
+    durable = False
+
+    def __init__(self, processor: JobProcessor, concurrency: int = 8) -> None:
+        self._processor = processor
+        self._concurrency = concurrency
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+
+    async def send(self, job: Job) -> None:
+        if not self._workers:
+            self._workers = [asyncio.create_task(self._work()) for _ in range(self._concurrency)]
+        self._queue.put_nowait(job)
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                await self._processor.process(job)
+            except Exception:
+                log.exception("in-process job failed unexpectedly", extra={"job": job.id})
+            finally:
+                self._queue.task_done()
+
+    async def close(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        await self._processor.close()

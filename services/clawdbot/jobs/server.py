@@ -1,0 +1,57 @@
+"""`python -m clawdbot.jobs`: one consumer of the job queue, its own process. Run several
+for more throughput: they share the work as one Kafka consumer group."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from aiokafka.errors import KafkaError
+
+from clawdbot.common.config import Config
+from clawdbot.common.metrics import Metrics
+from clawdbot.common.service import ServiceHost
+from clawdbot.gen.v1 import router_pb2_grpc
+from clawdbot.jobs import topics
+from clawdbot.jobs.consumer import JobConsumer
+from clawdbot.jobs.execution import JobExecutor
+from clawdbot.jobs.processing import JobProcessor
+from clawdbot.jobs.store import RedisJobStore, store_url
+from clawdbot.runner.kafka import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+def create_server(config: Config) -> ServiceHost:
+    jobs = config.jobs
+    host = ServiceHost("jobs", jobs, Metrics("jobs"))
+    router_channel = grpc.aio.insecure_channel(
+        f"{config.router.host}:{config.router.grpc_port}",
+        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.initial_reconnect_backoff_ms", 100)],
+    )
+    store = RedisJobStore(store_url(config), jobs.retention_s)
+    processor = JobProcessor(JobExecutor(router_pb2_grpc.RouterStub(router_channel), store, jobs), store, jobs)
+    consumer = JobConsumer(jobs, processor)
+
+    async def consume() -> None:
+        # Kafka may be restarting: keep trying, saying so, rather than die quietly.
+        while True:
+            try:
+                await ensure_topics(
+                    jobs.kafka_bootstrap, {topics.JOBS: jobs.partitions, topics.RESULTS: jobs.partitions, topics.DLQ: 1}
+                )
+                await consumer.run()
+                return
+            except (KafkaError, OSError) as exc:
+                log.error("job consumer lost Kafka; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
+                await asyncio.sleep(2)
+
+    async def close() -> None:
+        await processor.close()
+        await store.close()
+        await router_channel.close(grace=None)
+
+    host.in_background(consume)
+    host.on_shutdown(close)
+    return host
