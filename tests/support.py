@@ -236,7 +236,8 @@ def start_kafka(tmp: Path, port: int | None = None, controller_port: int | None 
     start it again over the same data. Call it from synchronous code (a fixture): it runs
     its readiness probe with asyncio.run.
     """
-    from clawdbot.runner.kafka import broker_argv, broker_ready, format_storage, kafka_installed
+    from clawdbot.common.kafka import broker_ready
+    from clawdbot.runner.kafka import broker_argv, format_storage, kafka_installed
 
     assert kafka_installed(), "Kafka's jars missing: `make setup` installs them (deploy/kafka/kafka.sh install)"
     data_dir = tmp / "kafka"

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from clawdbot.jobs import topics
+from clawdbot.common import topics
 from tests.conftest import CALLBACK_SECRET, Mesh
 from tests.support import wait_for, wait_for_async
 
@@ -263,3 +263,24 @@ async def test_every_accepted_job_completes_across_a_broker_restart(mesh: Mesh) 
         for job_id in accepted:
             assert (await finished(http, mesh, job_id, within_s=240))["status"] == "succeeded"
     assert len(accepted) >= 50
+
+
+@pytest.mark.asyncio
+async def test_every_model_call_is_observed_on_the_telemetry_topic(mesh: Mesh) -> None:
+    trace_id = uuid.uuid4().hex
+    async with client(mesh) as http:
+        r = await http.post(
+            f"{mesh.v1}/chat/completions",
+            json={"model": "mock-1", "messages": [{"role": "user", "content": "observe me"}]},
+            headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        )
+        assert r.status_code == 200
+
+    async def observed() -> list[dict[str, Any]] | None:
+        found = [v for v in await topic_values(mesh, topics.TELEMETRY, within_s=3) if v["trace_id"] == trace_id]
+        return found or None
+
+    (seen,) = await wait_for_async(observed, 60, "the call's observation on clawdbot.telemetry")
+    assert seen["instance"] == "mock-1" and seen["task"] == "chat" and seen["status"] == "ok"
+    assert seen["latency_s"] > 0 and seen["input_tokens"] > 0 and seen["output_tokens"] > 0
+    assert seen["cost_usd"] > 0 and seen["api_key_id"].startswith("key_")

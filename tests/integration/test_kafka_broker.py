@@ -14,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from clawdbot.runner.kafka import broker_ready, ensure_topics
+from clawdbot.common.kafka import broker_ready, ensure_topics
 from tests.support import Proc, _free_tcp_port, start_kafka
 
 # Generous: a busy 2-core machine. Nothing waits this long unless something is broken.

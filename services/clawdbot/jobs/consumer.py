@@ -18,10 +18,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from clawdbot.common import topics
 from clawdbot.common.config import JobsConfig
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.telemetry import extract_context
-from clawdbot.jobs import topics
 from clawdbot.jobs.processing import JobProcessor
 from clawdbot.jobs.records import KINDS, TERMINAL, Job
 

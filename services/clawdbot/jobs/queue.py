@@ -10,9 +10,9 @@ from typing import Protocol
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from clawdbot.common import topics
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.telemetry import inject_headers
-from clawdbot.jobs import topics
 from clawdbot.jobs.processing import JobProcessor
 from clawdbot.jobs.records import Job
 

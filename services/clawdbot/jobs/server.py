@@ -9,16 +9,16 @@ import logging
 import grpc
 from aiokafka.errors import KafkaError
 
+from clawdbot.common import topics
 from clawdbot.common.config import Config
+from clawdbot.common.kafka import ensure_topics
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost
 from clawdbot.gen.v1 import router_pb2_grpc
-from clawdbot.jobs import topics
 from clawdbot.jobs.consumer import JobConsumer
 from clawdbot.jobs.execution import JobExecutor
 from clawdbot.jobs.processing import JobProcessor
 from clawdbot.jobs.store import RedisJobStore, store_url
-from clawdbot.runner.kafka import ensure_topics
 
 log = logging.getLogger(__name__)
 

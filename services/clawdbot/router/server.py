@@ -37,6 +37,7 @@ from clawdbot.router.breaker import CircuitBreaker
 from clawdbot.router.connectors.base import Connector
 from clawdbot.router.connectors.openai import OpenAIConnector, UpstreamError
 from clawdbot.router.connectors.worker import WorkerConnector
+from clawdbot.router.observations import Observation, TelemetryPublisher
 from clawdbot.router.prometheus_feed import PrometheusFeed
 from clawdbot.router.quality import QualityBook
 from clawdbot.router.registry import Instance, Registry
@@ -110,6 +111,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         )
         self.snapshot = self.build_snapshot(config)
         self.reloader: Reloader | None = None
+        # Per-call observations to Kafka, for the health service; None without Kafka.
+        self.telemetry: TelemetryPublisher | None = None
 
     # --- the snapshot and what outlives it (SnapshotOwner, for reload.py) --------------
 
@@ -204,8 +207,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     # --- one call to one instance ------------------------------------------------------
 
     @contextlib.contextmanager
-    def _attempt(self, task: str, instance: Instance) -> Iterator[None]:
-        """Its client span, in-flight count, breaker verdict, stats and metrics."""
+    def _attempt(self, task: str, instance: Instance, meta: router_pb2.RequestMeta) -> Iterator[Observation]:
+        """Its client span, in-flight count, breaker verdict, stats and metrics; the call's
+        observation, published by _account on success and here on failure."""
         started = time.perf_counter()
         stats = self._stats.get(instance.id)
         breaker = self._breakers[instance.id]
@@ -213,10 +217,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             span.set_attribute("gen_ai.operation.name", task)
             span.set_attribute("gen_ai.request.model", instance.upstream_model)
             span.set_attribute("clawdbot.instance", instance.id)
+            observation = Observation.begin(instance, task, meta.api_key_id, meta.request_id)
             stats.in_flight += 1
             verdict = False
             try:
-                yield
+                yield observation
                 verdict = True
                 breaker.record_success()
                 elapsed = time.perf_counter() - started
@@ -227,6 +232,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 verdict = True
                 span.set_status(Status(StatusCode.ERROR, err.message))
                 self._metrics.upstream_errors.labels(instance.id, err.kind).inc()
+                observation.status, observation.http_status = err.kind, err.status
+                observation.latency_s = time.perf_counter() - started
+                self._publish(observation)
                 if err.kind in _BREAKER_KINDS:
                     breaker.record_failure()
                 else:
@@ -248,8 +256,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     breaker.release()  # cancelled: no verdict on the instance
                 self._metrics.breaker_state.labels(instance.id).set(0 if breaker.status() == "closed" else 1)
 
-    def _account(self, meta: router_pb2.RequestMeta, task: str, instance: Instance, usage: Any) -> float:
+    def _publish(self, observation: Observation) -> None:
+        if self.telemetry is not None:
+            self.telemetry.record(observation)
+
+    def _account(
+        self, meta: router_pb2.RequestMeta, task: str, instance: Instance, usage: Any, observation: Observation
+    ) -> float:
         prompt, completion = _usage_tokens(usage)
+        observation.usage(instance, prompt, completion, _audio_seconds(usage))
+        observation.latency_s = time.time() - observation.started_at
+        self._publish(observation)
         if prompt:
             self._metrics.token_usage.labels(task, instance.name, "input", instance.id).observe(prompt)
         if completion:
@@ -289,7 +306,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             plan.body["model"] = instance.upstream_model
             started = time.perf_counter()
             try:
-                with self._attempt(request.task, instance):
+                with self._attempt(request.task, instance, request.meta) as observation:
                     answer = await self._connectors[instance.connector].call(
                         instance,
                         request.task,
@@ -307,7 +324,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             data = answer.data
             usage = data.get("usage")
             self._stats.get(instance.id).record_success(time.perf_counter() - started, _usage_tokens(usage)[1])
-            cost = self._account(request.meta, request.task, instance, usage)
+            cost = self._account(request.meta, request.task, instance, usage, observation)
             if "model" in data:
                 data["model"] = instance.name
             span.set_attribute("clawdbot.instance", instance.id)
@@ -352,7 +369,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             first_at: float | None = None
             counter = _StreamCounter()
             try:
-                with self._attempt(request.task, instance):
+                with self._attempt(request.task, instance, request.meta) as observation:
                     chunks = self._connectors[instance.connector].stream(
                         instance, plan.body, inject_headers(), request.meta.request_id, timeout_s
                     )
@@ -373,7 +390,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             elapsed = time.perf_counter() - started
             ttft = (first_at - started) if first_at is not None else None
             self._stats.get(instance.id).record_success(elapsed, counter.output_tokens(), ttft)
-            self._account(request.meta, request.task, instance, counter.usage)
+            observation.ttft_s = ttft
+            self._account(request.meta, request.task, instance, counter.usage, observation)
             return
         raise failure or GatewayError.unavailable(
             explain_choice(plan.ranked, None, plan.weights), code="no_available_instance"
@@ -516,6 +534,9 @@ def create_server(config: Config, config_source: Path | None = None) -> ServiceH
     router_pb2_grpc.add_RouterServicer_to_server(servicer, host.grpc_server)
     host.add_service_name("clawdbot.v1.Router")
     host.in_background(servicer.reloader.watch)
+    if config.jobs.enabled and config.jobs.kafka_bootstrap:
+        servicer.telemetry = TelemetryPublisher(config.jobs.kafka_bootstrap, metrics)
+        host.in_background(servicer.telemetry.run)
     if servicer.fleet is not None:
         host.in_background(servicer.fleet.run)
     host.on_shutdown(servicer.reloader.close)

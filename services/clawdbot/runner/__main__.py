@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from clawdbot.common.config import REPO_ROOT, Config, ConfigError, config_path, dump_config, load_config
+from clawdbot.common.kafka import broker_ready
 from clawdbot.common.logging import setup_logging
 from clawdbot.common.service import run_service
 from clawdbot.router.reload import MODEL_URLS_ENV, SOURCE_CONFIG_ENV
@@ -162,7 +163,7 @@ class Runner:
                 bootstrap = f"{address[0]}:{address[1]}"
 
                 async def ready() -> bool:
-                    return await kafka.broker_ready(bootstrap)
+                    return await broker_ready(bootstrap)
 
                 await self.supervisor.launch(
                     Child("kafka", kafka.broker_argv(data_dir), ready, ready_timeout_s=180, stop_timeout_s=60)
