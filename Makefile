@@ -29,6 +29,7 @@ bench: setup
 	$(PY) -m clawdbot.devtools.bench
 	$(PY) -m clawdbot.devtools.bench_embeddings
 	$(PY) -m clawdbot.devtools.bench_local_models
+	$(PY) -m clawdbot.devtools.bench_jobs
 
 # Retrain the intent classifier from config/intents.yaml (a running worker picks the new
 # version up on its next LoadModel, or at its next start).

@@ -11,6 +11,7 @@ from aiokafka.errors import KafkaError
 
 from clawdbot.common import topics
 from clawdbot.common.config import Config
+from clawdbot.common.errors import GatewayError
 from clawdbot.common.kafka import ensure_topics
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost
@@ -43,8 +44,9 @@ def create_server(config: Config) -> ServiceHost:
                 )
                 await consumer.run()
                 return
-            except (KafkaError, OSError) as exc:
-                log.error("job consumer lost Kafka; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
+            except (KafkaError, OSError, GatewayError) as exc:
+                # Kafka or the job store (Redis) is away; uncommitted jobs are redelivered.
+                log.error("job consumer interrupted; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
                 await asyncio.sleep(2)
 
     async def close() -> None:

@@ -4,12 +4,16 @@ result already stored and is not run again."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Final, Protocol
 
 import redis.asyncio as redis
+from redis.exceptions import RedisError
 
 from clawdbot.common.config import Config
+from clawdbot.common.errors import GatewayError
 from clawdbot.jobs.records import TERMINAL, Job
 
 _PREFIX: Final = "clawdbot:job:"
@@ -48,6 +52,17 @@ class JobStore(Protocol):
     async def close(self) -> None: ...
 
 
+@contextlib.asynccontextmanager
+async def _available() -> AsyncIterator[None]:
+    """Redis trouble is a 503 that says what is missing, never a traceback."""
+    try:
+        yield
+    except RedisError as exc:
+        raise GatewayError.unavailable(
+            f"The job store is unavailable ({type(exc).__name__}); try again shortly.", code="job_store_unavailable"
+        ) from exc
+
+
 class RedisJobStore:
     durable = True
 
@@ -62,37 +77,42 @@ class RedisJobStore:
         self._finish = self._redis.register_script(_FINISH)
 
     async def create(self, job: Job) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with _available(), self._redis.pipeline(transaction=True) as pipe:
             pipe.set(_PREFIX + job.id, job.to_json(), ex=self._retention)
             pipe.zadd(_BY_KEY + job.api_key_id, {job.id: job.created_at})
             pipe.expire(_BY_KEY + job.api_key_id, self._retention)
             await pipe.execute()
 
     async def get(self, job_id: str) -> Job | None:
-        raw = await self._redis.get(_PREFIX + job_id)
-        return Job.from_json(raw) if raw else None
+        async with _available():
+            raw = await self._redis.get(_PREFIX + job_id)
+            return Job.from_json(raw) if raw else None
 
     async def list(self, api_key_id: str, limit: int) -> list[Job]:
-        ids = await self._redis.zrevrange(_BY_KEY + api_key_id, 0, limit - 1)
-        if not ids:
-            return []
-        raws = await self._redis.mget([_PREFIX + (i.decode() if isinstance(i, bytes) else str(i)) for i in ids])
-        return [Job.from_json(raw) for raw in raws if raw]
+        async with _available():
+            ids = await self._redis.zrevrange(_BY_KEY + api_key_id, 0, limit - 1)
+            if not ids:
+                return []
+            raws = await self._redis.mget([_PREFIX + (i.decode() if isinstance(i, bytes) else str(i)) for i in ids])
+            return [Job.from_json(raw) for raw in raws if raw]
 
     async def update(self, job: Job) -> None:
-        job.updated_at = time.time()
-        await self._redis.set(_PREFIX + job.id, job.to_json(), keepttl=True)
+        async with _available():
+            job.updated_at = time.time()
+            await self._redis.set(_PREFIX + job.id, job.to_json(), keepttl=True)
 
     async def finish(self, job: Job) -> bool:
-        job.updated_at = time.time()
-        done = await self._finish(
-            keys=[_PREFIX + job.id, _PREFIX + job.id + ":results"], args=[job.to_json(), self._retention]
-        )
-        return bool(done == 1)
+        async with _available():
+            job.updated_at = time.time()
+            done = await self._finish(
+                keys=[_PREFIX + job.id, _PREFIX + job.id + ":results"], args=[job.to_json(), self._retention]
+            )
+            return bool(done == 1)
 
     async def results_stored(self, job_id: str) -> int:
-        value = await self._redis.hget(_PREFIX + job_id + ":results", "stored")
-        return int(value or 0)
+        async with _available():
+            value = await self._redis.hget(_PREFIX + job_id + ":results", "stored")
+            return int(value or 0)
 
     async def close(self) -> None:
         await self._redis.aclose()

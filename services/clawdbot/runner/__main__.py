@@ -90,10 +90,12 @@ def with_ephemeral_ports(config: Config) -> Config:
 
 
 def local_redis(config: Config) -> tuple[str, int] | None:
-    """(host, port) of the Redis the runner should start for the cache, if any."""
-    cache = config.cache
+    """(host, port) of the Redis the runner should start, if any: the cache's, which the
+    job records share unless jobs.redis_url names another."""
+    cache, jobs = config.cache, config.jobs
     url = urlsplit(cache.redis_url)
-    if not (cache.enabled and cache.run_redis and url.scheme == "redis" and url.hostname in ("127.0.0.1", "localhost")):
+    wanted = cache.enabled or (jobs.enabled and not jobs.redis_url)
+    if not (wanted and cache.run_redis and url.scheme == "redis" and url.hostname in ("127.0.0.1", "localhost")):
         return None
     return "127.0.0.1", url.port or 6379
 
@@ -192,8 +194,6 @@ class Runner:
             await self.supervisor.launch(child)
 
     async def _launch_cache(self, config_file: Path) -> None:
-        if not self.config.cache.enabled:
-            return
         redis = local_redis(self.config)
         if redis is not None:
             binary = shutil.which("redis-server")
@@ -206,10 +206,15 @@ class Runner:
                 data_dir = self.state_dir / "redis"
                 data_dir.mkdir(parents=True, exist_ok=True)
                 host, port = redis
-                # A cache, not a database: no snapshots, no append-only file.
-                argv = [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"]
+                # The cache alone needs no persistence; job records do (an fsync a second).
+                keeps_jobs = self.config.jobs.enabled and not self.config.jobs.redis_url
+                persistence = (
+                    ["--appendonly", "yes", "--appendfsync", "everysec"] if keeps_jobs else ["--appendonly", "no"]
+                )
+                argv = [binary, "--bind", host, "--port", str(port), "--save", "", *persistence]
                 await self.supervisor.launch(Child("redis", [*argv, "--dir", str(data_dir)], redis_pong(host, port)))
-        await self.supervisor.launch(self._service_child("cache", self.config.cache.grpc_port, config_file))
+        if self.config.cache.enabled:
+            await self.supervisor.launch(self._service_child("cache", self.config.cache.grpc_port, config_file))
 
     def _envoy_child(self) -> Child:
         cfg = self.config
