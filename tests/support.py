@@ -130,6 +130,43 @@ def _free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_server(
+    name: str,
+    tmp: Path,
+    argv_for: Callable[[int], list[str]],
+    answers: Callable[[int], bool],
+    port: int | None = None,
+    within_s: float = 60,
+) -> tuple[Proc, int]:
+    """A server process on 127.0.0.1 (a free port, or `port`), once `answers(port)`.
+
+    A free port can be taken by someone else before the server binds it: then another is
+    tried. With a fixed `port` (a restart) it must come up there. Its log is in tmp.
+    """
+    for attempt in range(1 if port is not None else 3):
+        chosen = port if port is not None else _free_tcp_port()
+        log = tmp / f"{name}-{chosen}-{len(list(tmp.glob(f'{name}-{chosen}-*.log')))}.log"
+        proc = Proc(argv_for(chosen), log)
+
+        def ready(proc: Proc = proc, chosen: int = chosen) -> bool:
+            if not proc.alive():
+                raise GiveUp(f"{name} exited:\n{proc.output()}")
+            return answers(chosen)
+
+        try:
+            wait_for(ready, within_s, f"{name} on port {chosen}", interval=0.1)
+        except GiveUp:
+            proc.stop()
+            if port is not None or attempt == 2:
+                raise
+            continue
+        except BaseException:
+            proc.stop()
+            raise
+        return proc, chosen
+    raise AssertionError("unreachable")
+
+
 def redis_answers(port: int) -> bool:
     """Whether a Redis on 127.0.0.1:port answers PING (raw RESP: no client library needed)."""
     try:
@@ -147,30 +184,23 @@ def start_redis(tmp: Path, port: int | None = None) -> tuple[Proc, int]:
     """
     found = shutil.which("redis-server") or "/usr/bin/redis-server"
     assert Path(found).exists(), "redis-server missing: `make setup` installs it"
-    # A free port can be taken by someone else before redis binds it: then try another.
-    for attempt in range(1 if port is not None else 3):
-        chosen = port if port is not None else _free_tcp_port()
-        log = tmp / f"redis-{chosen}-{len(list(tmp.glob(f'redis-{chosen}-*.log')))}.log"
-        argv = [found, "--port", str(chosen), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        proc = Proc([*argv, "--dir", str(tmp)], log)
 
-        def answers(proc: Proc = proc, chosen: int = chosen) -> bool:
-            if not proc.alive():
-                raise GiveUp(f"redis-server exited:\n{proc.output()}")
-            return redis_answers(chosen)
+    def argv(chosen: int) -> list[str]:
+        return [
+            found,
+            "--port",
+            str(chosen),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ]
 
-        try:
-            wait_for(answers, 30, f"redis-server on port {chosen}")
-        except GiveUp:
-            proc.stop()
-            if port is not None or attempt == 2:
-                raise
-            continue
-        except BaseException:
-            proc.stop()
-            raise
-        return proc, chosen
-    raise AssertionError("unreachable")
+    return start_server("redis", tmp, argv, redis_answers, port, within_s=30)
 
 
 async def wait_for_async(
@@ -204,28 +234,11 @@ def start_s3_server(tmp: Path, port: int | None = None) -> tuple[Proc, int]:
     It takes any credentials. Stop it with Proc.stop(); pass the same `port` to start it
     again there (its buckets are gone).
     """
-    for attempt in range(1 if port is not None else 3):
-        chosen = port if port is not None else _free_tcp_port()
-        log = tmp / f"s3-{chosen}-{len(list(tmp.glob(f's3-{chosen}-*.log')))}.log"
-        proc = Proc([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(chosen)], log)
 
-        def answers(proc: Proc = proc, chosen: int = chosen) -> bool:
-            if not proc.alive():
-                raise GiveUp(f"moto server exited:\n{proc.output()}")
-            return s3_answers(chosen)
+    def argv(chosen: int) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(chosen)]
 
-        try:
-            wait_for(answers, 60, f"the S3 server on port {chosen}")
-        except GiveUp:
-            proc.stop()
-            if port is not None or attempt == 2:
-                raise
-            continue
-        except BaseException:
-            proc.stop()
-            raise
-        return proc, chosen
-    raise AssertionError("unreachable")
+    return start_server("s3", tmp, argv, s3_answers, port)
 
 
 def start_kafka(tmp: Path, port: int | None = None, controller_port: int | None = None) -> tuple[Proc, int, int]:
@@ -241,32 +254,18 @@ def start_kafka(tmp: Path, port: int | None = None, controller_port: int | None 
 
     assert kafka_installed(), "Kafka's jars missing: `make setup` installs them (deploy/kafka/kafka.sh install)"
     data_dir = tmp / "kafka"
-    fixed = port is not None or controller_port is not None
-    # A free port can be taken by someone else before the broker binds it: then try others.
-    for attempt in range(1 if fixed else 3):
-        chosen = port if port is not None else _free_tcp_port()
-        chosen_controller = controller_port
-        while chosen_controller is None or chosen_controller == chosen:
-            chosen_controller = _free_tcp_port()
-        format_storage(data_dir, chosen, chosen_controller)
-        log = tmp / f"kafka-{chosen}-{len(list(tmp.glob(f'kafka-{chosen}-*.log')))}.log"
-        proc = Proc(broker_argv(data_dir), log)
+    controller = controller_port or _free_tcp_port()
 
-        def ready(proc: Proc = proc, chosen: int = chosen) -> bool:
-            if not proc.alive():
-                raise GiveUp(f"the Kafka broker exited:\n{proc.output()}")
-            return asyncio.run(broker_ready(f"127.0.0.1:{chosen}"))
+    def argv(chosen: int) -> list[str]:
+        nonlocal controller
+        while controller == chosen:
+            controller = _free_tcp_port()
+        format_storage(data_dir, chosen, controller)
+        return broker_argv(data_dir)
 
-        try:
-            # A JVM start takes seconds even on an idle machine; a busy one can take a minute.
-            wait_for(ready, 180, f"the Kafka broker on port {chosen}", interval=0.2)
-        except GiveUp:
-            proc.stop()
-            if fixed or attempt == 2:
-                raise
-            continue
-        except BaseException:
-            proc.stop()
-            raise
-        return proc, chosen, chosen_controller
-    raise AssertionError("unreachable")
+    def answers(chosen: int) -> bool:
+        return asyncio.run(broker_ready(f"127.0.0.1:{chosen}"))
+
+    # A JVM start takes seconds even on an idle machine; a busy one can take a minute.
+    proc, chosen = start_server("kafka", tmp, argv, answers, port, within_s=180)
+    return proc, chosen, controller

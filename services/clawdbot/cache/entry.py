@@ -143,3 +143,25 @@ def decode(data: bytes) -> Entry:
     except orjson.JSONDecodeError as exc:
         raise CorruptEntry(f"header is not JSON: {exc}") from None
     return Header.from_json(header).entry(bytes(view[body_start:]))
+
+
+def index_record(key: str, stored_at: float, header: Header) -> bytes:
+    """What an object-storage level keeps under a key: the entry without its body, which
+    lives in a blob named by its sha256."""
+    return orjson.dumps({"key": key, "stored_at": stored_at, "header": header.to_json()})
+
+
+def load_index_record(raw: bytes) -> tuple[str, float, Header]:
+    """(key, stored_at, header) of an index record; CorruptEntry when it is not one."""
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptEntry(f"index record is not JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise CorruptEntry("index record is not a JSON object")
+    key, stored_at = record.get("key"), record.get("stored_at")
+    if not isinstance(key, str):
+        raise CorruptEntry("index record has no key")
+    if isinstance(stored_at, bool) or not isinstance(stored_at, int | float):
+        raise CorruptEntry("index record has no stored_at")
+    return key, float(stored_at), Header.from_json(record.get("header"))

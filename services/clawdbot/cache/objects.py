@@ -28,10 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import orjson
-
-from clawdbot.cache.entry import CorruptEntry, Entry, Header
-from clawdbot.cache.levels import OnCorrupt, OnStateChange
+from clawdbot.cache.entry import CorruptEntry, Entry, Header, index_record, load_index_record
+from clawdbot.cache.levels import Availability, OnCorrupt, OnStateChange
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +109,15 @@ class ObjectLevel:
         self._index = root / "index"
         self._ttl_s = ttl_s
         self._on_corrupt = on_corrupt
-        self._on_state_change = on_state_change
-        self._retry_after_s = retry_after_s
         self._fsync = fsync
         self._clock = clock
-        self._monotonic = monotonic
-        self._up = True
-        self._retry_at = 0.0
+        self._availability = Availability(
+            self.name, "object cache directory", retry_after_s, on_state_change, monotonic, root=str(root)
+        )
 
     @property
     def up(self) -> bool:
-        return self._up
+        return self._availability.up
 
     def blob_path(self, digest: str) -> Path:
         return self._blobs / digest[:2] / digest
@@ -150,16 +146,20 @@ class ObjectLevel:
         now = self._clock()
         if now >= self._expiry(entry.expires_at, now):
             return False
-        if not self._up and self._monotonic() < self._retry_at:
+        # Reads are never gated (a directory may be readable but not writable); writes are.
+        probing = self._availability.begin()
+        if probing is None:
             return False
         header = Header.of(entry)
-        record = orjson.dumps({"key": key, "stored_at": now, "header": header.to_json()})
+        record = index_record(key, now, header)
         try:
             await asyncio.to_thread(self._write, key, header.sha256, entry.body, record)
         except OSError as exc:
-            self._mark_down(exc)
+            self._availability.down("put", exc)
             return False
-        self._mark_up()
+        finally:
+            self._availability.end(probing)
+        self._availability.back()
         return True
 
     async def delete(self, key: str) -> None:
@@ -194,20 +194,6 @@ class ObjectLevel:
             _write_atomically(blob, body, self._fsync)
         _write_atomically(self.index_path(key), record, self._fsync)
 
-    def _load_record(self, raw: bytes) -> tuple[str, float, Header]:
-        try:
-            record = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise CorruptEntry(f"index record is not JSON: {exc}") from None
-        if not isinstance(record, dict):
-            raise CorruptEntry("index record is not a JSON object")
-        key, stored_at = record.get("key"), record.get("stored_at")
-        if not isinstance(key, str):
-            raise CorruptEntry("index record has no key")
-        if isinstance(stored_at, bool) or not isinstance(stored_at, int | float):
-            raise CorruptEntry("index record has no stored_at")
-        return key, float(stored_at), Header.from_json(record.get("header"))
-
     def _read(self, key: str, now: float) -> _Found:
         index = self.index_path(key)
         try:
@@ -215,7 +201,7 @@ class ObjectLevel:
         except FileNotFoundError:
             return _Found()
         try:
-            stored_key, stored_at, header = self._load_record(raw)
+            stored_key, stored_at, header = load_index_record(raw)
             if stored_key != key:
                 raise CorruptEntry("index record is for another key")
         except CorruptEntry as exc:
@@ -247,7 +233,7 @@ class ObjectLevel:
                     _unlink(path)  # left by a writer that died
                 continue
             try:
-                _key, stored_at, header = self._load_record(path.read_bytes())
+                _key, stored_at, header = load_index_record(path.read_bytes())
             except CorruptEntry:
                 _unlink(path)
                 continue
@@ -266,28 +252,3 @@ class ObjectLevel:
         if removed:
             log.info("swept unreferenced cache blobs", extra={"cache_level": self.name, "removed": removed})
         return removed
-
-    def _mark_down(self, exc: OSError) -> None:
-        self._retry_at = self._monotonic() + self._retry_after_s
-        if not self._up:
-            return
-        self._up = False
-        log.warning(
-            "object cache directory unwritable; the cache bypasses it",
-            extra={
-                "cache_level": self.name,
-                "root": str(self.root),
-                "error": repr(exc),
-                "retry_after_s": self._retry_after_s,
-            },
-        )
-        if self._on_state_change is not None:
-            self._on_state_change(False)
-
-    def _mark_up(self) -> None:
-        if self._up:
-            return
-        self._up = True
-        log.info("object cache directory writable again", extra={"cache_level": self.name, "root": str(self.root)})
-        if self._on_state_change is not None:
-            self._on_state_change(True)

@@ -23,7 +23,7 @@ from redis.exceptions import MaxConnectionsError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from clawdbot.cache.entry import CorruptEntry, Entry, decode, encode
-from clawdbot.cache.levels import OnCorrupt, OnStateChange
+from clawdbot.cache.levels import Availability, OnCorrupt, OnStateChange
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,10 @@ class RedisLevel:
         Nothing connects here; the first call does.
         """
         self._ttl_s = ttl_s
-        self._retry_after_s = retry_after_s
         self._prefix = key_prefix
         self._lock_prefix = f"{key_prefix}lock:"
         self._on_corrupt = on_corrupt
-        self._on_state_change = on_state_change
         self._clock = clock
-        self._monotonic = monotonic
         # A connect plus a command, each bounded by the socket timeouts; this outer bound
         # only catches what those miss.
         self._deadline_s = 2 * op_timeout_s + 0.05
@@ -93,13 +90,11 @@ class RedisLevel:
             **pool_options,
         )
         self._unlock = self._redis.register_script(_UNLOCK)
-        self._up = True
-        self._retry_at = 0.0
-        self._probing = False
+        self._availability = Availability(self.name, "redis", retry_after_s, on_state_change, monotonic)
 
     @property
     def up(self) -> bool:
-        return self._up
+        return self._availability.up
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -158,12 +153,9 @@ class RedisLevel:
         await self._redis.aclose()
 
     async def _call(self, op: str, command: Callable[[], Awaitable[T]], *, force: bool = False) -> T | _Unavailable:
-        probing = False
-        if not self._up:
-            # While down, one caller at a time probes, and only once retry_after_s is up.
-            if self._probing or (not force and self._monotonic() < self._retry_at):
-                return _UNAVAILABLE
-            self._probing = probing = True
+        probing = self._availability.begin(force)
+        if probing is None:
+            return _UNAVAILABLE
         try:
             async with asyncio.timeout(self._deadline_s):
                 result = await command()
@@ -174,35 +166,13 @@ class RedisLevel:
             )
             return _UNAVAILABLE
         except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
-            self._mark_down(op, exc)
+            self._availability.down(op, exc)
             return _UNAVAILABLE
         except RedisError as exc:
             # Redis answered with an error (OOM, READONLY, ...): this call fails, the level is up.
             log.warning("redis refused a cache command", extra={"cache_level": self.name, "op": op, "error": str(exc)})
             return _UNAVAILABLE
         finally:
-            if probing:
-                self._probing = False
-        self._mark_up()
+            self._availability.end(probing)
+        self._availability.back()
         return result
-
-    def _mark_down(self, op: str, exc: BaseException) -> None:
-        self._retry_at = self._monotonic() + self._retry_after_s
-        if not self._up:
-            log.debug("redis still unavailable", extra={"cache_level": self.name, "op": op, "error": repr(exc)})
-            return
-        self._up = False
-        log.warning(
-            "redis unavailable; the cache bypasses it",
-            extra={"cache_level": self.name, "op": op, "error": repr(exc), "retry_after_s": self._retry_after_s},
-        )
-        if self._on_state_change is not None:
-            self._on_state_change(False)
-
-    def _mark_up(self) -> None:
-        if self._up:
-            return
-        self._up = True
-        log.info("redis is back; the cache uses it again", extra={"cache_level": self.name})
-        if self._on_state_change is not None:
-            self._on_state_change(True)

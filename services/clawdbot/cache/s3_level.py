@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import boto3  # type: ignore[import-untyped]
-import orjson
 from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
-from clawdbot.cache.entry import CorruptEntry, Entry, Header
-from clawdbot.cache.levels import OnCorrupt, OnStateChange
+from clawdbot.cache.entry import CorruptEntry, Entry, Header, index_record, load_index_record
+from clawdbot.cache.levels import Availability, OnCorrupt, OnStateChange
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +113,8 @@ class S3Level:
         self._blobs = f"{prefix}blobs/"
         self._index = f"{prefix}index/"
         self._ttl_s = ttl_s
-        self._retry_after_s = retry_after_s
         self._on_corrupt = on_corrupt
-        self._on_state_change = on_state_change
         self._clock = clock
-        self._monotonic = monotonic
         config = Config(
             connect_timeout=op_timeout_s,
             read_timeout=op_timeout_s,
@@ -143,13 +139,19 @@ class S3Level:
             aws_secret_access_key=secret_key,
             config=config,
         )
-        self._up = True
-        self._retry_at = 0.0
-        self._probing = False
+        self._availability = Availability(
+            self.name,
+            "object storage",
+            retry_after_s,
+            on_state_change,
+            monotonic,
+            endpoint=self._endpoint,
+            bucket=bucket,
+        )
 
     @property
     def up(self) -> bool:
-        return self._up
+        return self._availability.up
 
     def blob_key(self, digest: str) -> str:
         return self._blobs + digest
@@ -175,7 +177,7 @@ class S3Level:
         if now >= self._expiry(entry.expires_at, now):
             return False
         header = Header.of(entry)
-        record = orjson.dumps({"key": key, "stored_at": now, "header": header.to_json()})
+        record = index_record(key, now, header)
         result = await self._call("put", lambda: self._write(key, header.sha256, entry.body, record))
         return result is True
 
@@ -262,7 +264,7 @@ class S3Level:
         if raw is None:
             return _Found()
         try:
-            stored_key, stored_at, header = _load_record(raw)
+            stored_key, stored_at, header = load_index_record(raw)
             if stored_key != key:
                 raise CorruptEntry("index record is for another key")
         except CorruptEntry as exc:
@@ -289,12 +291,9 @@ class S3Level:
     async def _call(
         self, op: str, command: Callable[[], T], *, force: bool = False, checks_bucket: bool = False
     ) -> T | _Unavailable:
-        probing = False
-        if not self._up:
-            # While down, one caller at a time probes, and only once retry_after_s is up.
-            if self._probing or (not force and self._monotonic() < self._retry_at):
-                return _UNAVAILABLE
-            self._probing = probing = True
+        probing = self._availability.begin(force)
+        if probing is None:
+            return _UNAVAILABLE
         # A probe first makes sure the bucket is there: a restarted server may have lost it.
         ensure_first = probing and not checks_bucket
         try:
@@ -304,7 +303,7 @@ class S3Level:
             # quietly for another retry_after_s instead of a warning per call. Without its
             # bucket the level cannot work at all.
             if probing or checks_bucket or _unusable(exc):
-                self._mark_down(op, exc)
+                self._availability.down(op, exc)
                 return _UNAVAILABLE
             # The storage answered, but refused this one request (too large, bad name, ...).
             log.warning(
@@ -314,64 +313,14 @@ class S3Level:
             return _UNAVAILABLE
         except (BotoCoreError, OSError) as exc:
             # Unreachable, timed out, connection dropped, no credentials found.
-            self._mark_down(op, exc)
+            self._availability.down(op, exc)
             return _UNAVAILABLE
         finally:
-            if probing:
-                self._probing = False
-        self._mark_up()
+            self._availability.end(probing)
+        self._availability.back()
         return result
 
     def _run(self, command: Callable[[], T], ensure_bucket: bool) -> T:
         if ensure_bucket:
             self._ensure_bucket()
         return command()
-
-    def _mark_down(self, op: str, exc: BaseException) -> None:
-        self._retry_at = self._monotonic() + self._retry_after_s
-        if not self._up:
-            log.debug(
-                "object storage still unavailable", extra={"cache_level": self.name, "op": op, "error": repr(exc)}
-            )
-            return
-        self._up = False
-        log.warning(
-            "object storage unavailable; the cache bypasses it",
-            extra={
-                "cache_level": self.name,
-                "endpoint": self._endpoint,
-                "bucket": self._bucket,
-                "op": op,
-                "error": repr(exc),
-                "retry_after_s": self._retry_after_s,
-            },
-        )
-        if self._on_state_change is not None:
-            self._on_state_change(False)
-
-    def _mark_up(self) -> None:
-        if self._up:
-            return
-        self._up = True
-        log.info(
-            "object storage is back; the cache uses it again",
-            extra={"cache_level": self.name, "endpoint": self._endpoint, "bucket": self._bucket},
-        )
-        if self._on_state_change is not None:
-            self._on_state_change(True)
-
-
-def _load_record(raw: bytes) -> tuple[str, float, Header]:
-    """The same record format as ObjectLevel's, checked the same way."""
-    try:
-        record = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise CorruptEntry(f"index record is not JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise CorruptEntry("index record is not a JSON object")
-    key, stored_at = record.get("key"), record.get("stored_at")
-    if not isinstance(key, str):
-        raise CorruptEntry("index record has no key")
-    if isinstance(stored_at, bool) or not isinstance(stored_at, int | float):
-        raise CorruptEntry("index record has no stored_at")
-    return key, float(stored_at), Header.from_json(record.get("header"))
