@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ import grpc
 import pytest
 import yaml
 
-from tests.support import GiveUp, Proc, python_env, read_json_file, start_mock_upstream, wait_for
+from tests.support import REPO_ROOT, GiveUp, Proc, python_env, read_json_file, start_mock_upstream, wait_for
+
+TESTS = REPO_ROOT / "tests"
 
 # What the mesh's job callbacks are signed with.
 CALLBACK_SECRET = "test-callback-secret"
@@ -91,6 +94,14 @@ WORKER_MODELS = {
 }
 
 
+def workflows_dir(tmp: Path) -> Path:
+    folder = tmp / "workflows"
+    folder.mkdir(exist_ok=True)
+    for source in [*(REPO_ROOT / "config" / "workflows").glob("*.yaml"), *(TESTS / "e2e" / "workflows").glob("*.yaml")]:
+        shutil.copy(source, folder / source.name)
+    return folder
+
+
 def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, Any]:
     """Every kind of model instance the end-to-end tests need, on one mesh."""
     return {
@@ -160,6 +171,8 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
             "batch_window_ms": 20,
         },
         # A fresh object store per session: answers cached by an earlier run must not hit.
+        # The shipped workflows plus the tests' own (tests/e2e/workflows).
+        "orchestrator": {"workflows_dir": str(workflows_dir(traces_dir.parent))},
         # Two consumer processes, and quick retries, for the job tests.
         "jobs": {"consumers": 2, "backoff_s": 0.1, "max_attempts": 3},
         "cache": {

@@ -61,6 +61,7 @@ def routing_config(urls: dict[str, str], *, version: str = "1", with_mid: bool =
     config: dict[str, Any] = {
         "models": models,
         "jobs": {"enabled": False},  # no Kafka needed to test routing
+        "orchestrator": {"enabled": False},
         "model_router": {
             "breaker": {"consecutive_failures": 3, "open_s": 1.0, "max_open_s": 2.0},
             "retry": {"max_attempts": 3, "backoff_s": 0.01},

@@ -28,7 +28,7 @@ from clawdbot.common.errors import GatewayError
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.telemetry import extract_context, inject_headers
-from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
+from clawdbot.gen.v1 import orchestrator_pb2, orchestrator_pb2_grpc, router_pb2, router_pb2_grpc
 from clawdbot.jobs.api import JobsApi
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,10 @@ class Gateway:
         router_timeout_s: float,
         cache: ResponseCache | None = None,
         jobs: JobsApi | None = None,
+        orchestrator: orchestrator_pb2_grpc.OrchestratorStub | None = None,
     ) -> None:
         self._router = router
+        self._orchestrator = orchestrator
         self._cache = cache
         self._jobs = jobs
         self._auth = auth
@@ -184,6 +186,26 @@ class Gateway:
         finally:
             # An abandoned stream (client went away) must not keep the upstream busy.
             call.cancel()
+
+    def _workflows(self) -> orchestrator_pb2_grpc.OrchestratorStub:
+        if self._orchestrator is None:
+            raise GatewayError(503, "Workflows are turned off here (orchestrator.enabled).", "service_unavailable")
+        return self._orchestrator
+
+    async def run_workflow(self, meta: router_pb2.RequestMeta, name: str, run_input: bytes) -> bytes:
+        request = orchestrator_pb2.RunWorkflowRequest(meta=meta, name=name, input_json=run_input)
+        reply: orchestrator_pb2.WorkflowReply = await self._unary(self._workflows().Run, request, self._timeout)
+        return reply.json
+
+    async def list_workflows(self, meta: router_pb2.RequestMeta) -> bytes:
+        request = orchestrator_pb2.ListWorkflowsRequest(meta=meta)
+        reply: orchestrator_pb2.WorkflowReply = await self._unary(self._workflows().List, request, 10.0)
+        return reply.json
+
+    async def describe_workflow(self, meta: router_pb2.RequestMeta, name: str) -> bytes:
+        request = orchestrator_pb2.DescribeWorkflowRequest(meta=meta, name=name)
+        reply: orchestrator_pb2.WorkflowReply = await self._unary(self._workflows().Describe, request, 10.0)
+        return reply.json
 
     async def feedback(self, request: router_pb2.FeedbackRequest) -> router_pb2.FeedbackResponse:
         return await self._unary(self._router.Feedback, request, 10.0)

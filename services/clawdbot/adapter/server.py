@@ -18,7 +18,7 @@ from clawdbot.adapter.response_cache import ResponseCache
 from clawdbot.common.config import Config
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost
-from clawdbot.gen.v1 import cache_pb2_grpc, gateway_pb2_grpc, router_pb2_grpc
+from clawdbot.gen.v1 import cache_pb2_grpc, gateway_pb2_grpc, orchestrator_pb2_grpc, router_pb2_grpc
 from clawdbot.jobs.api import JobsApi
 from clawdbot.jobs.execution import JobExecutor
 from clawdbot.jobs.processing import JobProcessor
@@ -76,7 +76,12 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
         cache = ResponseCache(cache_pb2_grpc.CacheServiceStub(cache_channel), config.cache, config.models, router)
     auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env())
     jobs = jobs_api(config, router) if config.jobs.enabled else None
-    gateway = Gateway(router, auth, metrics, config.adapter.router_timeout_s, cache, jobs)
+    orchestrator = None
+    if config.orchestrator.enabled:
+        orchestrator_channel = _channel(config.orchestrator.host, config.orchestrator.grpc_port)
+        channels.append(orchestrator_channel)
+        orchestrator = orchestrator_pb2_grpc.OrchestratorStub(orchestrator_channel)
+    gateway = Gateway(router, auth, metrics, config.adapter.router_timeout_s, cache, jobs, orchestrator)
     servicer = gateway_pb2_grpc.GatewayServicer()
     ctx = ProtocolContext(config=config, gateway=gateway, servicer=servicer, host=host)
     for plugin in load_protocols(config):

@@ -84,8 +84,14 @@ class Flights:
         ttl_ms = int(self._lease_s * 1000)
         while time.monotonic() < deadline:
             locked = await self._redis.lock(key, token, ttl_ms)
-            if locked is None or locked:
-                return True  # Redis is down (coordinate in-process only), or the lock is ours
+            if locked is None:
+                return True  # Redis is down: coordinate within this process only
+            if locked:
+                # The previous holder may have stored its answer and let go just now.
+                if await self._redis.get(key) is not None:
+                    await self._redis.unlock(key, token)
+                    return False
+                return True
             await asyncio.sleep(_POLL_S)
             if await self._redis.get(key) is not None:
                 return False  # the other filler's answer is in L2 now

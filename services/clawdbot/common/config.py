@@ -171,6 +171,24 @@ class JobsConfig(ServiceEndpoint):
     callback_secret_env: str = "CLAWDBOT_CALLBACK_SECRET"
 
 
+class OrchestratorConfig(ServiceEndpoint):
+    """Workflows: steps of models, retrieval and transforms, run as one service."""
+
+    grpc_port: int = 7051
+    http_port: int = 7052
+    enabled: bool = True
+    # Workflow definitions (*.yaml), read at start-up.
+    workflows_dir: str = "config/workflows"
+    # Retrieval: the knowledge base folder, embedded with this model into Qdrant: local
+    # (embedded, in qdrant_path) unless qdrant_url names a Qdrant server.
+    knowledge_dir: str = "config/knowledge"
+    embeddings_model: str = "all-minilm-l6-v2"
+    qdrant_path: str = ".clawdbot/qdrant"
+    qdrant_url: str = ""
+    qdrant_api_key_env: str = "QDRANT_API_KEY"
+    collection: str = "knowledge"
+
+
 # What each worker runtime serves.
 RUNTIME_TASKS: Mapping[str, Task] = {
     "minilm": "embeddings",
@@ -376,6 +394,7 @@ class Config(_Strict):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
     model_router: ModelRouterConfig = Field(default_factory=ModelRouterConfig)
     models: tuple[ModelEntry, ...] = ()
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

@@ -374,6 +374,7 @@ def gateway_config(mock_port: int, workdir: Path) -> str:
     return (
         f"cache: {{object_dir: {workdir / 'objects'}}}\n"
         "jobs: {enabled: false}\n"
+        "orchestrator: {enabled: false}\n"
         "models:\n"
         f"  - name: {BENCH_MODEL}\n"
         "    task: chat\n"

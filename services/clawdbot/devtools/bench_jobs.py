@@ -29,6 +29,7 @@ def mesh_config(mock_port: int, consumers: int, workdir: Path) -> str:
     return (
         f"cache: {{enabled: false}}\n"
         f"jobs: {{consumers: {consumers}}}\n"
+        "orchestrator: {enabled: false}\n"
         "models:\n"
         f"  - {{name: {MODEL}, task: chat, base_url: 'http://127.0.0.1:{mock_port}/v1'}}\n"
     )

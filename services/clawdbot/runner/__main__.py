@@ -2,7 +2,7 @@
 
 Start order, each waiting for the one before to report ready: Kafka and Redis (when the
 jobs and the cache use local ones), the cache, the worker (local models; it serves before its models finish
-loading), router, job consumers, adapter, then Envoy last, so the public port only opens onto a working
+loading), router, job consumers, orchestrator, adapter, then Envoy last, so the public port only opens onto a working
 mesh.
 Ctrl-C or SIGTERM stops everything in the reverse order.
 """
@@ -73,6 +73,8 @@ def with_ephemeral_ports(config: Config) -> Config:
     if local_kafka(config) is not None:
         jobs_update |= {"kafka_bootstrap": f"127.0.0.1:{free_port()}", "kafka_controller_port": free_port()}
     config = config.model_copy(update={"jobs": config.jobs.model_copy(update=jobs_update)})
+    orchestrator = config.orchestrator.model_copy(update={"grpc_port": free_port(), "http_port": free_port()})
+    config = config.model_copy(update={"orchestrator": orchestrator})
     cache_update: dict[str, object] = {"grpc_port": free_port(), "http_port": free_port()}
     if local_redis(config) is not None:
         cache_update["redis_url"] = f"redis://127.0.0.1:{free_port()}/0"
@@ -145,6 +147,14 @@ class Runner:
             env,
             stop_timeout_s=self.config.adapter.shutdown_grace_s + 10,
         )
+
+    def _place_local_state(self) -> None:
+        """The embedded vector store lives in the state directory: one orchestrator per
+        path (Qdrant's local mode locks it), and each mesh has a state directory of its own."""
+        orchestrator = self.config.orchestrator
+        if not orchestrator.qdrant_url and not Path(orchestrator.qdrant_path).is_absolute():
+            placed = orchestrator.model_copy(update={"qdrant_path": str(self.state_dir / "qdrant")})
+            self.config = self.config.model_copy(update={"orchestrator": placed})
 
     async def _launch_kafka(self) -> None:
         """Start the local broker for the jobs; without one, say so loudly and let jobs run
@@ -290,6 +300,7 @@ class Runner:
                 "worker_grpc": self.config.worker.grpc_port,
                 "worker_http": self.config.worker.http_port,
                 "cache_grpc": self.config.cache.grpc_port,
+                "orchestrator_grpc": self.config.orchestrator.grpc_port,
                 "cache_http": self.config.cache.http_port,
                 "redis": urlsplit(self.config.cache.redis_url).port or 0,
                 "kafka": broker[1] if (broker := local_kafka(self.config)) else 0,
@@ -308,12 +319,16 @@ class Runner:
             loop.add_signal_handler(sig, stop.set)
         try:
             await self._launch_kafka()
+            self._place_local_state()
             config_file.write_text(dump_config(self.config))
             await self._launch_cache(config_file)
             if self.config.worker.models:
                 await self.supervisor.launch(self._service_child("worker", self.config.worker.grpc_port, config_file))
             await self.supervisor.launch(self._service_child("router", self.config.router.grpc_port, config_file))
             await self._launch_job_consumers()
+            if self.config.orchestrator.enabled:
+                port = self.config.orchestrator.grpc_port
+                await self.supervisor.launch(self._service_child("orchestrator", port, config_file))
             await self.supervisor.launch(self._service_child("adapter", self.config.adapter.grpc_port, config_file))
             await self.supervisor.launch(self._envoy_child())
         except RuntimeError as exc:

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import grpc
 import orjson
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
 from clawdbot.adapter.openai_requests import (
@@ -77,6 +77,7 @@ class GrpcProtocol:
         servicer.CreateTranscription = self.create_transcription  # type: ignore[method-assign]
         servicer.CreateSpeech = self.create_speech  # type: ignore[method-assign]
         servicer.ClassifyIntent = self.classify_intent  # type: ignore[method-assign]
+        servicer.RunWorkflow = self.run_workflow  # type: ignore[method-assign]
         servicer.SubmitJob = self.submit_job  # type: ignore[method-assign]
         servicer.GetJob = self.get_job  # type: ignore[method-assign]
         servicer.ListJobs = self.list_jobs  # type: ignore[method-assign]
@@ -214,6 +215,18 @@ class GrpcProtocol:
         try:
             meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
             return await self._gateway.explain(explain_request(request, meta))
+        except GatewayError as err:
+            await err.abort(context)
+            raise
+
+    async def run_workflow(
+        self, request: gateway_pb2.WorkflowRunRequest, context: grpc.aio.ServicerContext
+    ) -> struct_pb2.Struct:
+        try:
+            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+            run_input = whole_numbers(json_format.MessageToDict(request.input)) if request.HasField("input") else None
+            run = await self._gateway.run_workflow(meta, request.name, orjson.dumps(run_input))
+            return cast(struct_pb2.Struct, json_format.ParseDict(orjson.loads(run), struct_pb2.Struct()))
         except GatewayError as err:
             await err.abort(context)
             raise

@@ -72,6 +72,9 @@ class RestProtocol:
         servicer.TranscriptionsHttp = self.transcriptions  # type: ignore[method-assign]
         servicer.SpeechHttp = self.speech  # type: ignore[method-assign]
         servicer.IntentsHttp = self.intents  # type: ignore[method-assign]
+        servicer.RunWorkflowHttp = self.run_workflow  # type: ignore[method-assign]
+        servicer.ListWorkflowsHttp = self.list_workflows  # type: ignore[method-assign]
+        servicer.DescribeWorkflowHttp = self.describe_workflow  # type: ignore[method-assign]
         servicer.SubmitJobHttp = self.submit_job  # type: ignore[method-assign]
         servicer.GetJobHttp = self.get_job  # type: ignore[method-assign]
         servicer.ListJobsHttp = self.list_jobs  # type: ignore[method-assign]
@@ -204,6 +207,33 @@ class RestProtocol:
             return httpbody_pb2.HttpBody(content_type=JSON, data=response.openai_json)
 
         return await self._unary("intent", "POST /v1/intents", context, work)
+
+    async def run_workflow(
+        self, request: gateway_pb2.RunWorkflowHttpRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            body = load_json_object(request.body.data)
+            run = await self._gateway.run_workflow(meta, request.name, orjson.dumps(body.get("input")))
+            return httpbody_pb2.HttpBody(content_type=JSON, data=run)
+
+        return await self._unary("workflow.run", "POST /v1/workflows/{name}:run", context, work)
+
+    async def list_workflows(
+        self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            return httpbody_pb2.HttpBody(content_type=JSON, data=await self._gateway.list_workflows(meta))
+
+        return await self._unary("workflow.list", "GET /v1/workflows", context, work)
+
+    async def describe_workflow(
+        self, request: gateway_pb2.DescribeWorkflowHttpRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            described = await self._gateway.describe_workflow(meta, request.name)
+            return httpbody_pb2.HttpBody(content_type=JSON, data=described)
+
+        return await self._unary("workflow.describe", "GET /v1/workflows/{name}", context, work)
 
     async def submit_job(
         self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext

@@ -358,3 +358,25 @@ class JobList(_message.Message):
     object: str
     data: _containers.RepeatedCompositeFieldContainer[Job]
     def __init__(self, object: _Optional[str] = ..., data: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class RunWorkflowHttpRequest(_message.Message):
+    __slots__ = ("name", "body")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    body: _httpbody_pb2.HttpBody
+    def __init__(self, name: _Optional[str] = ..., body: _Optional[_Union[_httpbody_pb2.HttpBody, _Mapping]] = ...) -> None: ...
+
+class DescribeWorkflowHttpRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class WorkflowRunRequest(_message.Message):
+    __slots__ = ("name", "input")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    input: _struct_pb2.Value
+    def __init__(self, name: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...

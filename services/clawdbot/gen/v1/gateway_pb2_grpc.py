@@ -7,6 +7,7 @@ from clawdbot.gen.v1 import gateway_pb2 as clawdbot_dot_v1_dot_gateway__pb2
 from clawdbot.gen.v1 import router_pb2 as clawdbot_dot_v1_dot_router__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -75,6 +76,21 @@ class GatewayStub:
         self.ListJobsHttp = channel.unary_unary(
                 '/clawdbot.v1.Gateway/ListJobsHttp',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.RunWorkflowHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/RunWorkflowHttp',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.RunWorkflowHttpRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.ListWorkflowsHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/ListWorkflowsHttp',
+                request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.DescribeWorkflowHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/DescribeWorkflowHttp',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.DescribeWorkflowHttpRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.ListModelsHttp = channel.unary_unary(
@@ -146,6 +162,11 @@ class GatewayStub:
                 '/clawdbot.v1.Gateway/ListJobs',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=clawdbot_dot_v1_dot_gateway__pb2.JobList.FromString,
+                _registered_method=True)
+        self.RunWorkflow = channel.unary_unary(
+                '/clawdbot.v1.Gateway/RunWorkflow',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.WorkflowRunRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
                 _registered_method=True)
         self.SubmitFeedback = channel.unary_unary(
                 '/clawdbot.v1.Gateway/SubmitFeedback',
@@ -219,6 +240,25 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobsHttp(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunWorkflowHttp(self, request, context):
+        """Workflows (config/workflows/): run one with {input}; list and describe them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkflowsHttp(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeWorkflowHttp(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -315,6 +355,12 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunWorkflow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitFeedback(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -374,6 +420,21 @@ def add_GatewayServicer_to_server(servicer, server):
             'ListJobsHttp': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobsHttp,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'RunWorkflowHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunWorkflowHttp,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.RunWorkflowHttpRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'ListWorkflowsHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkflowsHttp,
+                    request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'DescribeWorkflowHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeWorkflowHttp,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.DescribeWorkflowHttpRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'ListModelsHttp': grpc.unary_unary_rpc_method_handler(
@@ -445,6 +506,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.FromString,
                     response_serializer=clawdbot_dot_v1_dot_gateway__pb2.JobList.SerializeToString,
+            ),
+            'RunWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunWorkflow,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.WorkflowRunRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
             ),
             'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitFeedback,
@@ -677,6 +743,87 @@ class Gateway:
             target,
             '/clawdbot.v1.Gateway/ListJobsHttp',
             clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunWorkflowHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/RunWorkflowHttp',
+            clawdbot_dot_v1_dot_gateway__pb2.RunWorkflowHttpRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkflowsHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/ListWorkflowsHttp',
+            google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeWorkflowHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/DescribeWorkflowHttp',
+            clawdbot_dot_v1_dot_gateway__pb2.DescribeWorkflowHttpRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
@@ -1056,6 +1203,33 @@ class Gateway:
             '/clawdbot.v1.Gateway/ListJobs',
             clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
             clawdbot_dot_v1_dot_gateway__pb2.JobList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/RunWorkflow',
+            clawdbot_dot_v1_dot_gateway__pb2.WorkflowRunRequest.SerializeToString,
+            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,164 @@
+"""The orchestrator service: workflows from config/workflows/ run step by step through the
+router, with retrieval from a knowledge base in Qdrant (embedded locally, or a server)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import grpc
+import orjson
+
+from clawdbot.common.config import REPO_ROOT, Config, OrchestratorConfig
+from clawdbot.common.errors import GatewayError, internal_error
+from clawdbot.common.logging import request_id_var
+from clawdbot.common.metrics import Metrics
+from clawdbot.common.service import ServiceHost
+from clawdbot.gen.v1 import orchestrator_pb2, orchestrator_pb2_grpc, router_pb2, router_pb2_grpc
+from clawdbot.orchestrator.definitions import load_catalog
+from clawdbot.orchestrator.engine import Engine, ModelCaller, StepFailed
+from clawdbot.orchestrator.retrieval import KnowledgeBase, RetrievalUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def _resolve(path: str) -> Path:
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else REPO_ROOT / candidate
+
+
+class Knowledge:
+    """The knowledge base, filled in the background (the embeddings model may still be
+    loading when the orchestrator starts); retrieval says so until it is ready."""
+
+    def __init__(self, config: OrchestratorConfig, router: router_pb2_grpc.RouterStub) -> None:
+        self._config = config
+        self._router = router
+        self.ready = False
+        self.base = KnowledgeBase(
+            config.collection,
+            self._embed,
+            path=None if config.qdrant_url else config.qdrant_path,
+            url=config.qdrant_url or None,
+            api_key=os.environ.get(config.qdrant_api_key_env) or None,
+            # A different embeddings model makes every stored vector stale: part of the hash.
+            embedder_id=config.embeddings_model,
+        )
+
+    async def _embed(self, texts: list[str]) -> list[list[float]]:
+        body = {"model": self._config.embeddings_model, "input": texts, "encoding_format": "float"}
+        request = router_pb2.ModelRequest(
+            meta=router_pb2.RequestMeta(request_id="knowledge-base", protocol="internal"),
+            task="embeddings",
+            model=self._config.embeddings_model,
+            openai_json=orjson.dumps(body),
+        )
+        reply = await self._router.Complete(request, timeout=120)
+        data = orjson.loads(reply.openai_json)["data"]
+        return [item["embedding"] for item in sorted(data, key=lambda d: d["index"])]
+
+    async def fill(self) -> None:
+        folder = _resolve(self._config.knowledge_dir)
+        while True:
+            try:
+                chunks = await self.base.ingest(folder)
+                self.ready = True
+                log.info("knowledge base ready", extra={"chunks": chunks, "folder": str(folder)})
+                return
+            except grpc.aio.AioRpcError as err:
+                # The embeddings model is not serving yet: try again shortly.
+                log.info("knowledge base waits for embeddings", extra={"error": err.code().name})
+            except RetrievalUnavailable as exc:
+                log.error("knowledge base unavailable", extra={"error": str(exc)})
+            await asyncio.sleep(2)
+
+    async def __call__(self, query: str, top_k: int, min_score: float | None) -> list[dict[str, Any]]:
+        if not self.ready:
+            raise StepFailed({"message": "the knowledge base is still being built", "code": "retrieval_not_ready"})
+        try:
+            hits = await self.base.search(query, top_k=top_k, min_score=min_score)
+        except RetrievalUnavailable as exc:
+            raise StepFailed({"message": str(exc), "code": "retrieval_unavailable"}) from exc
+        return [asdict(hit) for hit in hits]
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
+    def __init__(self, config: Config, router: router_pb2_grpc.RouterStub, knowledge: Knowledge | None) -> None:
+        self.catalog = load_catalog(_resolve(config.orchestrator.workflows_dir))
+        for problem in self.catalog.problems:
+            log.error("workflow refused", extra={"problem": problem})
+        self.engine = Engine(lambda: self.catalog, ModelCaller(router), knowledge)
+
+    async def Run(  # noqa: N802 - gRPC method name
+        self, request: orchestrator_pb2.RunWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.WorkflowReply:
+        request_id_var.set(request.meta.request_id)
+        try:
+            run_input = orjson.loads(request.input_json) if request.input_json else None
+            run = await self.engine.run(request.name, run_input, request.meta)
+            return orchestrator_pb2.WorkflowReply(json=orjson.dumps(run))
+        except GatewayError as err:
+            await err.abort(context)
+        except orjson.JSONDecodeError:
+            await GatewayError.bad_request("The workflow input is not valid JSON.", "input").abort(context)
+        except Exception:
+            log.exception("workflow run failed", extra={"workflow": request.name})
+            await internal_error().abort(context)
+        raise AssertionError("unreachable: abort raises")
+
+    async def List(  # noqa: N802 - gRPC method name
+        self, request: orchestrator_pb2.ListWorkflowsRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.WorkflowReply:
+        listed = {
+            "object": "list",
+            "data": [w.describe() for w in self.catalog.workflows.values()],
+            "problems": self.catalog.problems,
+        }
+        return orchestrator_pb2.WorkflowReply(json=orjson.dumps(listed))
+
+    async def Describe(  # noqa: N802 - gRPC method name
+        self, request: orchestrator_pb2.DescribeWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.WorkflowReply:
+        workflow = self.catalog.workflows.get(request.name)
+        if workflow is None:
+            error = GatewayError(
+                404, f"No workflow named `{request.name}`.", "invalid_request_error", "workflow_not_found"
+            )
+            await error.abort(context)
+            raise AssertionError("unreachable: abort raises")
+        described = {
+            **workflow.describe(),
+            "steps": [s.model_dump(by_alias=True, exclude_none=True) for s in workflow.steps],
+        }
+        return orchestrator_pb2.WorkflowReply(json=orjson.dumps(described))
+
+
+def create_server(config: Config) -> ServiceHost:
+    host = ServiceHost("orchestrator", config.orchestrator, Metrics("orchestrator"))
+    router_channel = grpc.aio.insecure_channel(
+        f"{config.router.host}:{config.router.grpc_port}",
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+        ],
+    )
+    router = router_pb2_grpc.RouterStub(router_channel)
+    knowledge = Knowledge(config.orchestrator, router) if config.orchestrator.knowledge_dir else None
+    servicer = OrchestratorServicer(config, router, knowledge)
+    orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, host.grpc_server)
+    host.add_service_name("clawdbot.v1.Orchestrator")
+
+    async def close() -> None:
+        if knowledge is not None:
+            await knowledge.base.close()
+        await router_channel.close(grace=None)
+
+    if knowledge is not None:
+        host.in_background(knowledge.fill)
+    host.on_shutdown(close)
+    return host
