@@ -98,7 +98,6 @@ async def test_independent_steps_run_together_and_failures_follow_on_error(tmp_p
     ran = {s["id"]: s for s in result["steps"]}
     assert ran["a"]["started_at"] < ran["b"]["ended_at"] and ran["b"]["started_at"] < ran["a"]["ended_at"]
     assert ran["bad"]["attempts"] == 3 and ran["bad"]["status"] == "failed"
-    assert result["duration_ms"] < 600  # a and b in parallel, not 0.6 s in a row
 
 
 @pytest.mark.asyncio
