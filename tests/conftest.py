@@ -97,8 +97,9 @@ WORKER_MODELS = {
 def workflows_dir(tmp: Path) -> Path:
     folder = tmp / "workflows"
     folder.mkdir(exist_ok=True)
-    for source in [*(REPO_ROOT / "config" / "workflows").glob("*.yaml"), *(TESTS / "e2e" / "workflows").glob("*.yaml")]:
-        shutil.copy(source, folder / source.name)
+    for source in [*(REPO_ROOT / "config" / "workflows").iterdir(), *(TESTS / "e2e" / "workflows").iterdir()]:
+        if source.suffix in (".yaml", ".bpmn"):
+            shutil.copy(source, folder / source.name)
     return folder
 
 

@@ -60,13 +60,14 @@ def test_a_failing_step_retries_then_takes_its_error_path(mesh: Mesh) -> None:
 def test_definitions_are_listed_described_and_bad_ones_refused_clearly(mesh: Mesh) -> None:
     listed = http(mesh).get(f"{mesh.v1}/workflows").json()
     names = {w["name"] for w in listed["data"]}
-    assert {"smart_assistant", "parallel_demo", "branching", "error_path", "nested"} <= names
+    assert {"smart_assistant", "smart_assistant_bpmn", "parallel_demo", "branching", "error_path", "nested"} <= names
     assert not names & {"cyclic", "unknown_type", "missing_step", "bad_expression"}
     problems = "\n".join(listed["problems"])
     assert "cyclic" in problems and "cycle" in problems
     assert "unknown_type" in problems and "teleport" in problems
     assert "missing_step" in problems and "nowhere" in problems
     assert "bad_expression" in problems and "invalid expression" in problems
+    assert "broken.bpmn: line 7: userTask `approve`" in problems
     described = http(mesh).get(f"{mesh.v1}/workflows/smart_assistant").json()
     assert {"from": "asr", "to": "intent"} in described["graph"]["edges"]
     assert [s["id"] for s in described["steps"]] == ["asr", "intent", "knowledge", "answer", "speech"]
@@ -115,3 +116,8 @@ def test_the_smart_assistant_answers_a_spoken_question_with_speech(local_models:
         "gemma-3-270m",
         "espeak-ng",
     }
+    # The BPMN twin (config/workflows/smart_assistant_bpmn.bpmn) gives the same answer.
+    twin = run(mesh, "smart_assistant_bpmn", {"audio": base64.b64encode(question).decode()})
+    assert twin["status"] == "succeeded"
+    assert twin["output"] == output
+    assert [(s["id"], s["status"]) for s in twin["steps"]] == [(s["id"], s["status"]) for s in result["steps"]]

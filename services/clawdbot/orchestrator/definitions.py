@@ -1,5 +1,5 @@
-"""Workflow definitions: YAML files in config/workflows/, read and checked at start-up
-and on reload. A bad workflow is refused with a message naming the file, the workflow,
+"""Workflow definitions: YAML (and BPMN 2.0, see bpmn.py) files in config/workflows/,
+read and checked at start-up. A bad workflow is refused with a message naming the file, the workflow,
 the step and what is wrong; the good ones load regardless."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class DefinitionError(ValueError):
     pass
 
 
-def _check(workflow: Workflow) -> None:
+def check_workflow(workflow: Workflow) -> None:
     ids = [s.id for s in workflow.steps]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -136,7 +136,7 @@ class Catalog:
     problems: list[str] = field(default_factory=list)
 
 
-def _format(error: ValidationError) -> str:
+def format_validation(error: ValidationError) -> str:
     parts = []
     for problem in error.errors():
         where = ".".join(str(p) for p in problem["loc"])
@@ -147,7 +147,7 @@ def _format(error: ValidationError) -> str:
 
 
 def load_catalog(folder: Path) -> Catalog:
-    """Every workflow of every *.yaml file in folder; problems listed, never raised."""
+    """Every workflow of every *.yaml and *.bpmn file in folder; problems listed, never raised."""
     catalog = Catalog()
     for path in sorted(folder.glob("*.y*ml")) if folder.is_dir() else ():
         try:
@@ -168,14 +168,30 @@ def load_catalog(folder: Path) -> Catalog:
                 if not isinstance(body, dict):
                     raise DefinitionError("expected a mapping with `steps`")
                 workflow = Workflow.model_validate({**body, "name": name, "source": path.name})
-                _check(workflow)
+                check_workflow(workflow)
             except ValidationError as exc:
-                catalog.problems.append(f"{where}: {_format(exc)}")
+                catalog.problems.append(f"{where}: {format_validation(exc)}")
                 continue
             except (DefinitionError, ExpressionError) as exc:
                 catalog.problems.append(f"{where}: {exc}")
                 continue
             catalog.workflows[name] = workflow
+    from clawdbot.orchestrator.bpmn import BpmnError, load_bpmn  # here: bpmn imports this module
+
+    for path in sorted(folder.glob("*.bpmn")) if folder.is_dir() else ():
+        try:
+            loaded = load_bpmn(path)
+        except BpmnError as exc:
+            catalog.problems.append(str(exc))
+            continue
+        for workflow in loaded:
+            if workflow.name in catalog.workflows:
+                where = f"{path.name}: workflow `{workflow.name}`"
+                catalog.problems.append(
+                    f"{where}: the name is already defined in {catalog.workflows[workflow.name].source}"
+                )
+                continue
+            catalog.workflows[workflow.name] = workflow
     for workflow in list(catalog.workflows.values()):
         for step in workflow.steps:
             target = step.params.get("workflow")
