@@ -284,3 +284,15 @@ async def test_every_model_call_is_observed_on_the_telemetry_topic(mesh: Mesh) -
     assert seen["instance"] == "mock-1" and seen["task"] == "chat" and seen["status"] == "ok"
     assert seen["latency_s"] > 0 and seen["input_tokens"] > 0 and seen["output_tokens"] > 0
     assert seen["cost_usd"] > 0 and seen["api_key_id"].startswith("key_")
+
+
+@pytest.mark.asyncio
+async def test_a_workflow_runs_as_a_job(mesh: Mesh) -> None:
+    async with client(mesh) as http:
+        body = {"kind": "workflow", "request": {"name": "branching", "input": {"n": 8}}}
+        job = (await http.post(f"{mesh.v1}/jobs", json=body)).json()
+        done = await finished(http, mesh, job["id"])
+        assert done["status"] == "succeeded" and done["result"]["output"] == "big 8"
+        assert [s["id"] for s in done["result"]["steps"]] == ["big", "small"]
+        refused = await http.post(f"{mesh.v1}/jobs", json={"kind": "workflow", "request": {"input": {}}})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "request.name"

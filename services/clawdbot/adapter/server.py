@@ -46,14 +46,16 @@ def _channel(host: str, port: int) -> grpc.aio.Channel:
     )
 
 
-def jobs_api(config: Config, router: router_pb2_grpc.RouterStub) -> JobsApi:
+def jobs_api(
+    config: Config, router: router_pb2_grpc.RouterStub, orchestrator: orchestrator_pb2_grpc.OrchestratorStub | None
+) -> JobsApi:
     """Jobs through Kafka with records in Redis; without Kafka, in this process and memory."""
     if config.jobs.kafka_bootstrap:
         return JobsApi(
             RedisJobStore(store_url(config), config.jobs.retention_s), KafkaJobQueue(config.jobs.kafka_bootstrap)
         )
     store = MemoryJobStore()
-    processor = JobProcessor(JobExecutor(router, store, config.jobs), store, config.jobs)
+    processor = JobProcessor(JobExecutor(router, store, config.jobs, orchestrator), store, config.jobs)
     return JobsApi(store, InProcessJobQueue(processor))
 
 
@@ -75,12 +77,12 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
         channels.append(cache_channel)
         cache = ResponseCache(cache_pb2_grpc.CacheServiceStub(cache_channel), config.cache, config.models, router)
     auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env())
-    jobs = jobs_api(config, router) if config.jobs.enabled else None
     orchestrator = None
     if config.orchestrator.enabled:
         orchestrator_channel = _channel(config.orchestrator.host, config.orchestrator.grpc_port)
         channels.append(orchestrator_channel)
         orchestrator = orchestrator_pb2_grpc.OrchestratorStub(orchestrator_channel)
+    jobs = jobs_api(config, router, orchestrator) if config.jobs.enabled else None
     gateway = Gateway(router, auth, metrics, config.adapter.router_timeout_s, cache, jobs, orchestrator)
     servicer = gateway_pb2_grpc.GatewayServicer()
     ctx = ProtocolContext(config=config, gateway=gateway, servicer=servicer, host=host)

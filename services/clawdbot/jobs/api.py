@@ -32,6 +32,11 @@ def _check_request(kind: Any, request: Any) -> None:
         parse_chat(dict(request))
     elif kind == "embeddings":
         parse_embeddings(dict(request))
+    elif kind == "workflow":
+        if not isinstance(request.get("name"), str) or not request["name"]:
+            raise GatewayError.bad_request(
+                "A workflow job's request is {name, input}: 'request.name' is missing.", "request.name"
+            )
     else:
         if not isinstance(request.get("model"), str) or not request["model"]:
             raise GatewayError.bad_request("Missing required parameter: 'request.model'.", "request.model")

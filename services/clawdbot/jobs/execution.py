@@ -16,7 +16,7 @@ import orjson
 from clawdbot.common.config import JobsConfig
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.telemetry import inject_headers
-from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
+from clawdbot.gen.v1 import orchestrator_pb2, orchestrator_pb2_grpc, router_pb2, router_pb2_grpc
 from clawdbot.jobs.records import Job
 from clawdbot.jobs.store import JobStore
 
@@ -50,12 +50,41 @@ def model_request(job: Job) -> router_pb2.ModelRequest:
 
 
 class JobExecutor:
-    def __init__(self, router: router_pb2_grpc.RouterStub, store: JobStore, config: JobsConfig) -> None:
+    def __init__(
+        self,
+        router: router_pb2_grpc.RouterStub,
+        store: JobStore,
+        config: JobsConfig,
+        orchestrator: orchestrator_pb2_grpc.OrchestratorStub | None = None,
+    ) -> None:
         self._router = router
         self._store = store
         self._config = config
+        self._orchestrator = orchestrator
+
+    async def _run_workflow(self, job: Job) -> dict[str, Any]:
+        if self._orchestrator is None:
+            raise JobFailure({"message": "workflows are turned off here", "code": "workflows_disabled"}, False)
+        meta = router_pb2.RequestMeta(request_id=job.id, api_key_id=job.api_key_id, protocol="job")
+        request = orchestrator_pb2.RunWorkflowRequest(
+            meta=meta, name=str(job.request["name"]), input_json=orjson.dumps(job.request.get("input"))
+        )
+        try:
+            reply = await self._orchestrator.Run(
+                request, timeout=self._config.job_timeout_s, metadata=list(inject_headers().items())
+            )
+        except grpc.aio.AioRpcError as err:
+            failure = GatewayError.from_rpc_error(err, "orchestrator")
+            raise JobFailure(failure.to_dict()["error"], failure.status >= 500) from None
+        run: dict[str, Any] = orjson.loads(reply.json)
+        if run.get("status") != "succeeded":
+            # Its steps had their own retries: the run as a whole is not retried.
+            raise JobFailure(run.get("error") or {"message": "the workflow failed"}, False)
+        return run
 
     async def _call(self, job: Job) -> dict[str, Any]:
+        if job.kind == "workflow":
+            return await self._run_workflow(job)
         request = model_request(job)
         try:
             reply = await self._router.Complete(

@@ -11,7 +11,7 @@ import orjson
 
 Status = Literal["queued", "running", "succeeded", "failed"]
 TERMINAL: Final = ("succeeded", "failed")
-KINDS: Final = ("chat", "embeddings", "transcription")
+KINDS: Final = ("chat", "embeddings", "transcription", "workflow")
 
 
 def new_job_id() -> str:

@@ -15,7 +15,7 @@ from clawdbot.common.errors import GatewayError
 from clawdbot.common.kafka import ensure_topics
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost
-from clawdbot.gen.v1 import router_pb2_grpc
+from clawdbot.gen.v1 import orchestrator_pb2_grpc, router_pb2_grpc
 from clawdbot.jobs.consumer import JobConsumer
 from clawdbot.jobs.execution import JobExecutor
 from clawdbot.jobs.processing import JobProcessor
@@ -31,8 +31,14 @@ def create_server(config: Config) -> ServiceHost:
         f"{config.router.host}:{config.router.grpc_port}",
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.initial_reconnect_backoff_ms", 100)],
     )
+    channels = [router_channel]
+    orchestrator = None
+    if config.orchestrator.enabled:
+        channels.append(grpc.aio.insecure_channel(f"{config.orchestrator.host}:{config.orchestrator.grpc_port}"))
+        orchestrator = orchestrator_pb2_grpc.OrchestratorStub(channels[-1])
     store = RedisJobStore(store_url(config), jobs.retention_s)
-    processor = JobProcessor(JobExecutor(router_pb2_grpc.RouterStub(router_channel), store, jobs), store, jobs)
+    executor = JobExecutor(router_pb2_grpc.RouterStub(router_channel), store, jobs, orchestrator)
+    processor = JobProcessor(executor, store, jobs)
     consumer = JobConsumer(jobs, processor)
 
     async def consume() -> None:
@@ -52,7 +58,8 @@ def create_server(config: Config) -> ServiceHost:
     async def close() -> None:
         await processor.close()
         await store.close()
-        await router_channel.close(grace=None)
+        for channel in channels:
+            await channel.close(grace=None)
 
     host.in_background(consume)
     host.on_shutdown(close)
