@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import grpc
 import orjson
+from google.protobuf.message import DecodeError
 
 from clawdbot.cache.keys import IGNORED_FIELDS, cache_key
 from clawdbot.common.config import CacheConfig, ModelEntry
@@ -171,7 +172,7 @@ class ResponseCache:
             return CacheLookup(lease=first.lease if first else "")
         try:
             response = router_pb2.ModelResponse.FromString(b"".join(parts))
-        except Exception:  # noqa: BLE001 - protobuf's DecodeError; a bad entry is a miss, never an answer
+        except DecodeError:  # a bad entry is a miss, never an answer
             log.warning("unreadable cache entry ignored", extra={"key": plan.key})
             return CacheLookup()
         response.cache = f"hit-{first.level}"

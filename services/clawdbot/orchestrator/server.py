@@ -69,11 +69,12 @@ class Knowledge:
                 self.ready = True
                 log.info("knowledge base ready", extra={"chunks": chunks, "folder": str(folder)})
                 return
-            except grpc.aio.AioRpcError as err:
-                # The embeddings model is not serving yet: try again shortly.
-                log.info("knowledge base waits for embeddings", extra={"error": err.code().name})
             except RetrievalUnavailable as exc:
-                log.error("knowledge base unavailable", extra={"error": str(exc)})
+                if isinstance(exc.__cause__, grpc.aio.AioRpcError):
+                    # The embeddings model is not serving yet (the worker is still loading).
+                    log.info("knowledge base waits for embeddings", extra={"error": exc.__cause__.code().name})
+                else:
+                    log.error("knowledge base unavailable", extra={"error": str(exc)})
             await asyncio.sleep(2)
 
     async def __call__(self, query: str, top_k: int, min_score: float | None) -> list[dict[str, Any]]:

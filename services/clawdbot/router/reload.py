@@ -30,6 +30,9 @@ from clawdbot.router.snapshot import SnapshotOwner
 
 log = logging.getLogger(__name__)
 
+# How long a changed configuration file must stay unchanged before the watcher loads it.
+_SETTLE_S = 0.3
+
 # Set by the runner: {model name: base_url} for the local models it started, whose ports
 # may differ from the file's (tests and benchmarks take ports from the OS).
 MODEL_URLS_ENV = "CLAWDBOT_MODEL_URLS"
@@ -72,19 +75,21 @@ class Reloader:
         self._env = dict(os.environ) if env is None else dict(env)
         self._check_timeout_s = check_timeout_s
         self._lock = asyncio.Lock()
-        self._mtime = self._stat()
+        self._seen = self._stat()
         self._drains: set[asyncio.Task[None]] = set()
 
-    def _stat(self) -> float:
+    def _stat(self) -> tuple[int, int]:
+        """What tells a changed file: its modification time and size."""
         try:
-            return self.source.stat().st_mtime
+            stat = self.source.stat()
         except OSError:
-            return 0.0
+            return (0, 0)
+        return (stat.st_mtime_ns, stat.st_size)
 
     async def reload(self, reason: str) -> ReloadResult:
         async with self._lock:  # one reload at a time; a second waits and re-reads
             started = time.perf_counter()
-            self._mtime = self._stat()
+            self._seen = self._stat()
             try:
                 config = with_model_urls(load_config(self.source, self._env), self._env)
             except ConfigError as exc:
@@ -162,11 +167,18 @@ class Reloader:
         """Reload when the file changes; a bad edit is logged and the live snapshot stays."""
         while True:
             await asyncio.sleep(interval_s)
-            if self._stat() != self._mtime:
-                try:
-                    await self.reload("file changed")
-                except GatewayError as err:
-                    log.warning("keeping the live snapshot", extra={"error": err.message})
+            changed = self._stat()
+            if changed == self._seen:
+                continue
+            # A file being written (truncated, then filled) changes again within moments:
+            # reload only once it has settled, never from a half-written file.
+            await asyncio.sleep(_SETTLE_S)
+            if self._stat() != changed:
+                continue
+            try:
+                await self.reload("file changed")
+            except GatewayError as err:
+                log.warning("keeping the live snapshot", extra={"error": err.message})
 
     async def close(self) -> None:
         for task in list(self._drains):
