@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from clawdbot.cache.keys import IGNORED_FIELDS, cache_key
 from clawdbot.common.config import CacheConfig, ModelEntry
 from clawdbot.gen.v1 import cache_pb2, cache_pb2_grpc, router_pb2, router_pb2_grpc
+from clawdbot.router.requests import embed
 
 log = logging.getLogger(__name__)
 
@@ -209,18 +210,11 @@ class ResponseCache:
     async def _embed(self, plan: CachePlan) -> list[float] | None:
         if self._router is None or not plan.semantic_text.strip():
             return None
-        body = {
-            "model": self._config.semantic.embeddings_model,
-            "input": plan.semantic_text,
-            "encoding_format": "float",
-        }
-        request = router_pb2.ModelRequest(
-            meta=plan.meta, task="embeddings", model=body["model"], openai_json=orjson.dumps(body)
-        )
         try:
-            reply = await self._router.Complete(request, timeout=10)
-            vector: list[float] = orjson.loads(reply.openai_json)["data"][0]["embedding"]
-        except (grpc.aio.AioRpcError, KeyError, IndexError, TypeError, orjson.JSONDecodeError) as exc:
+            (vector,) = await embed(
+                self._router, plan.meta, self._config.semantic.embeddings_model, [plan.semantic_text], 10
+            )
+        except (grpc.aio.AioRpcError, KeyError, IndexError, TypeError, ValueError) as exc:
             # Without a vector the request is just an exact-cache miss.
             log.warning("semantic cache: no embedding", extra={"error": f"{type(exc).__name__}: {exc}"})
             return None

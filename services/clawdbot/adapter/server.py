@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 
-import grpc
-
 from clawdbot.adapter.auth import Authenticator
 from clawdbot.adapter.gateway import Gateway
 from clawdbot.adapter.protocols.base import ProtocolContext, load_protocols
 from clawdbot.adapter.response_cache import ResponseCache
 from clawdbot.common.config import Config
 from clawdbot.common.metrics import Metrics
-from clawdbot.common.service import ServiceHost
+from clawdbot.common.service import ServiceHost, internal_channel
 from clawdbot.gen.v1 import cache_pb2_grpc, gateway_pb2_grpc, orchestrator_pb2_grpc, router_pb2_grpc
 from clawdbot.jobs.api import JobsApi
 from clawdbot.jobs.execution import JobExecutor
@@ -31,19 +29,6 @@ GATEWAY_SERVICE = "clawdbot.v1.Gateway"
 def api_keys_from_env(env: dict[str, str] | None = None) -> list[str]:
     value = (env if env is not None else dict(os.environ)).get("CLAWDBOT_API_KEY", "")
     return [k.strip() for k in value.split(",") if k.strip()]
-
-
-def _channel(host: str, port: int) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        f"{host}:{port}",
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            # Reconnect quickly after a restart of the peer instead of backing off for seconds.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ],
-    )
 
 
 def jobs_api(
@@ -68,18 +53,18 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
         reflection_services=(GATEWAY_SERVICE,),
         http_client_max_size=config.gateway.max_request_bytes,
     )
-    router_channel = _channel(config.router.host, config.router.grpc_port)
+    router_channel = internal_channel(f"{config.router.host}:{config.router.grpc_port}")
     router = router_pb2_grpc.RouterStub(router_channel)
     channels = [router_channel]
     cache: ResponseCache | None = None
     if config.cache.enabled:
-        cache_channel = _channel(config.cache.host, config.cache.grpc_port)
+        cache_channel = internal_channel(f"{config.cache.host}:{config.cache.grpc_port}")
         channels.append(cache_channel)
         cache = ResponseCache(cache_pb2_grpc.CacheServiceStub(cache_channel), config.cache, config.models, router)
     auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env())
     orchestrator = None
     if config.orchestrator.enabled:
-        orchestrator_channel = _channel(config.orchestrator.host, config.orchestrator.grpc_port)
+        orchestrator_channel = internal_channel(f"{config.orchestrator.host}:{config.orchestrator.grpc_port}")
         channels.append(orchestrator_channel)
         orchestrator = orchestrator_pb2_grpc.OrchestratorStub(orchestrator_channel)
     jobs = jobs_api(config, router, orchestrator) if config.jobs.enabled else None

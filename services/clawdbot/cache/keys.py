@@ -13,6 +13,8 @@ from typing import Any, Final
 
 import orjson
 
+from clawdbot.common.json_numbers import whole_numbers
+
 KEY_VERSION: Final = "v1"
 # Fields that never change what the model answers.
 IGNORED_FIELDS: Final = frozenset(
@@ -20,21 +22,11 @@ IGNORED_FIELDS: Final = frozenset(
 )
 
 
-def _canonical(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _canonical(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_canonical(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)  # 0.0 and 0 are one temperature
-    return value
-
-
 def cache_key(task: str, model: str, version: str, scope: str, body: dict[str, Any], binary: bytes = b"") -> str:
     """`v1:<task>:<sha256>`; the task stays readable for operators looking at Redis."""
     material = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
     document = orjson.dumps(
-        {"task": task, "model": model, "version": version, "scope": scope, "request": _canonical(material)},
+        {"task": task, "model": model, "version": version, "scope": scope, "request": whole_numbers(material)},
         option=orjson.OPT_SORT_KEYS,
     )
     digest = hashlib.sha256(document)

@@ -454,6 +454,13 @@ def _format_validation(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def repo_path(path: str) -> Path:
+    """A path from the configuration: relative ones are relative to the repository, so a
+    service finds config/ and its datasets whatever its working directory."""
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else REPO_ROOT / candidate
+
+
 def config_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     return Path(env.get("CLAWDBOT_CONFIG") or DEFAULT_CONFIG_PATH)

@@ -5,8 +5,6 @@ request). The job record says how it went after every step."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 from typing import Any
 
@@ -19,6 +17,7 @@ from clawdbot.common.telemetry import inject_headers
 from clawdbot.gen.v1 import orchestrator_pb2, orchestrator_pb2_grpc, router_pb2, router_pb2_grpc
 from clawdbot.jobs.records import Job
 from clawdbot.jobs.store import JobStore
+from clawdbot.router.requests import BadAudio, model_request
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +29,14 @@ class JobFailure(Exception):
         self.retryable = retryable
 
 
-def model_request(job: Job) -> router_pb2.ModelRequest:
+def job_request(job: Job) -> router_pb2.ModelRequest:
     """The router request a job stands for; JobFailure when it cannot be one."""
-    body = dict(job.request)
-    binary = b""
-    if job.kind == "transcription":
-        try:
-            binary = base64.b64decode(str(body.pop("file", "")), validate=True)
-        except (binascii.Error, ValueError):
-            raise JobFailure(
-                GatewayError.bad_request("'file' must be base64.", "file").to_dict()["error"], False
-            ) from None
-    if job.kind == "chat":
-        body["stream"] = False
+    body = {**job.request, "stream": False} if job.kind == "chat" else job.request
     meta = router_pb2.RequestMeta(request_id=job.id, api_key_id=job.api_key_id, protocol="job")
-    return router_pb2.ModelRequest(
-        meta=meta, task=job.kind, model=str(body.get("model", "")), openai_json=orjson.dumps(body), binary=binary
-    )
+    try:
+        return model_request(meta, job.kind, body)
+    except BadAudio as exc:
+        raise JobFailure(GatewayError.bad_request(str(exc), "file").to_dict()["error"], False) from None
 
 
 class JobExecutor:
@@ -85,7 +75,7 @@ class JobExecutor:
     async def _call(self, job: Job) -> dict[str, Any]:
         if job.kind == "workflow":
             return await self._run_workflow(job)
-        request = model_request(job)
+        request = job_request(job)
         try:
             reply = await self._router.Complete(
                 request, timeout=self._config.job_timeout_s, metadata=list(inject_headers().items())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
 from aiokafka.errors import KafkaError
 
 from clawdbot.common import topics
@@ -14,7 +13,7 @@ from clawdbot.common.config import Config
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.kafka import ensure_topics
 from clawdbot.common.metrics import Metrics
-from clawdbot.common.service import ServiceHost
+from clawdbot.common.service import ServiceHost, internal_channel
 from clawdbot.gen.v1 import orchestrator_pb2_grpc, router_pb2_grpc
 from clawdbot.jobs.consumer import JobConsumer
 from clawdbot.jobs.execution import JobExecutor
@@ -27,14 +26,11 @@ log = logging.getLogger(__name__)
 def create_server(config: Config) -> ServiceHost:
     jobs = config.jobs
     host = ServiceHost("jobs", jobs, Metrics("jobs"))
-    router_channel = grpc.aio.insecure_channel(
-        f"{config.router.host}:{config.router.grpc_port}",
-        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.initial_reconnect_backoff_ms", 100)],
-    )
+    router_channel = internal_channel(f"{config.router.host}:{config.router.grpc_port}")
     channels = [router_channel]
     orchestrator = None
     if config.orchestrator.enabled:
-        channels.append(grpc.aio.insecure_channel(f"{config.orchestrator.host}:{config.orchestrator.grpc_port}"))
+        channels.append(internal_channel(f"{config.orchestrator.host}:{config.orchestrator.grpc_port}"))
         orchestrator = orchestrator_pb2_grpc.OrchestratorStub(channels[-1])
     store = RedisJobStore(store_url(config), jobs.retention_s)
     executor = JobExecutor(router_pb2_grpc.RouterStub(router_channel), store, jobs, orchestrator)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from clawdbot.common.telemetry import inject_headers
 from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
 from clawdbot.orchestrator.definitions import Catalog, Step, Workflow
 from clawdbot.orchestrator.expressions import ExpressionError, render, truthy
+from clawdbot.router.requests import BadAudio, model_request
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,10 @@ class ModelCaller:
     async def __call__(
         self, meta: router_pb2.RequestMeta, task: str, body: dict[str, Any], timeout_s: float
     ) -> tuple[Any, str]:
-        binary = b""
-        if task == "transcription":
-            try:
-                binary = base64.b64decode(str(body.pop("file", "")), validate=True)
-            except (binascii.Error, ValueError):
-                raise StepFailed({"message": "'file' must be base64-encoded audio", "code": "invalid_audio"}) from None
-        request = router_pb2.ModelRequest(
-            meta=meta, task=task, model=str(body["model"]), openai_json=orjson.dumps(body), binary=binary
-        )
+        try:
+            request = model_request(meta, task, body)
+        except BadAudio as exc:
+            raise StepFailed({"message": str(exc), "code": "invalid_audio"}) from None
         try:
             reply = await self._router.Complete(request, timeout=timeout_s, metadata=list(inject_headers().items()))
         except grpc.aio.AioRpcError as err:

@@ -7,28 +7,23 @@ import asyncio
 import logging
 import os
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import grpc
 import orjson
 
-from clawdbot.common.config import REPO_ROOT, Config, OrchestratorConfig
+from clawdbot.common.config import Config, OrchestratorConfig, repo_path
 from clawdbot.common.errors import GatewayError, internal_error
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
-from clawdbot.common.service import ServiceHost
+from clawdbot.common.service import ServiceHost, internal_channel
 from clawdbot.gen.v1 import orchestrator_pb2, orchestrator_pb2_grpc, router_pb2, router_pb2_grpc
 from clawdbot.orchestrator.definitions import load_catalog
 from clawdbot.orchestrator.engine import Engine, ModelCaller, StepFailed
 from clawdbot.orchestrator.retrieval import KnowledgeBase, RetrievalUnavailable
+from clawdbot.router.requests import embed
 
 log = logging.getLogger(__name__)
-
-
-def _resolve(path: str) -> Path:
-    candidate = Path(path)
-    return candidate if candidate.is_absolute() else REPO_ROOT / candidate
 
 
 class Knowledge:
@@ -50,19 +45,11 @@ class Knowledge:
         )
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
-        body = {"model": self._config.embeddings_model, "input": texts, "encoding_format": "float"}
-        request = router_pb2.ModelRequest(
-            meta=router_pb2.RequestMeta(request_id="knowledge-base", protocol="internal"),
-            task="embeddings",
-            model=self._config.embeddings_model,
-            openai_json=orjson.dumps(body),
-        )
-        reply = await self._router.Complete(request, timeout=120)
-        data = orjson.loads(reply.openai_json)["data"]
-        return [item["embedding"] for item in sorted(data, key=lambda d: d["index"])]
+        meta = router_pb2.RequestMeta(request_id="knowledge-base", protocol="internal")
+        return await embed(self._router, meta, self._config.embeddings_model, texts, 120)
 
     async def fill(self) -> None:
-        folder = _resolve(self._config.knowledge_dir)
+        folder = repo_path(self._config.knowledge_dir)
         while True:
             try:
                 chunks = await self.base.ingest(folder)
@@ -89,7 +76,7 @@ class Knowledge:
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, config: Config, router: router_pb2_grpc.RouterStub, knowledge: Knowledge | None) -> None:
-        self.catalog = load_catalog(_resolve(config.orchestrator.workflows_dir))
+        self.catalog = load_catalog(repo_path(config.orchestrator.workflows_dir))
         for problem in self.catalog.problems:
             log.error("workflow refused", extra={"problem": problem})
         self.engine = Engine(lambda: self.catalog, ModelCaller(router), knowledge)
@@ -140,14 +127,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
 def create_server(config: Config) -> ServiceHost:
     host = ServiceHost("orchestrator", config.orchestrator, Metrics("orchestrator"))
-    router_channel = grpc.aio.insecure_channel(
-        f"{config.router.host}:{config.router.grpc_port}",
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-        ],
-    )
+    router_channel = internal_channel(f"{config.router.host}:{config.router.grpc_port}")
     router = router_pb2_grpc.RouterStub(router_channel)
     knowledge = Knowledge(config.orchestrator, router) if config.orchestrator.knowledge_dir else None
     servicer = OrchestratorServicer(config, router, knowledge)

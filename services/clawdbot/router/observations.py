@@ -62,10 +62,6 @@ class Observation:
             trace_id=f"{context.trace_id:032x}" if context.is_valid else "",
         )
 
-    def usage(self, instance: Instance, prompt: int, completion: int, audio_s: float) -> None:
-        self.input_tokens, self.output_tokens = prompt, completion
-        self.cost_usd = instance.expected_cost(prompt, completion, audio_s)
-
 
 class TelemetryPublisher:
     def __init__(self, bootstrap: str, metrics: Metrics) -> None:

@@ -264,9 +264,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, meta: router_pb2.RequestMeta, task: str, instance: Instance, usage: Any, observation: Observation
     ) -> float:
         prompt, completion = _usage_tokens(usage)
-        observation.usage(instance, prompt, completion, _audio_seconds(usage))
-        observation.latency_s = time.time() - observation.started_at
-        self._publish(observation)
         if prompt:
             self._metrics.token_usage.labels(task, instance.name, "input", instance.id).observe(prompt)
         if completion:
@@ -274,6 +271,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         cost = instance.expected_cost(prompt, completion, _audio_seconds(usage))
         if cost:
             self._metrics.cost.labels(meta.api_key_id or "none", instance.name, instance.id).inc(cost)
+        observation.input_tokens, observation.output_tokens, observation.cost_usd = prompt, completion, cost
+        observation.latency_s = time.time() - observation.started_at
+        self._publish(observation)
         self._quality.answered(meta.request_id, instance.id, task)
         return cost
 

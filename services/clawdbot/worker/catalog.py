@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from clawdbot.common.config import REPO_ROOT, WorkerConfig, WorkerModel
+from clawdbot.common.config import WorkerConfig, WorkerModel, repo_path
 from clawdbot.worker.slots import LoadFailed
 
 # Each runtime's modules are imported when a model of it is built: a worker configured
@@ -43,15 +43,10 @@ class LoadedModel:
         self.release()
 
 
-def _resolve(path: str) -> Path:
-    candidate = Path(path)
-    return candidate if candidate.is_absolute() else REPO_ROOT / candidate
-
-
 def _dataset_sentences(spec: WorkerModel) -> list[str]:
     from clawdbot.worker.runtimes.intent_classifier import load_dataset
 
-    dataset = load_dataset(_resolve(spec.dataset))
+    dataset = load_dataset(repo_path(spec.dataset))
     return [example for intent in dataset.intents for example in intent.examples]
 
 
@@ -117,7 +112,7 @@ def _intent(spec: WorkerModel, config: WorkerConfig, source: str) -> LoadedModel
     from clawdbot.worker.intent import IntentTask
     from clawdbot.worker.runtimes.intent_classifier import IntentClassifier
 
-    runtime = IntentClassifier.load(Path(config.model_dir) / spec.name, _resolve(spec.dataset), version=source or None)
+    runtime = IntentClassifier.load(Path(config.model_dir) / spec.name, repo_path(spec.dataset), version=source or None)
     return LoadedModel(IntentTask(spec.name, runtime), runtime.version, runtime.warm_up)
 
 

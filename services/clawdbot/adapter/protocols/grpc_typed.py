@@ -33,22 +33,11 @@ from clawdbot.adapter.protocols.base import (
     routing_headers,
 )
 from clawdbot.common.errors import GatewayError, internal_error
+from clawdbot.common.json_numbers import whole_numbers
 from clawdbot.gen.v1 import gateway_pb2, router_pb2
 from clawdbot.jobs.records import Job
 
 log = logging.getLogger(__name__)
-
-
-def whole_numbers(value: Any) -> Any:
-    """A google.protobuf.Struct holds every number as a double: 5 arrives as 5.0, which an
-    OpenAI API refuses for max_tokens, n, seed... Whole doubles become ints again."""
-    if isinstance(value, dict):
-        return {k: whole_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [whole_numbers(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
 
 
 def to_openai(message: Message) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import grpc
 import orjson
 
 from clawdbot.common.errors import GatewayError
+from clawdbot.common.service import internal_channel
 from clawdbot.gen.v1 import worker_pb2, worker_pb2_grpc
 from clawdbot.router.connectors.base import Answer
 from clawdbot.router.connectors.openai import UpstreamError
@@ -45,16 +46,7 @@ class WorkerConnector:
         target = instance.base_url.removeprefix("grpc://")
         channel = self._channels.get(target)
         if channel is None:
-            channel = self._channels[target] = grpc.aio.insecure_channel(
-                target,
-                options=[
-                    # Audio both ways (a transcription's file, a speech answer) outgrows 4 MiB.
-                    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                    ("grpc.initial_reconnect_backoff_ms", 100),
-                    ("grpc.max_reconnect_backoff_ms", 1000),
-                ],
-            )
+            channel = self._channels[target] = internal_channel(target)
         return worker_pb2_grpc.ModelServiceStub(channel)
 
     async def close(self) -> None:
