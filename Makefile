@@ -23,6 +23,7 @@ test: setup lint
 proto: setup
 	$(PY) -m clawdbot.devtools.protogen
 	$(PY) -m clawdbot.runner.envoy_config
+	$(PY) -m clawdbot.devtools.k8s
 
 bench: setup
 	@bash scripts/setup.sh wrk

@@ -3,7 +3,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,14 +186,18 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
                 {"name": "premium", "match": {"headers": {"x-tier": "premium"}}, "strategy": "quality_first"},
             ]
         },
+        # The health service watches, but takes nothing out of rotation here: the tests
+        # with failing models expect their failures (tests/e2e/test_health.py has its own).
+        "health": {"rules": {"min_requests": 1_000_000}, "anomaly": {"enabled": False}},
         "telemetry": {"traces_dir": str(traces_dir)},
         "logging": {"level": "info"},
     }
 
 
 @contextlib.contextmanager
-def running_mesh(tmp: Path, config: dict[str, Any], mock_url: str) -> Iterator[Mesh]:
-    """A mesh started by the runner exactly as `make run` does, on free ports."""
+def running_mesh(tmp: Path, config: dict[str, Any], mock_url: str, runner_args: Sequence[str] = ()) -> Iterator[Mesh]:
+    """A mesh started by the runner exactly as `make run` does, on free ports (runner_args:
+    more of the runner's flags, e.g. --prometheus)."""
     config_file = tmp / "clawdbot.yaml"
     config_file.write_text(yaml.safe_dump(config))
     ready = tmp / "ready.json"
@@ -201,7 +205,7 @@ def running_mesh(tmp: Path, config: dict[str, Any], mock_url: str) -> Iterator[M
     # (Model files are unpacked once per checkout, into worker.model_dir.)
     state = tmp / "state"
     argv = [sys.executable, "-m", "clawdbot.runner", "--config", str(config_file), "--ephemeral-ports"]
-    argv += ["--ready-file", str(ready), "--state-dir", str(state)]
+    argv += ["--ready-file", str(ready), "--state-dir", str(state), *runner_args]
     runner = Proc(argv, tmp / "runner.log", env=python_env(CLAWDBOT_CALLBACK_SECRET=CALLBACK_SECRET))
 
     def started() -> dict[str, Any] | None:

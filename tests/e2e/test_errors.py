@@ -128,13 +128,15 @@ def test_failures_are_logged_as_json_with_request_and_trace_ids(mesh: Mesh) -> N
         for line in mesh.runner.output().splitlines():
             if line.startswith("{") and "log-check-1" in line:
                 entry = json.loads(line)
-                if entry.get("msg") == "upstream call failed":
+                if entry.get("message") == "upstream call failed":
                     return entry
         return None
 
+    # Elastic Common Schema names (common/logging.py); our own fields under "clawdbot".
     entry = wait_for(logged, 30, "the router's log line for the failed call")
-    assert entry["service"] == "router" and entry["instance"] == "dead-1"
-    assert len(entry["trace_id"]) == 32 and entry["level"] == "warning"
+    assert entry["service.name"] == "router" and entry["clawdbot"]["instance"] == "dead-1"
+    assert entry["http.request.id"] == "log-check-1"
+    assert len(entry["trace.id"]) == 32 and entry["log.level"] == "warning"
     # The runner prints the key once for the operator; no log line ever carries it.
     log_lines = [line for line in mesh.runner.output().splitlines() if line.startswith("{")]
     assert log_lines and not any(mesh.api_key in line for line in log_lines)

@@ -105,16 +105,16 @@ class Assistant:
 
     async def __call__(
         self, meta: router_pb2.RequestMeta, task: str, body: dict[str, Any], timeout_s: float
-    ) -> tuple[Any, str]:
+    ) -> tuple[Any, str, str]:
         await asyncio.sleep(0.01)
         if task == "transcription":
-            return {"text": "what is clawdbot"}, "asr-1"
+            return {"text": "what is clawdbot"}, "asr-1", "miss"
         if task == "intent":
-            return {"data": [{"intent": "question"}]}, "intent-1"
+            return {"data": [{"intent": "question"}]}, "intent-1", "miss"
         if task == "chat":
             notes = body["messages"][0]["content"]
-            return {"choices": [{"message": {"content": f"answer ({notes})"}}]}, "chat-1"
-        return {"audio": "UklGRg=="}, "speech-1"
+            return {"choices": [{"message": {"content": f"answer ({notes})"}}]}, "chat-1", "miss"
+        return {"audio": "UklGRg=="}, "speech-1", "miss"
 
 
 async def knowledge(query: str, top_k: int, min_score: float | None) -> list[dict[str, Any]]:
@@ -232,11 +232,11 @@ def test_a_timer_boundary_is_the_task_timeout(tmp_path: Path) -> None:
 class Models:
     async def __call__(
         self, meta: router_pb2.RequestMeta, task: str, body: dict[str, Any], timeout_s: float
-    ) -> tuple[Any, str]:
+    ) -> tuple[Any, str, str]:
         await asyncio.sleep(body.get("delay", 0))
         if body.get("fail"):
             raise StepFailed({"message": "upstream failed", "code": "upstream_error"})
-        return {"echo": body.get("input")}, "fake-1"
+        return {"echo": body.get("input")}, "fake-1", "miss"
 
 
 ERROR_PATH = (

@@ -29,12 +29,12 @@ class Models:
 
     async def __call__(
         self, meta: router_pb2.RequestMeta, task: str, body: dict[str, Any], timeout_s: float
-    ) -> tuple[Any, str]:
+    ) -> tuple[Any, str, str]:
         self.calls.append(body)
         await asyncio.sleep(body.get("delay", 0))
         if body.get("fail"):
             raise StepFailed({"message": "upstream failed", "code": "upstream_error"})
-        return {"echo": body.get("input")}, "fake-1"
+        return {"echo": body.get("input")}, "fake-1", "miss"
 
 
 def test_templates_keep_types_and_interpolate() -> None:

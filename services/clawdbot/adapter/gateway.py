@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import orjson
@@ -28,7 +28,14 @@ from clawdbot.common.errors import GatewayError
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.telemetry import extract_context, inject_headers
-from clawdbot.gen.v1 import orchestrator_pb2, orchestrator_pb2_grpc, router_pb2, router_pb2_grpc
+from clawdbot.gen.v1 import (
+    monitor_pb2,
+    monitor_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from clawdbot.jobs.api import JobsApi
 
 log = logging.getLogger(__name__)
@@ -46,9 +53,11 @@ class Gateway:
         cache: ResponseCache | None = None,
         jobs: JobsApi | None = None,
         orchestrator: orchestrator_pb2_grpc.OrchestratorStub | None = None,
+        health: monitor_pb2_grpc.HealthMonitorStub | None = None,
     ) -> None:
         self._router = router
         self._orchestrator = orchestrator
+        self._health = health
         self._cache = cache
         self._jobs = jobs
         self._auth = auth
@@ -59,10 +68,21 @@ class Gateway:
     # --- intake ------------------------------------------------------------------------
 
     def accept(
-        self, headers: Mapping[str, str], protocol: str, peer: str = "", api_key: str | None = None
+        self,
+        headers: Mapping[str, str],
+        protocol: str,
+        peer: str = "",
+        api_key: str | None = None,
+        public: bool = False,
     ) -> router_pb2.RequestMeta:
-        """Authenticate and describe the caller. Raises GatewayError(401)."""
-        key_id = self._auth.check_key(api_key) if api_key else self._auth.check(headers.get("authorization"))
+        """Authenticate (unless the route is public) and describe the caller. Raises
+        GatewayError(401)."""
+        if public:
+            key_id = ""
+        elif api_key:
+            key_id = self._auth.check_key(api_key)
+        else:
+            key_id = self._auth.check(headers.get("authorization"))
         meta = build_meta(headers, protocol, key_id, peer)
         request_id_var.set(meta.request_id)
         return meta
@@ -111,30 +131,21 @@ class Gateway:
     def _call_metadata(self) -> list[tuple[str, str]]:
         return list(inject_headers().items())
 
-    async def _unary(self, method: Callable[..., Awaitable[Reply]], request: Message, deadline_s: float) -> Reply:
+    async def _unary(
+        self, method: Callable[..., Awaitable[Reply]], request: Message, deadline_s: float, peer: str = "router"
+    ) -> Reply:
         try:
             return await method(request, timeout=deadline_s, metadata=self._call_metadata())
         except grpc.aio.AioRpcError as err:
-            raise self._failure(err) from None
+            raise self._failure(err, peer) from None
 
     async def complete(self, request: router_pb2.ModelRequest) -> router_pb2.ModelResponse:
         """The answer, from the cache when it has it; a miss is stored for the next caller."""
-        plan = self._cache.plan(request) if self._cache else None
-        if plan is None or self._cache is None:
+        if self._cache is None:
             response = await self._complete(request)
             response.cache = "miss"
             return response
-        found = await self._cache.read(plan)
-        if found.response is not None:
-            return found.response
-        try:
-            response = await self._complete(request)
-        except BaseException:
-            await self._cache.abandon(plan, found.lease)
-            raise
-        await self._cache.write(plan, found, response)
-        response.cache = "miss"
-        return response
+        return await self._cache.complete(request, self._complete)
 
     async def _complete(self, request: router_pb2.ModelRequest) -> router_pb2.ModelResponse:
         return await self._unary(self._router.Complete, request, self._timeout)
@@ -194,18 +205,87 @@ class Gateway:
 
     async def run_workflow(self, meta: router_pb2.RequestMeta, name: str, run_input: bytes) -> bytes:
         request = orchestrator_pb2.RunWorkflowRequest(meta=meta, name=name, input_json=run_input)
-        reply: orchestrator_pb2.WorkflowReply = await self._unary(self._workflows().Run, request, self._timeout)
+        reply: orchestrator_pb2.WorkflowReply = await self._unary(
+            self._workflows().Run, request, self._timeout, "orchestrator"
+        )
         return reply.json
+
+    async def stream_workflow(
+        self, meta: router_pb2.RequestMeta, name: str, run_input: bytes
+    ) -> AsyncGenerator[bytes, None]:
+        """The run's progress events, each a JSON object with a "type", `run.completed`
+        (carrying the whole run) last. GatewayError before the first event (unknown
+        workflow, bad input) or during the run (the orchestrator failed or went away)."""
+        request = orchestrator_pb2.RunWorkflowRequest(meta=meta, name=name, input_json=run_input)
+        call = self._workflows().RunStream(request, timeout=self._timeout, metadata=self._call_metadata())
+        completed = False
+        try:
+            async for event in call:
+                kind = workflow_event_type(event.json)
+                if kind is None:
+                    raise GatewayError(502, "The orchestrator sent a workflow event without a type.", "upstream_error")
+                completed = kind == "run.completed"
+                yield event.json
+        except grpc.aio.AioRpcError as err:
+            raise self._failure(err, "orchestrator") from None
+        finally:
+            # An abandoned stream (client went away) must not keep the run going.
+            call.cancel()
+        if not completed:
+            # Every protocol promises run.completed last; a stream cut short is a failure.
+            raise GatewayError(
+                502, "The orchestrator ended the workflow stream before the run completed.", "upstream_error"
+            )
 
     async def list_workflows(self, meta: router_pb2.RequestMeta) -> bytes:
         request = orchestrator_pb2.ListWorkflowsRequest(meta=meta)
-        reply: orchestrator_pb2.WorkflowReply = await self._unary(self._workflows().List, request, 10.0)
+        reply: orchestrator_pb2.WorkflowReply = await self._unary(self._workflows().List, request, 10.0, "orchestrator")
         return reply.json
 
     async def describe_workflow(self, meta: router_pb2.RequestMeta, name: str) -> bytes:
         request = orchestrator_pb2.DescribeWorkflowRequest(meta=meta, name=name)
-        reply: orchestrator_pb2.WorkflowReply = await self._unary(self._workflows().Describe, request, 10.0)
+        reply: orchestrator_pb2.WorkflowReply = await self._unary(
+            self._workflows().Describe, request, 10.0, "orchestrator"
+        )
         return reply.json
+
+    # --- health --------------------------------------------------------------------------
+
+    async def _health_status(self, meta: router_pb2.RequestMeta, detailed: bool) -> dict[str, Any]:
+        """The health service's report; when it cannot be asked, a report that says so."""
+        if self._health is not None:
+            request = monitor_pb2.HealthStatusRequest(meta=meta, detailed=detailed)
+            try:
+                reply = await self._health.Status(request, timeout=10, metadata=self._call_metadata())
+                status: dict[str, Any] = orjson.loads(reply.json)
+                return status
+            except grpc.aio.AioRpcError as err:
+                log.warning("health service unavailable", extra={"error": err.code().name})
+                state = f"unreachable ({err.code().name})"
+        else:
+            state = "disabled"
+        return {"object": "health", "status": "degraded", "services": {"health": state}, "instances": []}
+
+    async def health(self, meta: router_pb2.RequestMeta) -> bytes:
+        """The public summary: is the gateway serving, which instances are available."""
+        status = await self._health_status(meta, detailed=False)
+        status["services"] = {"adapter": "serving", **status.get("services", {})}
+        return orjson.dumps(status)
+
+    async def instances(self, meta: router_pb2.RequestMeta) -> bytes:
+        """Every instance: the router's view (breaker, latency, the verdict it applies)
+        beside the health service's (windows, probes, anomaly score)."""
+        routed: router_pb2.RouterInstancesReply = await self._unary(
+            self._router.Instances, router_pb2.RouterInstancesRequest(meta=meta), 10.0
+        )
+        watched = {i["id"]: i for i in (await self._health_status(meta, detailed=True)).get("instances", [])}
+        listed = []
+        for entry in orjson.loads(routed.json)["data"]:
+            seen = watched.pop(entry["id"], None)
+            listed.append({**entry, "monitor": seen})
+        # Instances the health service heard of that this router no longer routes to.
+        listed += [{"id": i, "monitor": seen, "routed": False} for i, seen in watched.items()]
+        return orjson.dumps({"object": "list", "data": listed})
 
     async def feedback(self, request: router_pb2.FeedbackRequest) -> router_pb2.FeedbackResponse:
         return await self._unary(self._router.Feedback, request, 10.0)
@@ -223,10 +303,21 @@ class Gateway:
         )
         return list(reply.models)
 
-    def _failure(self, err: grpc.aio.AioRpcError) -> GatewayError:
-        failure = GatewayError.from_rpc_error(err, "router")
+    def _failure(self, err: grpc.aio.AioRpcError, peer: str = "router") -> GatewayError:
+        failure = GatewayError.from_rpc_error(err, peer)
         span = trace.get_current_span()
         span.set_status(Status(StatusCode.ERROR, failure.message))
         if failure.status >= 500:
-            log.warning("router call failed", extra={"status": failure.status, "error": failure.message})
+            log.warning(f"{peer} call failed", extra={"status": failure.status, "error": failure.message})
         return failure
+
+
+def workflow_event_type(payload: bytes) -> str | None:
+    """A workflow event's "type", or None when the payload is not an event object."""
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    kind = event.get("type") if isinstance(event, dict) else None
+    # Printable: it becomes an SSE `event:` line, which a newline would break.
+    return kind if isinstance(kind, str) and kind and kind.isprintable() else None

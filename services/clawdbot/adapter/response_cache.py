@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -267,6 +268,30 @@ class ResponseCache:
         stored.cache = ""
         await self.store(plan, found.lease, stored)
         return CacheLookup(similar)
+
+    async def complete(
+        self,
+        request: router_pb2.ModelRequest,
+        call: Callable[[router_pb2.ModelRequest], Awaitable[router_pb2.ModelResponse]],
+    ) -> router_pb2.ModelResponse:
+        """The answer from the cache when it has one; otherwise call's, stored for the next
+        caller (identical requests meanwhile wait for it rather than calling too)."""
+        plan = self.plan(request)
+        if plan is None:
+            response = await call(request)
+            response.cache = "miss"
+            return response
+        found = await self.read(plan)
+        if found.response is not None:
+            return found.response
+        try:
+            response = await call(request)
+        except BaseException:
+            await self.abandon(plan, found.lease)
+            raise
+        await self.write(plan, found, response)
+        response.cache = "miss"
+        return response
 
     async def write(self, plan: CachePlan, found: CacheLookup, response: router_pb2.ModelResponse) -> None:
         """Store a fresh answer under the plan's key (and its vector, for the semantic cache)."""

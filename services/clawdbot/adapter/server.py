@@ -16,7 +16,7 @@ from clawdbot.adapter.response_cache import ResponseCache
 from clawdbot.common.config import Config
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost, internal_channel
-from clawdbot.gen.v1 import cache_pb2_grpc, gateway_pb2_grpc, orchestrator_pb2_grpc, router_pb2_grpc
+from clawdbot.gen.v1 import cache_pb2_grpc, gateway_pb2_grpc, monitor_pb2_grpc, orchestrator_pb2_grpc, router_pb2_grpc
 from clawdbot.jobs.api import JobsApi
 from clawdbot.jobs.execution import JobExecutor
 from clawdbot.jobs.processing import JobProcessor
@@ -67,8 +67,13 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
         orchestrator_channel = internal_channel(f"{config.orchestrator.host}:{config.orchestrator.grpc_port}")
         channels.append(orchestrator_channel)
         orchestrator = orchestrator_pb2_grpc.OrchestratorStub(orchestrator_channel)
+    health = None
+    if config.health.enabled:
+        health_channel = internal_channel(f"{config.health.host}:{config.health.grpc_port}")
+        channels.append(health_channel)
+        health = monitor_pb2_grpc.HealthMonitorStub(health_channel)
     jobs = jobs_api(config, router, orchestrator) if config.jobs.enabled else None
-    gateway = Gateway(router, auth, metrics, config.adapter.router_timeout_s, cache, jobs, orchestrator)
+    gateway = Gateway(router, auth, metrics, config.adapter.router_timeout_s, cache, jobs, orchestrator, health)
     servicer = gateway_pb2_grpc.GatewayServicer()
     ctx = ProtocolContext(config=config, gateway=gateway, servicer=servicer, host=host)
     for plugin in load_protocols(config):

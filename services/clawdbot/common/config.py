@@ -9,6 +9,8 @@ Sources, later wins:
   | CLAWDBOT_CONFIG              | which YAML file is read            |
   | CLAWDBOT_HOST                | gateway.host (Envoy listener)      |
   | CLAWDBOT_PORT                | gateway.port (Envoy listener)      |
+  | CLAWDBOT_BIND_HOST           | bind_host of every service section |
+  |                              | (containers: 0.0.0.0)              |
   | CLAWDBOT_API_KEY             | the API key(s), comma-separated    |
   | ADAPTER_TYPES                | adapter.types, e.g. "rest,ws"      |
   | MODEL_ROUTER_STRATEGY        | model_router.strategy              |
@@ -57,11 +59,20 @@ class GatewayConfig(_Strict):
 
 
 class ServiceEndpoint(_Strict):
+    # The address other services connect to (a Kubernetes Service name, say)...
     host: str = "127.0.0.1"
+    # ...and the one this service listens on; empty: `host`. In a container that is
+    # 0.0.0.0, since `host` then names a Service that is no address of the pod's own.
+    bind_host: str = ""
     grpc_port: int = Field(..., ge=0, le=65535)
     http_port: int = Field(..., ge=0, le=65535)
     # Seconds a stopping service keeps finishing in-flight calls before it gives up.
     shutdown_grace_s: float = Field(20.0, ge=0)
+
+    @property
+    def listen_host(self) -> str:
+        """The address the gRPC and HTTP servers bind."""
+        return self.bind_host or self.host
 
 
 class AdapterConfig(ServiceEndpoint):
@@ -177,8 +188,17 @@ class OrchestratorConfig(ServiceEndpoint):
     grpc_port: int = 7051
     http_port: int = 7052
     enabled: bool = True
-    # Workflow definitions (*.yaml), read at start-up.
+    # Workflow definitions (*.yaml, *.bpmn), read at start-up and again whenever a file
+    # there changes (checked every reload_interval_s; 0 turns the watching off).
     workflows_dir: str = "config/workflows"
+    reload_interval_s: float = Field(1.0, ge=0)
+    # Durable runs (async jobs) save each step here, to resume after a restart. Empty: the
+    # jobs' Redis, else the cache's; no Redis at all: runs are kept in memory.
+    redis_url: str = ""
+    run_retention_s: float = Field(7 * 24 * 3600.0, gt=0)
+    # A process running a durable run holds it for this long, renewed while it runs; a
+    # process that died lets it go after as long.
+    run_lease_s: float = Field(5.0, gt=0)
     # Retrieval: the knowledge base folder, embedded with this model into Qdrant: local
     # (embedded, in qdrant_path) unless qdrant_url names a Qdrant server.
     knowledge_dir: str = "config/knowledge"
@@ -187,6 +207,63 @@ class OrchestratorConfig(ServiceEndpoint):
     qdrant_url: str = ""
     qdrant_api_key_env: str = "QDRANT_API_KEY"
     collection: str = "knowledge"
+
+
+class HealthRule(_Strict):
+    """When an instance is taken out of rotation, and how it comes back."""
+
+    # Out: at least `min_requests` calls in the last `window_s`, and this share failed...
+    error_ratio: float = Field(0.5, gt=0, le=1)
+    min_requests: int = Field(10, ge=1)
+    window_s: float = Field(30.0, gt=0)
+    # ...back: after `cooldown_s`, `probes` probe requests in a row succeed, one every
+    # `probe_interval_s` (a failed probe starts the cool-down again).
+    cooldown_s: float = Field(10.0, ge=0)
+    probes: int = Field(3, ge=1)
+    probe_interval_s: float = Field(1.0, gt=0)
+    probe_timeout_s: float = Field(10.0, gt=0)
+
+
+class AnomalyConfig(_Strict):
+    """IsolationForest over each instance's windows of behaviour."""
+
+    enabled: bool = True
+    # One feature vector per instance per window (latency p50/p95, error ratio, rate,
+    # time to first token, tokens/s), from windows with at least `min_requests` calls.
+    window_s: float = Field(10.0, gt=0)
+    min_requests: int = Field(3, ge=1)
+    # The baseline: the last `history` windows; no verdict before `min_windows` of them.
+    history: int = Field(360, ge=10)
+    min_windows: int = Field(30, ge=5)
+    retrain_s: float = Field(300.0, gt=0)
+    # A window scoring below this quantile of the baseline's own scores is anomalous...
+    quantile: float = Field(0.05, gt=0, lt=0.5)
+    # ...and `consecutive` anomalous windows in a row raise an alert and the penalty: the
+    # share of its routing score the instance loses until a normal window.
+    consecutive: int = Field(3, ge=1)
+    penalty: float = Field(0.5, ge=0, le=1)
+
+
+class HealthConfig(ServiceEndpoint):
+    """The health service: per-instance windows from telemetry, rules, anomalies, alerts."""
+
+    grpc_port: int = 7061
+    http_port: int = 7062
+    enabled: bool = True
+    rules: HealthRule = Field(default_factory=HealthRule)
+    # Per instance id: the fields that differ from `rules`.
+    instance_rules: dict[str, dict[str, float]] = Field(default_factory=dict)
+    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
+    # Alerts are POSTed here as JSON (empty: logged and counted only).
+    alert_webhook: str = ""
+    # Trained anomaly models are kept here between restarts.
+    state_dir: str = ".clawdbot/health"
+    # How often rules are evaluated (and how soon a verdict can follow an observation).
+    tick_s: float = Field(0.25, gt=0)
+
+    def rule_for(self, instance_id: str) -> HealthRule:
+        override = self.instance_rules.get(instance_id)
+        return self.rules.model_copy(update=override) if override else self.rules
 
 
 # What each worker runtime serves.
@@ -395,6 +472,7 @@ class Config(_Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     model_router: ModelRouterConfig = Field(default_factory=ModelRouterConfig)
     models: tuple[ModelEntry, ...] = ()
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
@@ -417,9 +495,13 @@ class Config(_Strict):
         return self
 
 
+# "*" as the first key: every service section (each field of Config that is a ServiceEndpoint).
+_EVERY_SERVICE = "*"
+
 _ENV_OVERRIDES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("CLAWDBOT_HOST", ("gateway", "host")),
     ("CLAWDBOT_PORT", ("gateway", "port")),
+    ("CLAWDBOT_BIND_HOST", (_EVERY_SERVICE, "bind_host")),
     ("ADAPTER_TYPES", ("adapter", "types")),
     ("MODEL_ROUTER_STRATEGY", ("model_router", "strategy")),
     ("CLAWDBOT_LOG_LEVEL", ("logging", "level")),
@@ -428,19 +510,35 @@ _ENV_OVERRIDES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+def service_sections() -> tuple[str, ...]:
+    """The config sections that describe a service (its ports, where it binds)."""
+    return tuple(
+        name
+        for name, field in Config.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, ServiceEndpoint)
+    )
+
+
+def _env_paths(path: tuple[str, ...]) -> list[tuple[str, ...]]:
+    if path[0] == _EVERY_SERVICE:
+        return [(section, *path[1:]) for section in service_sections()]
+    return [path]
+
+
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    for var, path in _ENV_OVERRIDES:
+    for var, pattern in _ENV_OVERRIDES:
         value = env.get(var)
         if value is None or value == "":
             continue
-        node = raw
-        for key in path[:-1]:
-            child = node.get(key)
-            if not isinstance(child, dict):
-                child = {}
-                node[key] = child
-            node = child
-        node[path[-1]] = value
+        for path in _env_paths(pattern):
+            node = raw
+            for key in path[:-1]:
+                child = node.get(key)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[key] = child
+                node = child
+            node[path[-1]] = value
     return raw
 
 

@@ -1,4 +1,14 @@
-"""Structured JSON logs carrying the request id and the trace id.
+"""Structured JSON logs in Elastic Common Schema (ECS), carrying the request id and the
+trace id.
+
+One JSON object a line, on stderr, with ECS field names written as flat dotted keys the
+way Elastic's own ECS loggers (ecs-logging-python, ecs-logging-java) write them:
+`@timestamp`, `log.level` and `message` first, then `ecs.version`, `service.name`,
+`log.logger`, `http.request.id`, `trace.id`, `span.id`, and for an exception
+`error.type`, `error.message` and `error.stack_trace`. Filebeat (deploy/filebeat/) and
+Elasticsearch read the dots as nesting. Whatever a call passes in `extra=` is ours, not
+ECS: it goes under one `clawdbot` object ({"clawdbot": {"job": "..."}}), so it can never
+collide with an ECS field (ECS `labels` would do only for flat strings).
 
 The request id lives in a ContextVar set by whoever accepted the request, so every log
 line written while serving it carries the id without passing it around; the trace id is
@@ -16,6 +26,20 @@ from typing import Any
 import orjson
 from opentelemetry import trace
 
+# The ECS version the field names follow.
+ECS_VERSION = "8.11.0"
+
+# Envoy's own (application) log lines in the same shape, for its --log-format. spdlog
+# flags: %l level, %n logger, %j the message escaped for JSON. Timestamps are UTC in a
+# container; access logs are a separate stream (envoy/envoy.yaml.tmpl).
+ENVOY_LOG_FORMAT = (
+    '{"@timestamp":"%Y-%m-%dT%T.%eZ","log.level":"%l","message":"%j",'
+    f'"ecs.version":"{ECS_VERSION}","service.name":"envoy","log.logger":"%n"}}'
+)
+
+# The object our own (non-ECS) fields live in.
+EXTRA_FIELDS_KEY = "clawdbot"
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("clawdbot_request_id", default="")
 
 # Attributes every LogRecord has; anything else passed via `extra=` is a field of ours.
@@ -29,24 +53,32 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "service": self._service,
-            "logger": record.name,
-            "msg": record.getMessage(),
+            "@timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "log.level": record.levelname.lower(),
+            "message": record.getMessage(),
+            "ecs.version": ECS_VERSION,
+            "service.name": self._service,
+            "log.logger": record.name,
         }
         request_id = request_id_var.get()
         if request_id:
-            entry["request_id"] = request_id
+            entry["http.request.id"] = request_id
         span_context = trace.get_current_span().get_span_context()
         if span_context.is_valid:
-            entry["trace_id"] = format(span_context.trace_id, "032x")
-            entry["span_id"] = format(span_context.span_id, "016x")
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                entry[key] = value
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["trace.id"] = format(span_context.trace_id, "032x")
+            entry["span.id"] = format(span_context.span_id, "016x")
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["error.type"] = record.exc_info[0].__name__
+            entry["error.message"] = str(record.exc_info[1])
+            entry["error.stack_trace"] = self.formatException(record.exc_info)
+        extras = {
+            key: value
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD_ATTRS and not key.startswith("_")
+        }
+        if extras:
+            entry[EXTRA_FIELDS_KEY] = extras
         return orjson.dumps(entry, default=str).decode()
 
 

@@ -78,6 +78,13 @@ class Metrics:
             ["model_instance"],
             registry=self.registry,
         )
+        self.routing_decisions = Counter(
+            "clawdbot_routing_decisions",
+            "Instances the router sent an attempt to, by strategy and why that one: first_choice"
+            " (the top-ranked), fallback (another after a failure or an open breaker), retry (the same again).",
+            ["strategy", "model_instance", "reason"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -113,13 +113,14 @@ class ServiceHost:
             await self.health.set(service, status)
 
     async def start(self) -> None:
-        self.grpc_port = self.grpc_server.add_insecure_port(f"{self.endpoint.host}:{self.endpoint.grpc_port}")
+        bind = self.endpoint.listen_host
+        self.grpc_port = self.grpc_server.add_insecure_port(f"{bind}:{self.endpoint.grpc_port}")
         if self.grpc_port == 0:
-            raise OSError(f"{self.name}: cannot bind gRPC on {self.endpoint.host}:{self.endpoint.grpc_port}")
+            raise OSError(f"{self.name}: cannot bind gRPC on {bind}:{self.endpoint.grpc_port}")
         await self.grpc_server.start()
         self._http_runner = web.AppRunner(self.http_app, access_log=None, handle_signals=False)
         await self._http_runner.setup()
-        site = web.TCPSite(self._http_runner, self.endpoint.host, self.endpoint.http_port, reuse_port=False)
+        site = web.TCPSite(self._http_runner, bind, self.endpoint.http_port, reuse_port=False)
         await site.start()
         server = cast("asyncio.Server | None", site._server)
         sockets = server.sockets if server else ()
@@ -128,7 +129,7 @@ class ServiceHost:
         await self._set_serving(True)
         log.info(
             "serving",
-            extra={"grpc_port": self.grpc_port, "http_port": self.http_port, "host": self.endpoint.host},
+            extra={"grpc_port": self.grpc_port, "http_port": self.http_port, "host": bind},
         )
 
     async def stop(self, grace: float | None = None, drain_notice: float = DRAIN_NOTICE_S) -> None:

@@ -109,6 +109,9 @@ class Fault:
     content: str | None = None
     usage: bool = True
     drop_midstream: bool = False
+    # With `status`: the share of requests that fail (evenly spread: 0.5 fails every
+    # other one), the rest answering normally; 1 fails them all.
+    error_rate: float = 1.0
 
     @classmethod
     def parse(cls, raw: Any) -> Fault | None:
@@ -130,7 +133,17 @@ class Fault:
             content=content,
             usage=bool(raw.get("usage", True)),
             drop_midstream=bool(raw.get("drop_midstream", False)),
+            error_rate=_rate(raw),
         )
+
+
+def _rate(raw: dict[str, Any]) -> float:
+    rate = _opt_number(raw, "error_rate")
+    if rate is None:
+        return 1.0
+    if rate > 1:
+        raise BadRequestError("'mock.error_rate' must be between 0 and 1", "mock.error_rate")
+    return rate
 
 
 def _opt_number(raw: dict[str, Any], key: str) -> float | None:
@@ -247,6 +260,7 @@ class MockUpstream:
         # Applied to every request without its own "mock" field: makes this upstream slow
         # or failing as a whole (PUT /_mock/fault), the way a real provider degrades.
         self.default_fault: Fault | None = None
+        self._faulted = 0  # requests that met a fault with a status (for error_rate)
 
     # -- plumbing ---------------------------------------------------------
 
@@ -319,7 +333,11 @@ class MockUpstream:
         if fault.delay_ms:
             await asyncio.sleep(fault.delay_ms / 1000)
         if fault.status is not None and fault.status >= HTTP_ERROR_MIN:
-            return injected_error(fault, fault.status)
+            self._faulted += 1
+            n = self._faulted
+            # Fail when the running count of failures due rises: evenly spread, exact share.
+            if math.floor(n * fault.error_rate) > math.floor((n - 1) * fault.error_rate):
+                return injected_error(fault, fault.status)
         return None
 
     @staticmethod

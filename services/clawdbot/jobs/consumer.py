@@ -15,8 +15,10 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
+from prometheus_client import CollectorRegistry, Gauge
 
 from clawdbot.common import topics
 from clawdbot.common.config import JobsConfig
@@ -47,7 +49,13 @@ def _headers(record: ConsumerRecord[Any, Any]) -> list[tuple[str, str]]:
 
 
 class JobConsumer:
-    def __init__(self, config: JobsConfig, processor: JobProcessor, concurrency: int = 32) -> None:
+    def __init__(
+        self,
+        config: JobsConfig,
+        processor: JobProcessor,
+        concurrency: int = 32,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self._config = config
         self._processor = processor
         self._gate = asyncio.Semaphore(concurrency)
@@ -55,6 +63,14 @@ class JobConsumer:
         self._stopping = asyncio.Event()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        # Per partition this member holds: jobs queued behind its committed offset.
+        self.lag = Gauge(
+            "clawdbot_jobs_lag",
+            "Jobs waiting in a partition this consumer holds: the partition's end offset minus the committed one.",
+            ["partition"],
+            registry=registry,
+        )
+        self._lag_partitions: set[str] = set()
 
     async def run(self) -> None:
         self.producer = AIOKafkaProducer(
@@ -79,9 +95,35 @@ class JobConsumer:
                 batches = await self.consumer.getmany(timeout_ms=500, max_records=256)
                 if batches:
                     await asyncio.gather(*(self._partition(tp, records) for tp, records in batches.items()))
+                await self._measure_lag()
         finally:
+            self._forget_lag(set())
             await self.consumer.stop()
             await self.producer.stop()
+
+    async def _measure_lag(self) -> None:
+        """Each batch is committed by now, so the position is the committed offset; the
+        highwater comes with every fetch response (none yet: the partition is not measured)."""
+        assert self.consumer is not None
+        held: set[str] = set()
+        for tp in self.consumer.assignment():
+            try:
+                highwater = self.consumer.highwater(tp)
+                if highwater is None:
+                    continue
+                position = await self.consumer.position(tp)
+            except (IllegalStateError, AssertionError):
+                continue  # taken away by a rebalance meanwhile
+            label = str(tp.partition)
+            self.lag.labels(label).set(max(0, highwater - position))
+            held.add(label)
+        self._forget_lag(held)
+
+    def _forget_lag(self, held: set[str]) -> None:
+        """Partitions given to another member are theirs to report."""
+        for label in self._lag_partitions - held:
+            self.lag.remove(label)
+        self._lag_partitions = held
 
     def stop(self) -> None:
         """Finish the batch in hand, commit it, leave the group."""

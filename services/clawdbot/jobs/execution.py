@@ -56,16 +56,24 @@ class JobExecutor:
         if self._orchestrator is None:
             raise JobFailure({"message": "workflows are turned off here", "code": "workflows_disabled"}, False)
         meta = router_pb2.RequestMeta(request_id=job.id, api_key_id=job.api_key_id, protocol="job")
+        # The job's id names the run: the orchestrator saves each step under it, so a retry
+        # (or a redelivery) resumes the run rather than starting it over.
         request = orchestrator_pb2.RunWorkflowRequest(
-            meta=meta, name=str(job.request["name"]), input_json=orjson.dumps(job.request.get("input"))
+            meta=meta, name=str(job.request["name"]), input_json=orjson.dumps(job.request.get("input")), run_id=job.id
         )
         try:
+            # wait_for_ready: an orchestrator that is restarting is waited for, not failed on.
             reply = await self._orchestrator.Run(
-                request, timeout=self._config.job_timeout_s, metadata=list(inject_headers().items())
+                request,
+                timeout=self._config.job_timeout_s,
+                metadata=list(inject_headers().items()),
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as err:
             failure = GatewayError.from_rpc_error(err, "orchestrator")
-            raise JobFailure(failure.to_dict()["error"], failure.status >= 500) from None
+            # run_busy: another copy of this run still holds it (a call that timed out here).
+            retryable = failure.status >= 500 or failure.code == "run_busy"
+            raise JobFailure(failure.to_dict()["error"], retryable) from None
         run: dict[str, Any] = orjson.loads(reply.json)
         if run.get("status") != "succeeded":
             # Its steps had their own retries: the run as a whole is not retried.

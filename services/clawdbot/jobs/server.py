@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 def create_server(config: Config) -> ServiceHost:
     jobs = config.jobs
-    host = ServiceHost("jobs", jobs, Metrics("jobs"))
+    metrics = Metrics("jobs")
+    host = ServiceHost("jobs", jobs, metrics)
     router_channel = internal_channel(f"{config.router.host}:{config.router.grpc_port}")
     channels = [router_channel]
     orchestrator = None
@@ -35,7 +36,7 @@ def create_server(config: Config) -> ServiceHost:
     store = RedisJobStore(store_url(config), jobs.retention_s)
     executor = JobExecutor(router_pb2_grpc.RouterStub(router_channel), store, jobs, orchestrator)
     processor = JobProcessor(executor, store, jobs)
-    consumer = JobConsumer(jobs, processor)
+    consumer = JobConsumer(jobs, processor, registry=metrics.registry)
 
     async def consume() -> None:
         # Kafka may be restarting: keep trying, saying so, rather than die quietly.

@@ -51,6 +51,9 @@ class Workflow(_Strict):
     output: Any = None
     source: str = ""
 
+    def step(self, step_id: str) -> Step:
+        return next(s for s in self.steps if s.id == step_id)
+
     def dependencies(self, step: Step) -> set[str]:
         """The steps this one waits for: its `needs` and every step its templates name."""
         named = set(step.needs)

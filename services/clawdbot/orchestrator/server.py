@@ -1,26 +1,33 @@
 """The orchestrator service: workflows from config/workflows/ run step by step through the
-router, with retrieval from a knowledge base in Qdrant (embedded locally, or a server)."""
+cache and the router, with retrieval from a knowledge base in Qdrant (embedded locally, or
+a server). Runs are answered whole (Run) or as progress events (RunStream); a run with an
+id is durable (see run_state.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
 import grpc
 import orjson
 
+from clawdbot.adapter.response_cache import ResponseCache
 from clawdbot.common.config import Config, OrchestratorConfig, repo_path
 from clawdbot.common.errors import GatewayError, internal_error
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost, internal_channel
-from clawdbot.gen.v1 import orchestrator_pb2, orchestrator_pb2_grpc, router_pb2, router_pb2_grpc
-from clawdbot.orchestrator.definitions import load_catalog
+from clawdbot.gen.v1 import cache_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc, router_pb2, router_pb2_grpc
+from clawdbot.jobs.store import store_url
+from clawdbot.orchestrator.catalog_watch import CatalogWatch
+from clawdbot.orchestrator.definitions import Catalog
 from clawdbot.orchestrator.engine import Engine, ModelCaller, StepFailed
 from clawdbot.orchestrator.retrieval import KnowledgeBase, RetrievalUnavailable
+from clawdbot.orchestrator.run_state import LeaseLost, MemoryRunStore, RedisRunStore, RunStore
 from clawdbot.router.requests import embed
 
 log = logging.getLogger(__name__)
@@ -74,29 +81,74 @@ class Knowledge:
         return [asdict(hit) for hit in hits]
 
 
+def run_store(config: Config) -> RunStore:
+    """Redis when durable runs can happen (jobs over Kafka) or one is named; else memory."""
+    url = config.orchestrator.redis_url or (
+        store_url(config) if config.jobs.enabled and config.jobs.kafka_bootstrap else ""
+    )
+    if not url:
+        return MemoryRunStore()
+    return RedisRunStore(url, config.orchestrator.run_retention_s, config.orchestrator.run_lease_s)
+
+
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
-    def __init__(self, config: Config, router: router_pb2_grpc.RouterStub, knowledge: Knowledge | None) -> None:
-        self.catalog = load_catalog(repo_path(config.orchestrator.workflows_dir))
-        for problem in self.catalog.problems:
-            log.error("workflow refused", extra={"problem": problem})
-        self.engine = Engine(lambda: self.catalog, ModelCaller(router), knowledge)
+    def __init__(self, watch: CatalogWatch, engine: Engine) -> None:
+        self.watch = watch
+        self.engine = engine
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.watch.catalog
+
+    @staticmethod
+    def _input(request: orchestrator_pb2.RunWorkflowRequest) -> Any:
+        try:
+            return orjson.loads(request.input_json) if request.input_json else None
+        except orjson.JSONDecodeError:
+            raise GatewayError.bad_request("The workflow input is not valid JSON.", "input") from None
 
     async def Run(  # noqa: N802 - gRPC method name
         self, request: orchestrator_pb2.RunWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.WorkflowReply:
         request_id_var.set(request.meta.request_id)
         try:
-            run_input = orjson.loads(request.input_json) if request.input_json else None
-            run = await self.engine.run(request.name, run_input, request.meta)
+            run = await self.engine.run(request.name, self._input(request), request.meta, run_id=request.run_id)
             return orchestrator_pb2.WorkflowReply(json=orjson.dumps(run))
         except GatewayError as err:
             await err.abort(context)
-        except orjson.JSONDecodeError:
-            await GatewayError.bad_request("The workflow input is not valid JSON.", "input").abort(context)
+        except LeaseLost:
+            await GatewayError(409, "The run was taken over elsewhere.", "conflict", "run_busy").abort(context)
         except Exception:
             log.exception("workflow run failed", extra={"workflow": request.name})
             await internal_error().abort(context)
         raise AssertionError("unreachable: abort raises")
+
+    async def RunStream(  # noqa: N802 - gRPC method name
+        self, request: orchestrator_pb2.RunWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[orchestrator_pb2.WorkflowEvent]:
+        """The run's events as they happen; an error before the first is the call's status."""
+        request_id_var.set(request.meta.request_id)
+        # The run's events, then None once it ended (however it ended).
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        try:
+            run_input = self._input(request)
+            running = asyncio.create_task(
+                self.engine.run(request.name, run_input, request.meta, run_id=request.run_id, emit=events.put_nowait)
+            )
+            running.add_done_callback(lambda _: events.put_nowait(None))
+            try:
+                while (event := await events.get()) is not None:
+                    yield orchestrator_pb2.WorkflowEvent(json=orjson.dumps(event))
+                running.result()  # what ended a run that did not complete
+            finally:
+                running.cancel()
+        except LeaseLost:
+            await GatewayError(409, "The run was taken over elsewhere.", "conflict", "run_busy").abort(context)
+        except GatewayError as err:
+            await err.abort(context)
+        except Exception:
+            log.exception("workflow run failed", extra={"workflow": request.name})
+            await internal_error().abort(context)
 
     async def List(  # noqa: N802 - gRPC method name
         self, request: orchestrator_pb2.ListWorkflowsRequest, context: grpc.aio.ServicerContext
@@ -127,19 +179,31 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
 def create_server(config: Config) -> ServiceHost:
     host = ServiceHost("orchestrator", config.orchestrator, Metrics("orchestrator"))
-    router_channel = internal_channel(f"{config.router.host}:{config.router.grpc_port}")
-    router = router_pb2_grpc.RouterStub(router_channel)
+    channels = [internal_channel(f"{config.router.host}:{config.router.grpc_port}")]
+    router = router_pb2_grpc.RouterStub(channels[0])
+    cache = None
+    if config.cache.enabled:
+        channels.append(internal_channel(f"{config.cache.host}:{config.cache.grpc_port}"))
+        cache = ResponseCache(cache_pb2_grpc.CacheServiceStub(channels[-1]), config.cache, config.models, router)
     knowledge = Knowledge(config.orchestrator, router) if config.orchestrator.knowledge_dir else None
-    servicer = OrchestratorServicer(config, router, knowledge)
+    watch = CatalogWatch(repo_path(config.orchestrator.workflows_dir))
+    runs = run_store(config)
+    engine = Engine(lambda: watch.catalog, ModelCaller(router, cache), knowledge, runs)
+    servicer = OrchestratorServicer(watch, engine)
     orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, host.grpc_server)
     host.add_service_name("clawdbot.v1.Orchestrator")
 
     async def close() -> None:
         if knowledge is not None:
             await knowledge.base.close()
-        await router_channel.close(grace=None)
+        await runs.close()
+        for channel in channels:
+            await channel.close(grace=None)
 
     if knowledge is not None:
         host.in_background(knowledge.fill)
+    if config.orchestrator.reload_interval_s > 0:
+        interval = config.orchestrator.reload_interval_s
+        host.in_background(lambda: watch.watch(interval))
     host.on_shutdown(close)
     return host

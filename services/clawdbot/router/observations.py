@@ -1,5 +1,6 @@
 """Per-call telemetry: one observation of every model call, published to Kafka's
-clawdbot.telemetry topic for the health service, off the request's hot path.
+clawdbot.telemetry topic for the health service (or, without Kafka, streamed to the health
+service over gRPC), off the request's hot path.
 
 Recording is a put into a bounded in-memory queue; a background task sends in batches
 (acks=1: telemetry may lose a message in a broker crash; requests must never wait for it).
@@ -15,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
+import grpc
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -24,6 +26,7 @@ from prometheus_client import Counter
 from clawdbot.common import topics
 from clawdbot.common.kafka import ensure_topics
 from clawdbot.common.metrics import Metrics
+from clawdbot.gen.v1 import monitor_pb2, monitor_pb2_grpc
 from clawdbot.router.registry import Instance
 
 log = logging.getLogger(__name__)
@@ -102,12 +105,44 @@ class TelemetryPublisher:
             finally:
                 await producer.stop()
 
+    async def _batch(self) -> list[Observation]:
+        """The waiting observations (at least one; waits for it), up to 500."""
+        batch = [await self._queue.get()]
+        while not self._queue.empty() and len(batch) < 500:
+            batch.append(self._queue.get_nowait())
+        return batch
+
     async def _send_forever(self, producer: AIOKafkaProducer) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < 500:
-                batch.append(self._queue.get_nowait())
+            batch = await self._batch()
             for observation in batch:
                 record: dict[str, Any] = asdict(observation)
                 await producer.send(topics.TELEMETRY, orjson.dumps(record), key=observation.instance.encode())
             self.published.inc(len(batch))
+
+
+class ReportingPublisher(TelemetryPublisher):
+    """Without Kafka: the same observations, streamed to the health service's Report."""
+
+    def __init__(self, health: monitor_pb2_grpc.HealthMonitorStub, metrics: Metrics) -> None:
+        super().__init__("", metrics)
+        self._health = health
+
+    async def run(self) -> None:
+        complained = False
+        while True:
+            call = self._health.Report()
+            try:
+                while True:
+                    batch = await self._batch()
+                    payload = [orjson.dumps(asdict(o)) for o in batch]
+                    await call.write(monitor_pb2.ObservationBatch(observations_json=payload))
+                    self.published.inc(len(batch))
+                    complained = False
+            except grpc.aio.AioRpcError as err:
+                if not complained:
+                    log.warning("telemetry not reported: health service unavailable", extra={"error": err.code().name})
+                    complained = True
+            finally:
+                call.cancel()
+            await asyncio.sleep(2)

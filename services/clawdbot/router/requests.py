@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
+import wave
 from typing import Any
 
 import orjson
@@ -39,3 +41,24 @@ async def embed(
     reply = await router.Complete(model_request(meta, "embeddings", body), timeout=timeout_s)
     data = orjson.loads(reply.openai_json)["data"]
     return [item["embedding"] for item in sorted(data, key=lambda d: d["index"])]
+
+
+def _silence_wav(seconds: float = 0.25, rate: int = 16000) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"\0\0" * int(seconds * rate))
+    return buffer.getvalue()
+
+
+def probe_request(task: str) -> tuple[dict[str, Any], bytes]:
+    """The smallest real request of a task (body, audio file): what a health probe sends."""
+    if task == "chat":
+        return {"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}, b""
+    if task == "transcription":
+        return {}, _silence_wav()
+    if task == "speech":
+        return {"input": "ok", "voice": "alloy"}, b""
+    return {"input": "ping"}, b""  # embeddings, intent

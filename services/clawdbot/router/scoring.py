@@ -12,8 +12,11 @@ For one request, every candidate gets three raw estimates:
 Each is normalised across the candidates relative to the best one, into (0, 1] with 1 =
 best: latency and cost as best/value (twice as slow or dear scores 0.5), accuracy as
 value/best. Ratios rather than min-max, so one outlier (a very dear model) does not
-squash the differences among the rest. The score is the strategy's weighted mean. Ineligible candidates (breaker open,
-at the in-flight limit, context too short) are scored for the explanation but not chosen.
+squash the differences among the rest. The score is the strategy's weighted mean, less the
+health service's penalty for an instance that behaves anomalously. Ineligible candidates
+(breaker open, marked unavailable by the health service, at the in-flight limit, context
+too short) are scored for the explanation but not chosen; if the health service's verdicts
+would leave none, they are set aside (router/health_view.py).
 
 The choice: among the best `top_k` eligible, power of two choices (the one with fewer
 requests in flight, relative to its limit; ties to the higher score); with probability
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 
 from clawdbot.common.config import ModelRouterConfig, StrategyWeights
 from clawdbot.router.breaker import CircuitBreaker
+from clawdbot.router.health_view import Verdict
 from clawdbot.router.prometheus_feed import FleetView
 from clawdbot.router.quality import QualityBook
 from clawdbot.router.registry import Instance
@@ -60,6 +64,8 @@ class Candidate:
     in_flight: int
     latency_source: str = "local"
     qps: float = 0.0
+    health: str = "available"
+    penalty: float = 0.0
     terms: Terms = field(default_factory=Terms)
     score: float = 0.0
 
@@ -93,6 +99,7 @@ class Scorer:
         breakers: dict[str, CircuitBreaker],
         rng: random.Random | None = None,
         fleet: Callable[[], FleetView] | None = None,
+        health: Callable[[], dict[str, Verdict]] | None = None,
     ) -> None:
         self._config = config
         self._stats = stats
@@ -100,6 +107,7 @@ class Scorer:
         self._breakers = breakers
         self._rng = rng or random.Random()
         self._fleet = fleet
+        self._health = health
 
     def _expected_output(self, instance: Instance, shape: RequestShape) -> float:
         if shape.max_tokens:
@@ -122,13 +130,17 @@ class Scorer:
             sources.append("local" if local is not None else "prometheus" if shared is not None else "prior")
         known = [m for m in measured if m is not None]
         cold_latency = self._config.cold_latency_s or (statistics.median(known) if known else _UNMEASURED_LATENCY_S)
+        verdicts = self._health() if self._health else {}
         candidates = []
         for instance, output, latency, source in zip(instances, outputs, measured, sources, strict=True):
             stats = self._stats.get(instance.id)
             breaker = self._breakers[instance.id]
+            verdict = verdicts.get(instance.id)
             eligible, reason = True, ""
             if not breaker.allows():
                 eligible, reason = False, f"circuit breaker {breaker.status()}"
+            elif verdict is not None and verdict.excluded:
+                eligible, reason = False, f"health: {verdict.status} ({verdict.reason})"
             elif instance.max_in_flight is not None and stats.in_flight >= instance.max_in_flight:
                 eligible, reason = False, f"at its in-flight limit ({instance.max_in_flight})"
             elif instance.context_length is not None and shape.input_tokens + output > instance.context_length:
@@ -146,15 +158,23 @@ class Scorer:
                     in_flight=stats.in_flight,
                     latency_source=source,
                     qps=fleet.qps.get(instance.id, 0.0),
+                    health=verdict.status if verdict else "available",
+                    penalty=verdict.penalty if verdict else 0.0,
                 )
             )
+        if not any(c.eligible for c in candidates):
+            # Panic: every instance is out by the health service's word (or for other
+            # reasons too); those out only by its word are tried rather than none.
+            for c in candidates:
+                if c.reason.startswith("health: "):
+                    c.eligible, c.reason = True, ""
         total = (weights.latency + weights.accuracy + weights.cost) or 1.0
         latency_terms = _smaller_is_better([c.latency_s for c in candidates], floor=self._config.latency_resolution_s)
         accuracy_terms = _larger_is_better([c.quality for c in candidates])
         cost_terms = _smaller_is_better([c.cost_usd for c in candidates], floor=1e-9)
         for c, lt, at, ct in zip(candidates, latency_terms, accuracy_terms, cost_terms, strict=True):
             c.terms = Terms(latency=lt, accuracy=at, cost=ct)
-            c.score = (weights.latency * lt + weights.accuracy * at + weights.cost * ct) / total
+            c.score = (weights.latency * lt + weights.accuracy * at + weights.cost * ct) / total * (1 - c.penalty)
         # Stable sort: equal scores keep config order.
         return sorted(candidates, key=lambda c: (not c.eligible, -c.score))
 

@@ -13,7 +13,9 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -29,19 +31,21 @@ from clawdbot.common.config import Config, StrategyWeights, config_path
 from clawdbot.common.errors import GatewayError, internal_error
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
-from clawdbot.common.service import ServiceHost
+from clawdbot.common.service import ServiceHost, internal_channel
 from clawdbot.common.telemetry import extract_context, inject_headers
-from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
+from clawdbot.gen.v1 import monitor_pb2_grpc, router_pb2, router_pb2_grpc
 from clawdbot.router.attempts import Attempts
 from clawdbot.router.breaker import CircuitBreaker
 from clawdbot.router.connectors.base import Connector
 from clawdbot.router.connectors.openai import OpenAIConnector, UpstreamError
 from clawdbot.router.connectors.worker import WorkerConnector
-from clawdbot.router.observations import Observation, TelemetryPublisher
+from clawdbot.router.health_view import HealthView
+from clawdbot.router.observations import Observation, ReportingPublisher, TelemetryPublisher
 from clawdbot.router.prometheus_feed import PrometheusFeed
 from clawdbot.router.quality import QualityBook
 from clawdbot.router.registry import Instance, Registry
 from clawdbot.router.reload import SOURCE_CONFIG_ENV, Reloader
+from clawdbot.router.requests import probe_request
 from clawdbot.router.rules import Features, Routing, apply_rules, modality_of
 from clawdbot.router.scoring import Candidate, RequestShape, Scorer, explain_choice
 from clawdbot.router.snapshot import Snapshot
@@ -63,6 +67,8 @@ class Plan:
     weights: StrategyWeights
     ranked: list[Candidate]
     snapshot: Snapshot
+    # The instance the scorer picked (the first in the order of attempts).
+    chosen: str = ""
 
 
 def _audio_seconds(usage: Any) -> float:
@@ -105,13 +111,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._breaker_config = config.model_router.breaker
         self._breakers: dict[str, CircuitBreaker] = defaultdict(lambda: CircuitBreaker(self._breaker_config))
         self._versions = 0
+        self.health = HealthView()
         routing = config.model_router
         self.fleet = (
             PrometheusFeed(routing.prometheus_url, routing.prometheus_refresh_s) if routing.prometheus_url else None
         )
         self.snapshot = self.build_snapshot(config)
         self.reloader: Reloader | None = None
-        # Per-call observations to Kafka, for the health service; None without Kafka.
+        # Per-call observations for the health service (Kafka, or gRPC without Kafka).
         self.telemetry: TelemetryPublisher | None = None
 
     # --- the snapshot and what outlives it (SnapshotOwner, for reload.py) --------------
@@ -126,6 +133,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self._quality,
             self._breakers,
             fleet=(lambda: fleet.view) if fleet else None,
+            health=lambda: self.health.verdicts,
         )
         self._versions += 1
         return Snapshot(registry, config.model_router, scorer, self._versions)
@@ -198,11 +206,31 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise GatewayError.unavailable(
                 explain_choice(plan.ranked, None, plan.weights), code="no_available_instance"
             )
+        plan.chosen = order[0].id
         budget = plan.snapshot.routing.deadline_s
         remaining = context.time_remaining()
         if remaining is not None:
             budget = min(budget, remaining)
         return Attempts(order, self._breakers, plan.snapshot.routing.retry, time.monotonic() + budget)
+
+    def _decided(self, plan: Plan, instance: Instance, previous: str) -> None:
+        """Count where an attempt goes and why there: the scorer's pick, another instance
+        (after a failure, or past an open breaker), or the same one again."""
+        if not previous:
+            reason = "first_choice" if instance.id == plan.chosen else "fallback"
+        else:
+            reason = "retry" if instance.id == previous else "fallback"
+        self._metrics.routing_decisions.labels(plan.strategy, instance.id, reason).inc()
+
+    @contextlib.contextmanager
+    def _serving(self) -> Iterator[None]:
+        """The request counts as in flight (an autoscaling signal) until it is answered."""
+        in_flight = self._metrics.in_flight.labels("router")
+        in_flight.inc()
+        try:
+            yield
+        finally:
+            in_flight.dec()
 
     # --- one call to one instance ------------------------------------------------------
 
@@ -284,7 +312,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> router_pb2.ModelResponse:
         request_id_var.set(request.meta.request_id)
         parent = extract_context(context.invocation_metadata() or ())
-        with self._tracer.start_as_current_span("router.complete", context=parent, kind=SpanKind.SERVER) as span:
+        with (
+            self._serving(),
+            self._tracer.start_as_current_span("router.complete", context=parent, kind=SpanKind.SERVER) as span,
+        ):
             _describe(span, request.meta)
             try:
                 return await self._complete(request, context, span)
@@ -302,7 +333,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         plan = self._plan(request)
         attempts = self._attempts(plan, context)
         failure: UpstreamError | None = None
+        previous = ""
         async for instance, timeout_s in attempts:
+            self._decided(plan, instance, previous)
+            previous = instance.id
             plan.body["model"] = instance.upstream_model
             started = time.perf_counter()
             try:
@@ -345,7 +379,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> AsyncIterator[router_pb2.StreamEvent]:
         request_id_var.set(request.meta.request_id)
         parent = extract_context(context.invocation_metadata() or ())
-        with self._tracer.start_as_current_span("router.stream", context=parent, kind=SpanKind.SERVER) as span:
+        with (
+            self._serving(),
+            self._tracer.start_as_current_span("router.stream", context=parent, kind=SpanKind.SERVER) as span,
+        ):
             _describe(span, request.meta)
             try:
                 async for event in self._stream(request, context):
@@ -363,7 +400,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         plan = self._plan(request)
         attempts = self._attempts(plan, context)
         failure: UpstreamError | None = None
+        previous = ""
         async for instance, timeout_s in attempts:
+            self._decided(plan, instance, previous)
+            previous = instance.id
             plan.body["model"] = instance.upstream_model
             started = time.perf_counter()
             first_at: float | None = None
@@ -446,6 +486,61 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             took_ms=result.took_ms,
             source=str(self.reloader.source),
         )
+
+    async def Probe(  # noqa: N802 - gRPC method name
+        self, request: router_pb2.ProbeRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ProbeReply:
+        """One minimal request straight to the instance: no routing, breaker or telemetry
+        (the health service counts its probes apart from the traffic)."""
+        instance = next((i for i in self.snapshot.registry.instances() if i.id == request.instance_id), None)
+        if instance is None:
+            return router_pb2.ProbeReply(ok=False, error=f"unknown instance {request.instance_id!r}")
+        body, audio = probe_request(instance.task)
+        started = time.perf_counter()
+        try:
+            await self._connectors[instance.connector].call(
+                instance,
+                instance.task,
+                {**body, "model": instance.upstream_model},
+                inject_headers(),
+                f"probe-{uuid.uuid4().hex}",
+                request.timeout_s or instance.timeout_s,
+                audio,
+            )
+        except UpstreamError as err:
+            elapsed = time.perf_counter() - started
+            return router_pb2.ProbeReply(ok=False, latency_s=elapsed, error=f"{err.kind}: {err.message}")
+        return router_pb2.ProbeReply(ok=True, latency_s=time.perf_counter() - started)
+
+    async def Instances(  # noqa: N802 - gRPC method name
+        self, request: router_pb2.RouterInstancesRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouterInstancesReply:
+        listed = []
+        for instance in self.snapshot.registry.instances():
+            stats = self._stats.get(instance.id)
+            verdict = self.health.verdicts.get(instance.id)
+            listed.append(
+                {
+                    "id": instance.id,
+                    "model": instance.name,
+                    "tasks": list(instance.tasks),
+                    "connector": instance.connector,
+                    "breaker": self._breakers[instance.id].status(),
+                    "in_flight": stats.in_flight,
+                    "latency_s": stats.latency_s,
+                    "ttft_s": stats.ttft_s,
+                    "quality": {
+                        t: self._quality.estimate(instance.id, t, instance.quality_for(t)) for t in instance.tasks
+                    },
+                    "health": {
+                        "watching": self.health.connected,
+                        "status": verdict.status if verdict else "available",
+                        "penalty": verdict.penalty if verdict else 0.0,
+                        "reason": verdict.reason if verdict else "",
+                    },
+                }
+            )
+        return router_pb2.RouterInstancesReply(json=orjson.dumps({"object": "list", "data": listed}))
 
     async def Explain(  # noqa: N802 - gRPC method name
         self, request: router_pb2.ExplainRequest, context: grpc.aio.ServicerContext
@@ -534,8 +629,17 @@ def create_server(config: Config, config_source: Path | None = None) -> ServiceH
     router_pb2_grpc.add_RouterServicer_to_server(servicer, host.grpc_server)
     host.add_service_name("clawdbot.v1.Router")
     host.in_background(servicer.reloader.watch)
+    if config.health.enabled:
+        health_channel = internal_channel(f"{config.health.host}:{config.health.grpc_port}")
+        health = monitor_pb2_grpc.HealthMonitorStub(health_channel)
+        watcher = f"router@{socket.gethostname()}:{os.getpid()}"
+        host.in_background(lambda: servicer.health.watch(health, watcher))
+        host.on_shutdown(lambda: health_channel.close(grace=None))
     if config.jobs.enabled and config.jobs.kafka_bootstrap:
         servicer.telemetry = TelemetryPublisher(config.jobs.kafka_bootstrap, metrics)
+        host.in_background(servicer.telemetry.run)
+    elif config.health.enabled:
+        servicer.telemetry = ReportingPublisher(health, metrics)
         host.in_background(servicer.telemetry.run)
     if servicer.fleet is not None:
         host.in_background(servicer.fleet.run)

@@ -3,7 +3,7 @@
 Start order, each waiting for the one before to report ready: Kafka and Redis (when the
 jobs and the cache use local ones), the cache, the worker (local models; it serves before its models finish
 loading), router, job consumers, orchestrator, adapter, then Envoy last, so the public port only opens onto a working
-mesh.
+mesh. With --prometheus, a Prometheus scraping all of them comes after Envoy.
 Ctrl-C or SIGTERM stops everything in the reverse order.
 """
 
@@ -26,10 +26,10 @@ import aiohttp
 
 from clawdbot.common.config import REPO_ROOT, Config, ConfigError, config_path, dump_config, load_config
 from clawdbot.common.kafka import broker_ready
-from clawdbot.common.logging import setup_logging
+from clawdbot.common.logging import ENVOY_LOG_FORMAT, setup_logging
 from clawdbot.common.service import run_service
 from clawdbot.router.reload import MODEL_URLS_ENV, SOURCE_CONFIG_ENV
-from clawdbot.runner import envoy_config, kafka
+from clawdbot.runner import envoy_config, kafka, prometheus
 from clawdbot.runner.supervisor import Child, Supervisor, grpc_serving, http_ok, redis_pong
 
 log = logging.getLogger("clawdbot.runner")
@@ -74,7 +74,8 @@ def with_ephemeral_ports(config: Config) -> Config:
         jobs_update |= {"kafka_bootstrap": f"127.0.0.1:{free_port()}", "kafka_controller_port": free_port()}
     config = config.model_copy(update={"jobs": config.jobs.model_copy(update=jobs_update)})
     orchestrator = config.orchestrator.model_copy(update={"grpc_port": free_port(), "http_port": free_port()})
-    config = config.model_copy(update={"orchestrator": orchestrator})
+    health = config.health.model_copy(update={"grpc_port": free_port(), "http_port": free_port()})
+    config = config.model_copy(update={"orchestrator": orchestrator, "health": health})
     cache_update: dict[str, object] = {"grpc_port": free_port(), "http_port": free_port()}
     if local_redis(config) is not None:
         cache_update["redis_url"] = f"redis://127.0.0.1:{free_port()}/0"
@@ -130,6 +131,9 @@ class Runner:
         # The ready file promises a working mesh: written once all of it serves, and
         # rewritten after each restart (pids change).
         self.up = False
+        # Set: run a Prometheus on this port that scrapes the whole mesh (--prometheus).
+        self.prometheus_port: int | None = None
+        self.jobs_http_ports: list[int] = []
 
     def _service_child(self, name: str, grpc_port: int, config_file: Path, module: str = "") -> Child:
         env = {
@@ -149,12 +153,16 @@ class Runner:
         )
 
     def _place_local_state(self) -> None:
-        """The embedded vector store lives in the state directory: one orchestrator per
-        path (Qdrant's local mode locks it), and each mesh has a state directory of its own."""
-        orchestrator = self.config.orchestrator
+        """The embedded vector store and the health service's anomaly models live in the
+        state directory: one orchestrator per path (Qdrant's local mode locks it), and
+        each mesh has a state directory of its own."""
+        orchestrator, health = self.config.orchestrator, self.config.health
         if not orchestrator.qdrant_url and not Path(orchestrator.qdrant_path).is_absolute():
             placed = orchestrator.model_copy(update={"qdrant_path": str(self.state_dir / "qdrant")})
             self.config = self.config.model_copy(update={"orchestrator": placed})
+        if not Path(health.state_dir).is_absolute():
+            placed_health = health.model_copy(update={"state_dir": str(self.state_dir / "health")})
+            self.config = self.config.model_copy(update={"health": placed_health})
 
     async def _launch_kafka(self) -> None:
         """Start the local broker for the jobs; without one, say so loudly and let jobs run
@@ -201,7 +209,29 @@ class Runner:
             own_file = self.run_dir / f"clawdbot.jobs-{index}.yaml"
             own_file.write_text(dump_config(own))
             child = self._service_child(f"jobs-{index}", own.jobs.grpc_port, own_file, module="clawdbot.jobs")
+            self.jobs_http_ports.append(own.jobs.http_port)
             await self.supervisor.launch(child)
+
+    async def _launch_prometheus(self) -> None:
+        """Last, once every target is known: a Prometheus scraping each child started above.
+        Without one the mesh still runs (each service serves /metrics), with a warning."""
+        assert self.prometheus_port is not None
+        binary = shutil.which("prometheus")
+        if binary is None:
+            log.error("prometheus is not installed (apt-get install prometheus, or `make setup`): not started")
+            self.prometheus_port = None
+            return
+        launched = {c.name for c in self.supervisor.children}
+        targets = [t for t in prometheus.mesh_targets(self.config, self.jobs_http_ports) if t.process in launched]
+        folder = self.state_dir / "prometheus"
+        config_file = prometheus.write(targets, folder / "prometheus.yml")
+        port = self.prometheus_port
+        argv = prometheus.argv(binary, config_file, folder / "data", port)
+        try:
+            await self.supervisor.launch(Child("prometheus", argv, http_ok(f"http://127.0.0.1:{port}/-/ready")))
+        except RuntimeError as exc:
+            log.error("prometheus did not start", extra={"error": str(exc)})
+            self.prometheus_port = None
 
     async def _launch_cache(self, config_file: Path) -> None:
         redis = local_redis(self.config)
@@ -266,7 +296,7 @@ class Runner:
             "--log-level",
             "warn",
             "--log-format",
-            '{"ts":"%Y-%m-%dT%T.%eZ","level":"%l","service":"envoy","logger":"%n","msg":"%j"}',
+            ENVOY_LOG_FORMAT,
             "--drain-time-s",
             "5",
             "--parent-shutdown-time-s",
@@ -301,9 +331,12 @@ class Runner:
                 "worker_http": self.config.worker.http_port,
                 "cache_grpc": self.config.cache.grpc_port,
                 "orchestrator_grpc": self.config.orchestrator.grpc_port,
+                "health_grpc": self.config.health.grpc_port,
+                "health_http": self.config.health.http_port,
                 "cache_http": self.config.cache.http_port,
                 "redis": urlsplit(self.config.cache.redis_url).port or 0,
                 "kafka": broker[1] if (broker := local_kafka(self.config)) else 0,
+                "prometheus": self.prometheus_port or 0,
             },
         }
         tmp = self.ready_file.with_suffix(".tmp")
@@ -324,6 +357,8 @@ class Runner:
             await self._launch_cache(config_file)
             if self.config.worker.models:
                 await self.supervisor.launch(self._service_child("worker", self.config.worker.grpc_port, config_file))
+            if self.config.health.enabled:
+                await self.supervisor.launch(self._service_child("health", self.config.health.grpc_port, config_file))
             await self.supervisor.launch(self._service_child("router", self.config.router.grpc_port, config_file))
             await self._launch_job_consumers()
             if self.config.orchestrator.enabled:
@@ -331,6 +366,8 @@ class Runner:
                 await self.supervisor.launch(self._service_child("orchestrator", port, config_file))
             await self.supervisor.launch(self._service_child("adapter", self.config.adapter.grpc_port, config_file))
             await self.supervisor.launch(self._envoy_child())
+            if self.prometheus_port is not None:
+                await self._launch_prometheus()
         except RuntimeError as exc:
             log.error("start-up failed", extra={"error": str(exc)})
             await self.supervisor.stop_all()
@@ -341,6 +378,8 @@ class Runner:
             f"\nClawdbot is up: {self.url}  (gRPC: {self.config.gateway.host}:{self.config.gateway.port})", flush=True
         )
         print(f"API key: {self.api_key}", flush=True)
+        if self.prometheus_port:
+            print(f"Prometheus: http://127.0.0.1:{self.prometheus_port}", flush=True)
         print("Ctrl-C stops everything.\n", flush=True)
         await stop.wait()
         log.info("stopping")
@@ -354,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=Path(".clawdbot"), help="key, model files, run files")
     parser.add_argument("--ephemeral-ports", action="store_true", help="take every port fresh from the OS")
     parser.add_argument("--ready-file", type=Path, help="write URL, key and pids here (JSON) once serving")
+    parser.add_argument(
+        "--prometheus",
+        action="store_true",
+        default=os.environ.get("CLAWDBOT_PROMETHEUS", "") in ("1", "true", "yes"),
+        help=f"also run Prometheus scraping every service (port {prometheus.DEFAULT_PORT}; env CLAWDBOT_PROMETHEUS=1)",
+    )
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -369,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Generated an API key and stored it in {state_dir / 'api_key'} (mode 0600).", flush=True)
     source = (args.config or config_path()).resolve()
     runner = Runner(config, source, state_dir, api_key, args.ready_file.resolve() if args.ready_file else None)
+    if args.prometheus:
+        runner.prometheus_port = free_port() if args.ephemeral_ports else prometheus.DEFAULT_PORT
     result = 1
 
     async def _run() -> None:

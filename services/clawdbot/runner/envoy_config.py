@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
@@ -68,12 +68,19 @@ class EnvoyParams:
     ws_idle_timeout_s: float = 3600
     enable_rest: bool = True  # False: no transcoder; REST paths get an OpenAI-shaped 404
     enable_ws: bool = True  # False: no /v1/ws route
+    # A second listener on listen_host serving only GET /stats/prometheus and /ready from
+    # the admin API, for Prometheus and Kubernetes probes; 0: none (the local runner's
+    # Prometheus reads the admin port on loopback). Left out of the rendered header, which
+    # the listener itself documents.
+    stats_port: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "admin_port", "adapter_grpc_port", "adapter_http_port"):
             port = getattr(self, name)
             if not 0 < port < 65536:
                 raise ValueError(f"{name} must be in 1..65535, got {port}")
+        if not 0 <= self.stats_port < 65536 or self.stats_port in (self.listen_port, self.admin_port):
+            raise ValueError(f"stats_port must be 0 (none) or a port of its own, got {self.stats_port}")
         # The buffer filter and the transcoder take a uint32 that must be > 0.
         if not 0 < self.max_request_bytes < 2**32:
             raise ValueError(f"max_request_bytes must be in 1..2**32-1, got {self.max_request_bytes}")
@@ -197,12 +204,14 @@ def _select_features(text: str, enabled: dict[str, bool]) -> str:
 def render(params: EnvoyParams) -> str:
     """The bootstrap YAML for params."""
     template = TEMPLATE_PATH.read_text()
-    selected = _select_features(template, {"rest": params.enable_rest, "ws": params.enable_ws})
+    features = {"rest": params.enable_rest, "ws": params.enable_ws, "stats": params.stats_port > 0}
+    selected = _select_features(template, features)
     header = f"# Generated from envoy/envoy.yaml.tmpl by clawdbot.runner.envoy_config: edit those.\n# {params}\n\n"
     return header + Template(selected).substitute(
         listen_host=_yaml_str(params.listen_host),
         listen_port=params.listen_port,
         admin_port=params.admin_port,
+        stats_port=params.stats_port,
         adapter_host=_yaml_str(params.adapter_host),
         adapter_grpc_port=params.adapter_grpc_port,
         adapter_http_port=params.adapter_http_port,

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import grpc
 import orjson
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import empty_pb2, json_format, struct_pb2
 from google.protobuf.message import Message
 
 from clawdbot.adapter.openai_requests import (
@@ -67,6 +67,7 @@ class GrpcProtocol:
         servicer.CreateSpeech = self.create_speech  # type: ignore[method-assign]
         servicer.ClassifyIntent = self.classify_intent  # type: ignore[method-assign]
         servicer.RunWorkflow = self.run_workflow  # type: ignore[method-assign]
+        servicer.StreamWorkflow = self.stream_workflow  # type: ignore[method-assign]
         servicer.SubmitJob = self.submit_job  # type: ignore[method-assign]
         servicer.GetJob = self.get_job  # type: ignore[method-assign]
         servicer.ListJobs = self.list_jobs  # type: ignore[method-assign]
@@ -74,6 +75,8 @@ class GrpcProtocol:
         servicer.SubmitFeedback = self.submit_feedback  # type: ignore[method-assign]
         servicer.ExplainRouting = self.explain_routing  # type: ignore[method-assign]
         servicer.ReloadConfig = self.reload_config  # type: ignore[method-assign]
+        servicer.GetHealth = self.get_health  # type: ignore[method-assign]
+        servicer.ListInstances = self.list_instances  # type: ignore[method-assign]
 
     async def _unary(
         self,
@@ -208,17 +211,55 @@ class GrpcProtocol:
             await err.abort(context)
             raise
 
+    async def get_health(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
+        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer(), public=True)
+        status = await self._gateway.health(meta)
+        return cast(struct_pb2.Struct, json_format.ParseDict(orjson.loads(status), struct_pb2.Struct()))
+
+    async def list_instances(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
+        try:
+            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+            listed = await self._gateway.instances(meta)
+            return cast(struct_pb2.Struct, json_format.ParseDict(orjson.loads(listed), struct_pb2.Struct()))
+        except GatewayError as err:
+            await err.abort(context)
+            raise
+
     async def run_workflow(
         self, request: gateway_pb2.WorkflowRunRequest, context: grpc.aio.ServicerContext
     ) -> struct_pb2.Struct:
         try:
             meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
-            run_input = whole_numbers(json_format.MessageToDict(request.input)) if request.HasField("input") else None
-            run = await self._gateway.run_workflow(meta, request.name, orjson.dumps(run_input))
+            run = await self._gateway.run_workflow(meta, request.name, orjson.dumps(workflow_input(request)))
             return cast(struct_pb2.Struct, json_format.ParseDict(orjson.loads(run), struct_pb2.Struct()))
         except GatewayError as err:
             await err.abort(context)
             raise
+
+    async def stream_workflow(
+        self, request: gateway_pb2.WorkflowRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[struct_pb2.Struct]:
+        """The run's progress events, one Struct each, run.completed (the whole run) last."""
+        started = time.perf_counter()
+        headers = metadata_dict(context)
+        status = 200
+        with self._gateway.span("grpc workflow.stream", headers, "grpc"):
+            try:
+                meta = self._gateway.accept(headers, "grpc", context.peer())
+                run_input = workflow_input(request)
+                events = self._gateway.stream_workflow(meta, request.name, orjson.dumps(run_input))
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        yield cast(struct_pb2.Struct, json_format.ParseDict(orjson.loads(event), struct_pb2.Struct()))
+            except GatewayError as err:
+                status = err.status
+                await err.abort(context)
+            except Exception:
+                log.exception("workflow stream failed")
+                status = 500
+                await internal_error().abort(context)
+            finally:
+                self._gateway.record("workflow.run", "grpc", status, started)
 
     async def submit_job(
         self, request: gateway_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
@@ -258,6 +299,11 @@ class GrpcProtocol:
         except GatewayError as err:
             await err.abort(context)
             raise
+
+
+def workflow_input(request: gateway_pb2.WorkflowRunRequest) -> Any:
+    # Struct numbers are doubles: 7 arrives as 7.0, which a template would print as "7.0".
+    return whole_numbers(json_format.MessageToDict(request.input)) if request.HasField("input") else None
 
 
 def job_message(job: Job) -> gateway_pb2.Job:

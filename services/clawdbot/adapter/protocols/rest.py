@@ -18,6 +18,7 @@ import orjson
 from google.api import httpbody_pb2
 from google.protobuf import empty_pb2
 
+from clawdbot.adapter.gateway import workflow_event_type
 from clawdbot.adapter.openai_requests import (
     ParsedRequest,
     load_json_object,
@@ -51,6 +52,17 @@ def sse_event(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
+def sse_named(event: bytes, payload: bytes) -> bytes:
+    return b"event: " + event + b"\ndata: " + payload + b"\n\n"
+
+
+def workflow_sse(payload: bytes) -> bytes:
+    """A workflow event as SSE, named by its type (the gateway checked it has one)."""
+    if b"\n" in payload or b"\r" in payload:
+        payload = orjson.dumps(orjson.loads(payload))  # one `data:` line: compact JSON
+    return sse_named((workflow_event_type(payload) or "message").encode(), payload)
+
+
 def models_json(models: list[router_pb2.ModelInfo]) -> bytes:
     return orjson.dumps(
         {
@@ -82,6 +94,8 @@ class RestProtocol:
         servicer.FeedbackHttp = self.feedback  # type: ignore[method-assign]
         servicer.ExplainRoutingHttp = self.explain  # type: ignore[method-assign]
         servicer.ReloadHttp = self.reload  # type: ignore[method-assign]
+        servicer.HealthHttp = self.health  # type: ignore[method-assign]
+        servicer.InstancesHttp = self.instances  # type: ignore[method-assign]
 
     async def _error(self, context: grpc.aio.ServicerContext, err: GatewayError) -> httpbody_pb2.HttpBody:
         headers = [(STATUS_HEADER, str(err.status))]
@@ -145,14 +159,16 @@ class RestProtocol:
         route: str,
         context: grpc.aio.ServicerContext,
         work: Callable[[router_pb2.RequestMeta], Awaitable[httpbody_pb2.HttpBody]],
+        public: bool = False,
     ) -> httpbody_pb2.HttpBody:
-        """Auth, span, metrics and OpenAI-shaped errors around one unary REST call."""
+        """Auth (unless public), span, metrics and OpenAI-shaped errors around one unary
+        REST call."""
         started = time.perf_counter()
         headers = metadata_dict(context)
         status = 200
         with self._gateway.span(route, headers, "rest"):
             try:
-                return await work(self._gateway.accept(headers, "rest", context.peer()))
+                return await work(self._gateway.accept(headers, "rest", context.peer(), public=public))
             except GatewayError as err:
                 status = err.status
                 return await self._error(context, err)
@@ -210,13 +226,52 @@ class RestProtocol:
 
     async def run_workflow(
         self, request: gateway_pb2.RunWorkflowHttpRequest, context: grpc.aio.ServicerContext
-    ) -> httpbody_pb2.HttpBody:
-        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
-            body = load_json_object(request.body.data)
-            run = await self._gateway.run_workflow(meta, request.name, orjson.dumps(body.get("input")))
-            return httpbody_pb2.HttpBody(content_type=JSON, data=run)
-
-        return await self._unary("workflow.run", "POST /v1/workflows/{name}:run", context, work)
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        """{"input": ...} -> the finished run as JSON; with "stream": true, its progress as
+        server-sent events (`event: <type>`), run.completed (the whole run) last."""
+        started = time.perf_counter()
+        headers = metadata_dict(context)
+        gateway = self._gateway
+        status = 200
+        with gateway.span("POST /v1/workflows/{name}:run", headers, "rest") as span:
+            try:
+                meta = gateway.accept(headers, "rest", context.peer())
+                span.set_attribute("clawdbot.request_id", meta.request_id)
+                body = load_json_object(request.body.data)
+                stream = body.get("stream", False)
+                if not isinstance(stream, bool):
+                    raise GatewayError.bad_request("`stream` must be true or false.", "stream", "invalid_type")
+                run_input = orjson.dumps(body.get("input"))
+                if not stream:
+                    run = await gateway.run_workflow(meta, request.name, run_input)
+                    yield httpbody_pb2.HttpBody(content_type=JSON, data=run)
+                    return
+                async with contextlib.aclosing(gateway.stream_workflow(meta, request.name, run_input)) as events:
+                    # The first event before any byte goes out: an unknown workflow or a
+                    # bad input still gets its own status and a JSON error body.
+                    first = await anext(events)
+                    yield httpbody_pb2.HttpBody(content_type=SSE, data=workflow_sse(first))
+                    try:
+                        async for event in events:
+                            yield httpbody_pb2.HttpBody(content_type=SSE, data=workflow_sse(event))
+                    except GatewayError as err:
+                        # Headers are gone already: the failure becomes the last event.
+                        status = err.status
+                        yield httpbody_pb2.HttpBody(content_type=SSE, data=sse_named(b"error", err.to_json()))
+            except StopAsyncIteration:
+                status = 502
+                yield await self._error(
+                    context, GatewayError(502, "The orchestrator ended the stream without an event.", "upstream_error")
+                )
+            except GatewayError as err:
+                status = err.status
+                yield await self._error(context, err)
+            except Exception:
+                log.exception("workflow run failed")
+                status = 500
+                yield await self._error(context, internal_error())
+            finally:
+                gateway.record("workflow.run", "rest", status, started)
 
     async def list_workflows(
         self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext
@@ -294,6 +349,18 @@ class RestProtocol:
             return httpbody_pb2.HttpBody(content_type=JSON, data=message_json(await self._gateway.reload(meta)))
 
         return await self._unary("reload", "POST /v1/admin/reload", context, work)
+
+    async def health(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            return httpbody_pb2.HttpBody(content_type=JSON, data=await self._gateway.health(meta))
+
+        return await self._unary("health", "GET /v1/health", context, work, public=True)
+
+    async def instances(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            return httpbody_pb2.HttpBody(content_type=JSON, data=await self._gateway.instances(meta))
+
+        return await self._unary("instances", "GET /v1/admin/instances", context, work)
 
 
 def create_protocol() -> RestProtocol:

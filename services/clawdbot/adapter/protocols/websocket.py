@@ -1,15 +1,21 @@
-"""WebSocket: streaming chat on GET /v1/ws.
+"""WebSocket: streaming chat and workflow progress on GET /v1/ws.
 
 Frames, client -> server (text, or binary holding the same JSON as UTF-8, optionally
 gzip-compressed):
     {"type": "chat.completions", "id": "c1", "body": {<OpenAI chat request>}}
 or just the OpenAI chat request itself. Streaming is the default on a socket; say
 "stream": false in the body for one answer.
+    {"type": "workflow.run", "id": "w1", "name": "<workflow>", "input": <any JSON>}
+runs a workflow (config/workflows/) and streams its progress.
 
 Frames, server -> client (always text JSON; `id` echoes the request's):
     {"type": "chat.completion.chunk", "id", "data": {<chunk>}}   one per chunk
     {"type": "chat.completion", "id", "data": {<completion>}}    non-streamed answer
-    {"type": "done", "id", "instance", "cache", "request_id"}    end of one request
+    {"type": "workflow.event", "id", "data": {<event>}}          one per workflow event
+                                   (as over SSE: run.started, step.started, step.retrying,
+                                   step.finished, and run.completed with the whole run)
+    {"type": "done", "id", "instance", "cache", "request_id"}    end of one chat request
+    {"type": "done", "id", "request_id"}                         end of one workflow run
     {"type": "error", "id", "status", "error": {<OpenAI error>}} the request failed;
                                                                   the socket stays open
 Several requests may be in flight on one socket; their frames interleave by id.
@@ -26,6 +32,7 @@ import logging
 import time
 import uuid
 import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -40,11 +47,23 @@ from clawdbot.gen.v1 import router_pb2
 log = logging.getLogger(__name__)
 
 WS_PATH = "/v1/ws"
-_REQUEST_TYPES = frozenset({"chat.completions", "chat.completions.create", "chat"})
+_CHAT_TYPES = frozenset({"chat.completions", "chat.completions.create", "chat"})
+WORKFLOW_TYPE = "workflow.run"
 
 
-def decode_frame(data: str | bytes) -> tuple[Any, dict[str, Any]]:
-    """(correlation id, OpenAI request body) from a frame; GatewayError(400) if broken."""
+@dataclass(frozen=True)
+class Frame:
+    """One client request: a chat (body: the OpenAI request) or a workflow run."""
+
+    kind: str  # "chat" | "workflow"
+    id: Any
+    body: dict[str, Any] = field(default_factory=dict)
+    workflow: str = ""
+    input: Any = None
+
+
+def load_frame(data: str | bytes) -> dict[str, Any]:
+    """The frame's JSON object; GatewayError(400) if it is not one."""
     if isinstance(data, bytes):
         if data[:2] == b"\x1f\x8b":
             try:
@@ -65,19 +84,47 @@ def decode_frame(data: str | bytes) -> tuple[Any, dict[str, Any]]:
         raise GatewayError.bad_request(f"Frame is not valid JSON ({exc}).", None, "invalid_json") from None
     if not isinstance(frame, dict):
         raise GatewayError.bad_request("A frame must be a JSON object.", None, "invalid_frame")
-    if "messages" in frame and "body" not in frame:
-        return None, frame
+    return frame
+
+
+def is_bare_chat(frame: dict[str, Any]) -> bool:
+    """A plain OpenAI chat request sent as the frame itself (its "id", if any, is not ours)."""
+    return frame.get("type") != WORKFLOW_TYPE and "messages" in frame and "body" not in frame
+
+
+def correlation_id(frame: dict[str, Any]) -> Any:
+    """The id the server's frames for this request echo."""
+    return None if is_bare_chat(frame) else frame.get("id")
+
+
+def read_frame(frame: dict[str, Any]) -> Frame:
+    """What a frame asks for; GatewayError(400) if it is not a request we know."""
+    if is_bare_chat(frame):
+        return Frame("chat", None, frame)
+    frame_id = frame.get("id")
     frame_type = frame.get("type", "chat.completions")
-    if frame_type not in _REQUEST_TYPES:
+    if frame_type == WORKFLOW_TYPE:
+        name = frame.get("name")
+        if not isinstance(name, str) or not name:
+            raise GatewayError.bad_request(
+                "A workflow.run frame needs a 'name' string: the workflow to run.", "name", "invalid_frame"
+            )
+        return Frame("workflow", frame_id, workflow=name, input=frame.get("input"))
+    if frame_type not in _CHAT_TYPES:
         raise GatewayError.bad_request(
-            f"Unknown frame type {frame_type!r}; send 'chat.completions'.", "type", "invalid_frame"
+            f"Unknown frame type {frame_type!r}; send 'chat.completions' or 'workflow.run'.", "type", "invalid_frame"
         )
     body = frame.get("body")
     if not isinstance(body, dict):
         raise GatewayError.bad_request(
             "The frame needs a 'body' object with the chat request.", "body", "invalid_frame"
         )
-    return frame.get("id"), body
+    return Frame("chat", frame_id, body)
+
+
+def decode_frame(data: str | bytes) -> Frame:
+    """The request a raw frame holds; GatewayError(400) if it is broken."""
+    return read_frame(load_frame(data))
 
 
 class WebSocketProtocol:
@@ -135,6 +182,7 @@ class WebSocketProtocol:
     ) -> None:
         started = time.perf_counter()
         status = 200
+        operation = "chat"
         frame_id: Any = None
         meta = router_pb2.RequestMeta()
         meta.CopyFrom(conn_meta)
@@ -142,43 +190,17 @@ class WebSocketProtocol:
         meta.request_id = uuid.uuid4().hex
         request_id_var.set(meta.request_id)
         gateway = self._gateway
-        with gateway.span("ws chat.completions", headers, "ws"):
+        with gateway.span("ws chat.completions", headers, "ws") as span:
             try:
-                frame_id, body = decode_frame(data)
-                body.setdefault("stream", True)
-                parsed = parse_chat(body)
-                model_request = gateway.model_request(parsed, meta, None)
-                instance = cache = ""
-                if parsed.stream:
-                    async with contextlib.aclosing(gateway.stream(model_request)) as events:
-                        async for event in events:
-                            if event.HasField("instance"):
-                                instance, cache = event.instance, event.cache
-                            else:
-                                await self._send(
-                                    ws,
-                                    {
-                                        "type": "chat.completion.chunk",
-                                        "id": frame_id,
-                                        "data": orjson.Fragment(event.chunk_json),
-                                    },
-                                )
+                raw = load_frame(data)
+                frame_id = correlation_id(raw)
+                frame = read_frame(raw)
+                if frame.kind == "workflow":
+                    operation = "workflow.run"
+                    span.update_name("ws workflow.run")
+                    await self._run_workflow(ws, frame, meta)
                 else:
-                    response = await gateway.complete(model_request)
-                    instance, cache = response.instance, response.cache
-                    await self._send(
-                        ws, {"type": "chat.completion", "id": frame_id, "data": orjson.Fragment(response.openai_json)}
-                    )
-                await self._send(
-                    ws,
-                    {
-                        "type": "done",
-                        "id": frame_id,
-                        "instance": instance,
-                        "cache": cache,
-                        "request_id": meta.request_id,
-                    },
-                )
+                    await self._chat(ws, frame, meta)
             except GatewayError as err:
                 status = err.status
                 await self._send(ws, {"type": "error", "id": frame_id, "status": err.status, **err.to_dict()})
@@ -190,7 +212,45 @@ class WebSocketProtocol:
                 status = 500
                 await self._send(ws, {"type": "error", "id": frame_id, "status": 500, **internal_error().to_dict()})
             finally:
-                gateway.record("chat", "ws", status, started)
+                gateway.record(operation, "ws", status, started)
+
+    async def _chat(self, ws: web.WebSocketResponse, frame: Frame, meta: router_pb2.RequestMeta) -> None:
+        gateway = self._gateway
+        body = frame.body
+        body.setdefault("stream", True)
+        parsed = parse_chat(body)
+        model_request = gateway.model_request(parsed, meta, None)
+        instance = cache = ""
+        if parsed.stream:
+            async with contextlib.aclosing(gateway.stream(model_request)) as events:
+                async for event in events:
+                    if event.HasField("instance"):
+                        instance, cache = event.instance, event.cache
+                    else:
+                        await self._send(
+                            ws,
+                            {
+                                "type": "chat.completion.chunk",
+                                "id": frame.id,
+                                "data": orjson.Fragment(event.chunk_json),
+                            },
+                        )
+        else:
+            response = await gateway.complete(model_request)
+            instance, cache = response.instance, response.cache
+            await self._send(
+                ws, {"type": "chat.completion", "id": frame.id, "data": orjson.Fragment(response.openai_json)}
+            )
+        await self._send(
+            ws, {"type": "done", "id": frame.id, "instance": instance, "cache": cache, "request_id": meta.request_id}
+        )
+
+    async def _run_workflow(self, ws: web.WebSocketResponse, frame: Frame, meta: router_pb2.RequestMeta) -> None:
+        events = self._gateway.stream_workflow(meta, frame.workflow, orjson.dumps(frame.input))
+        async with contextlib.aclosing(events):
+            async for event in events:
+                await self._send(ws, {"type": "workflow.event", "id": frame.id, "data": orjson.Fragment(event)})
+        await self._send(ws, {"type": "done", "id": frame.id, "request_id": meta.request_id})
 
 
 def create_protocol() -> WebSocketProtocol:

@@ -78,7 +78,7 @@ class GatewayStub:
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
-        self.RunWorkflowHttp = channel.unary_unary(
+        self.RunWorkflowHttp = channel.unary_stream(
                 '/clawdbot.v1.Gateway/RunWorkflowHttp',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.RunWorkflowHttpRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
@@ -111,6 +111,16 @@ class GatewayStub:
         self.ReloadHttp = channel.unary_unary(
                 '/clawdbot.v1.Gateway/ReloadHttp',
                 request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.HealthHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/HealthHttp',
+                request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.InstancesHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/InstancesHttp',
+                request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.CreateChatCompletion = channel.unary_unary(
@@ -166,6 +176,21 @@ class GatewayStub:
         self.RunWorkflow = channel.unary_unary(
                 '/clawdbot.v1.Gateway/RunWorkflow',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.WorkflowRunRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                _registered_method=True)
+        self.StreamWorkflow = channel.unary_stream(
+                '/clawdbot.v1.Gateway/StreamWorkflow',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.WorkflowRunRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                _registered_method=True)
+        self.GetHealth = channel.unary_unary(
+                '/clawdbot.v1.Gateway/GetHealth',
+                request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                _registered_method=True)
+        self.ListInstances = channel.unary_unary(
+                '/clawdbot.v1.Gateway/ListInstances',
+                request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
                 _registered_method=True)
         self.SubmitFeedback = channel.unary_unary(
@@ -246,7 +271,9 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RunWorkflowHttp(self, request, context):
-        """Workflows (config/workflows/): run one with {input}; list and describe them.
+        """Workflows (config/workflows/): run one with {input}; list and describe them. With
+        {"stream": true} the run's progress comes as server-sent events, one per step
+        change, ending with the event `run.completed` that carries the whole run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -289,6 +316,22 @@ class GatewayServicer:
     def ReloadHttp(self, request, context):
         """POST /v1/admin/reload: re-read the configuration; models and routing change without
         a restart and without failing a request. An invalid file is refused (400).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HealthHttp(self, request, context):
+        """GET /v1/health: is the gateway serving, and which model instances are available
+        (no API key needed: load balancers and status pages ask).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InstancesHttp(self, request, context):
+        """GET /v1/admin/instances: every instance's status, breaker state, routing-relevant
+        windows (rate, error ratio, latency percentiles) and anomaly score.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -361,6 +404,25 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamWorkflow(self, request, context):
+        """The run's progress events (as over SSE), the last one `run.completed`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHealth(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInstances(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitFeedback(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -422,7 +484,7 @@ def add_GatewayServicer_to_server(servicer, server):
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ListJobsRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
-            'RunWorkflowHttp': grpc.unary_unary_rpc_method_handler(
+            'RunWorkflowHttp': grpc.unary_stream_rpc_method_handler(
                     servicer.RunWorkflowHttp,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.RunWorkflowHttpRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
@@ -455,6 +517,16 @@ def add_GatewayServicer_to_server(servicer, server):
             'ReloadHttp': grpc.unary_unary_rpc_method_handler(
                     servicer.ReloadHttp,
                     request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'HealthHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.HealthHttp,
+                    request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'InstancesHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.InstancesHttp,
+                    request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'CreateChatCompletion': grpc.unary_unary_rpc_method_handler(
@@ -510,6 +582,21 @@ def add_GatewayServicer_to_server(servicer, server):
             'RunWorkflow': grpc.unary_unary_rpc_method_handler(
                     servicer.RunWorkflow,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.WorkflowRunRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+            ),
+            'StreamWorkflow': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamWorkflow,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.WorkflowRunRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+            ),
+            'GetHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHealth,
+                    request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+            ),
+            'ListInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInstances,
+                    request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                     response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
             ),
             'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
@@ -765,7 +852,7 @@ class Gateway:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/clawdbot.v1.Gateway/RunWorkflowHttp',
@@ -932,6 +1019,60 @@ class Gateway:
             target,
             '/clawdbot.v1.Gateway/ReloadHttp',
             google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HealthHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/HealthHttp',
+            google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InstancesHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/InstancesHttp',
+            google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
@@ -1229,6 +1370,87 @@ class Gateway:
             target,
             '/clawdbot.v1.Gateway/RunWorkflow',
             clawdbot_dot_v1_dot_gateway__pb2.WorkflowRunRequest.SerializeToString,
+            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/StreamWorkflow',
+            clawdbot_dot_v1_dot_gateway__pb2.WorkflowRunRequest.SerializeToString,
+            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/GetHealth',
+            google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/ListInstances',
+            google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             google_dot_protobuf_dot_struct__pb2.Struct.FromString,
             options,
             channel_credentials,

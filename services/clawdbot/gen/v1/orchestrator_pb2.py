@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from clawdbot.gen.v1 import router_pb2 as clawdbot_dot_v1_dot_router__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63lawdbot/v1/orchestrator.proto\x12\x0b\x63lawdbot.v1\x1a\x18\x63lawdbot/v1/router.proto\"^\n\x12RunWorkflowRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\ninput_json\x18\x03 \x01(\x0c\">\n\x14ListWorkflowsRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\"O\n\x17\x44\x65scribeWorkflowRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x1d\n\rWorkflowReply\x12\x0c\n\x04json\x18\x01 \x01(\x0c\x32\xe7\x01\n\x0cOrchestrator\x12\x42\n\x03Run\x12\x1f.clawdbot.v1.RunWorkflowRequest\x1a\x1a.clawdbot.v1.WorkflowReply\x12\x45\n\x04List\x12!.clawdbot.v1.ListWorkflowsRequest\x1a\x1a.clawdbot.v1.WorkflowReply\x12L\n\x08\x44\x65scribe\x12$.clawdbot.v1.DescribeWorkflowRequest\x1a\x1a.clawdbot.v1.WorkflowReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63lawdbot/v1/orchestrator.proto\x12\x0b\x63lawdbot.v1\x1a\x18\x63lawdbot/v1/router.proto\"n\n\x12RunWorkflowRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\ninput_json\x18\x03 \x01(\x0c\x12\x0e\n\x06run_id\x18\x04 \x01(\t\">\n\x14ListWorkflowsRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\"O\n\x17\x44\x65scribeWorkflowRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x1d\n\rWorkflowReply\x12\x0c\n\x04json\x18\x01 \x01(\x0c\"\x1d\n\rWorkflowEvent\x12\x0c\n\x04json\x18\x01 \x01(\x0c\x32\xb3\x02\n\x0cOrchestrator\x12\x42\n\x03Run\x12\x1f.clawdbot.v1.RunWorkflowRequest\x1a\x1a.clawdbot.v1.WorkflowReply\x12J\n\tRunStream\x12\x1f.clawdbot.v1.RunWorkflowRequest\x1a\x1a.clawdbot.v1.WorkflowEvent0\x01\x12\x45\n\x04List\x12!.clawdbot.v1.ListWorkflowsRequest\x1a\x1a.clawdbot.v1.WorkflowReply\x12L\n\x08\x44\x65scribe\x12$.clawdbot.v1.DescribeWorkflowRequest\x1a\x1a.clawdbot.v1.WorkflowReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clawdbot.v1.orchestrator_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUNWORKFLOWREQUEST']._serialized_start=73
-  _globals['_RUNWORKFLOWREQUEST']._serialized_end=167
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=169
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=231
-  _globals['_DESCRIBEWORKFLOWREQUEST']._serialized_start=233
-  _globals['_DESCRIBEWORKFLOWREQUEST']._serialized_end=312
-  _globals['_WORKFLOWREPLY']._serialized_start=314
-  _globals['_WORKFLOWREPLY']._serialized_end=343
-  _globals['_ORCHESTRATOR']._serialized_start=346
-  _globals['_ORCHESTRATOR']._serialized_end=577
+  _globals['_RUNWORKFLOWREQUEST']._serialized_end=183
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=185
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=247
+  _globals['_DESCRIBEWORKFLOWREQUEST']._serialized_start=249
+  _globals['_DESCRIBEWORKFLOWREQUEST']._serialized_end=328
+  _globals['_WORKFLOWREPLY']._serialized_start=330
+  _globals['_WORKFLOWREPLY']._serialized_end=359
+  _globals['_WORKFLOWEVENT']._serialized_start=361
+  _globals['_WORKFLOWEVENT']._serialized_end=390
+  _globals['_ORCHESTRATOR']._serialized_start=393
+  _globals['_ORCHESTRATOR']._serialized_end=700
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class OrchestratorStub:
                 request_serializer=clawdbot_dot_v1_dot_orchestrator__pb2.RunWorkflowRequest.SerializeToString,
                 response_deserializer=clawdbot_dot_v1_dot_orchestrator__pb2.WorkflowReply.FromString,
                 _registered_method=True)
+        self.RunStream = channel.unary_stream(
+                '/clawdbot.v1.Orchestrator/RunStream',
+                request_serializer=clawdbot_dot_v1_dot_orchestrator__pb2.RunWorkflowRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_orchestrator__pb2.WorkflowEvent.FromString,
+                _registered_method=True)
         self.List = channel.unary_unary(
                 '/clawdbot.v1.Orchestrator/List',
                 request_serializer=clawdbot_dot_v1_dot_orchestrator__pb2.ListWorkflowsRequest.SerializeToString,
@@ -55,6 +60,12 @@ class OrchestratorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Run(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunStream(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -79,6 +90,11 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.Run,
                     request_deserializer=clawdbot_dot_v1_dot_orchestrator__pb2.RunWorkflowRequest.FromString,
                     response_serializer=clawdbot_dot_v1_dot_orchestrator__pb2.WorkflowReply.SerializeToString,
+            ),
+            'RunStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunStream,
+                    request_deserializer=clawdbot_dot_v1_dot_orchestrator__pb2.RunWorkflowRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_orchestrator__pb2.WorkflowEvent.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
@@ -118,6 +134,33 @@ class Orchestrator:
             '/clawdbot.v1.Orchestrator/Run',
             clawdbot_dot_v1_dot_orchestrator__pb2.RunWorkflowRequest.SerializeToString,
             clawdbot_dot_v1_dot_orchestrator__pb2.WorkflowReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clawdbot.v1.Orchestrator/RunStream',
+            clawdbot_dot_v1_dot_orchestrator__pb2.RunWorkflowRequest.SerializeToString,
+            clawdbot_dot_v1_dot_orchestrator__pb2.WorkflowEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -228,3 +228,33 @@ class ReloadResponse(_message.Message):
     took_ms: float
     source: str
     def __init__(self, version: _Optional[int] = ..., added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., kept: _Optional[_Iterable[str]] = ..., unhealthy: _Optional[_Iterable[str]] = ..., took_ms: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("instance_id", "timeout_s")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    timeout_s: float
+    def __init__(self, instance_id: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class ProbeReply(_message.Message):
+    __slots__ = ("ok", "latency_s", "error")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    latency_s: float
+    error: str
+    def __init__(self, ok: _Optional[bool] = ..., latency_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
+class RouterInstancesRequest(_message.Message):
+    __slots__ = ("meta",)
+    META_FIELD_NUMBER: _ClassVar[int]
+    meta: RequestMeta
+    def __init__(self, meta: _Optional[_Union[RequestMeta, _Mapping]] = ...) -> None: ...
+
+class RouterInstancesReply(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: bytes
+    def __init__(self, json: _Optional[bytes] = ...) -> None: ...

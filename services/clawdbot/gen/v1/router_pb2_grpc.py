@@ -64,6 +64,16 @@ class RouterStub:
                 request_serializer=clawdbot_dot_v1_dot_router__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=clawdbot_dot_v1_dot_router__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/clawdbot.v1.Router/Probe',
+                request_serializer=clawdbot_dot_v1_dot_router__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_router__pb2.ProbeReply.FromString,
+                _registered_method=True)
+        self.Instances = channel.unary_unary(
+                '/clawdbot.v1.Router/Instances',
+                request_serializer=clawdbot_dot_v1_dot_router__pb2.RouterInstancesRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_router__pb2.RouterInstancesReply.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -106,6 +116,22 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """One minimal request of its task sent to one instance, past routing, breakers and
+        health verdicts: how the health service checks whether an instance has recovered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Instances(self, request, context):
+        """Every instance as this router sees it: breaker, in flight, latency, quality, and the
+        health service's verdict it applies. JSON: {"data": [{"id", ...}]}.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +164,16 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=clawdbot_dot_v1_dot_router__pb2.ReloadRequest.FromString,
                     response_serializer=clawdbot_dot_v1_dot_router__pb2.ReloadResponse.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=clawdbot_dot_v1_dot_router__pb2.ProbeRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_router__pb2.ProbeReply.SerializeToString,
+            ),
+            'Instances': grpc.unary_unary_rpc_method_handler(
+                    servicer.Instances,
+                    request_deserializer=clawdbot_dot_v1_dot_router__pb2.RouterInstancesRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_router__pb2.RouterInstancesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +338,60 @@ class Router:
             '/clawdbot.v1.Router/Reload',
             clawdbot_dot_v1_dot_router__pb2.ReloadRequest.SerializeToString,
             clawdbot_dot_v1_dot_router__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Router/Probe',
+            clawdbot_dot_v1_dot_router__pb2.ProbeRequest.SerializeToString,
+            clawdbot_dot_v1_dot_router__pb2.ProbeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Instances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Router/Instances',
+            clawdbot_dot_v1_dot_router__pb2.RouterInstancesRequest.SerializeToString,
+            clawdbot_dot_v1_dot_router__pb2.RouterInstancesReply.FromString,
             options,
             channel_credentials,
             insecure,

