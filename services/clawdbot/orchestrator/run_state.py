@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -163,38 +164,55 @@ class RedisRunStore:
 
 class MemoryRunStore:
     """Without Redis: runs resume within this process only (a redelivered job still
-    finds its finished run), and a restart forgets them."""
+    finds its finished run), and a restart forgets them. The latest `keep` runs are kept."""
 
     durable = False
 
-    def __init__(self) -> None:
-        self._runs: dict[str, SavedRun] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+    def __init__(self, keep: int = 1000) -> None:
+        self._runs: OrderedDict[str, SavedRun] = OrderedDict()
+        self._keep = keep
+        # run id -> (its lock, how many hold it or wait for it): dropped at zero.
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     @contextlib.asynccontextmanager
     async def lease(self, run_id: str, wait_s: float) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(run_id, asyncio.Lock())
+        lock, users = self._locks.get(run_id, (asyncio.Lock(), 0))
+        self._locks[run_id] = (lock, users + 1)
         try:
-            async with asyncio.timeout(wait_s):
-                await lock.acquire()
-        except TimeoutError:
-            raise GatewayError(
-                409, f"Run `{run_id}` is being run elsewhere.", "invalid_request_error", "run_busy"
-            ) from None
-        try:
-            yield
+            try:
+                async with asyncio.timeout(wait_s):
+                    await lock.acquire()
+            except TimeoutError:
+                raise GatewayError(
+                    409, f"Run `{run_id}` is being run elsewhere.", "invalid_request_error", "run_busy"
+                ) from None
+            try:
+                yield
+            finally:
+                lock.release()
         finally:
-            lock.release()
+            lock, users = self._locks[run_id]
+            if users == 1:
+                del self._locks[run_id]
+            else:
+                self._locks[run_id] = (lock, users - 1)
+
+    def _saved(self, run_id: str) -> SavedRun:
+        saved = self._runs.setdefault(run_id, SavedRun())
+        self._runs.move_to_end(run_id)
+        while len(self._runs) > self._keep:
+            self._runs.popitem(last=False)
+        return saved
 
     async def load(self, run_id: str) -> SavedRun:
         saved = self._runs.get(run_id, SavedRun())
         return SavedRun(dict(saved.steps), saved.final)
 
     async def save_step(self, run_id: str, step_id: str, state: dict[str, Any]) -> None:
-        self._runs.setdefault(run_id, SavedRun()).steps[step_id] = state
+        self._saved(run_id).steps[step_id] = state
 
     async def save_final(self, run_id: str, run: dict[str, Any]) -> None:
-        self._runs.setdefault(run_id, SavedRun()).final = run
+        self._saved(run_id).final = run
 
     async def close(self) -> None:
         return None
