@@ -7,12 +7,14 @@ copy of itself), so that the adapter can answer in the right shape on every prot
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
 import orjson
+from redis.exceptions import RedisError
 
 # Trailing metadata key that carries the error across a gRPC hop (-bin: raw bytes).
 ERROR_METADATA_KEY = "clawdbot-error-bin"
@@ -150,3 +152,14 @@ class GatewayError(Exception):
 def internal_error() -> GatewayError:
     """What a client sees for a bug: no traceback, just an apology and the request id in logs."""
     return GatewayError(500, "The gateway hit an internal error; it has been logged.", "server_error", "internal_error")
+
+
+@contextlib.asynccontextmanager
+async def redis_available(what: str, code: str) -> AsyncIterator[None]:
+    """Redis trouble while using `what` is a 503 that says so, never a traceback."""
+    try:
+        yield
+    except RedisError as exc:
+        raise GatewayError.unavailable(
+            f"The {what} is unavailable ({type(exc).__name__}); try again shortly.", code=code
+        ) from exc

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Final, Protocol
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
 
 from clawdbot.common.config import Config
-from clawdbot.common.errors import GatewayError
+from clawdbot.common.errors import redis_available
 from clawdbot.jobs.records import TERMINAL, Job
 
 _PREFIX: Final = "clawdbot:job:"
@@ -52,15 +50,8 @@ class JobStore(Protocol):
     async def close(self) -> None: ...
 
 
-@contextlib.asynccontextmanager
-async def _available() -> AsyncIterator[None]:
-    """Redis trouble is a 503 that says what is missing, never a traceback."""
-    try:
-        yield
-    except RedisError as exc:
-        raise GatewayError.unavailable(
-            f"The job store is unavailable ({type(exc).__name__}); try again shortly.", code="job_store_unavailable"
-        ) from exc
+def _available() -> contextlib.AbstractAsyncContextManager[None]:
+    return redis_available("job store", "job_store_unavailable")
 
 
 class RedisJobStore:

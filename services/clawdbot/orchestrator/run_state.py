@@ -23,7 +23,7 @@ import orjson
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from clawdbot.common.errors import GatewayError
+from clawdbot.common.errors import GatewayError, redis_available
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,8 @@ class RunStore(Protocol):
     async def close(self) -> None: ...
 
 
-@contextlib.asynccontextmanager
-async def _available() -> AsyncIterator[None]:
-    try:
-        yield
-    except RedisError as exc:
-        raise GatewayError.unavailable(
-            f"The workflow run store is unavailable ({type(exc).__name__}); try again shortly.",
-            code="run_store_unavailable",
-        ) from exc
+def _available() -> contextlib.AbstractAsyncContextManager[None]:
+    return redis_available("workflow run store", "run_store_unavailable")
 
 
 class RedisRunStore:
