@@ -4,8 +4,8 @@ latency percentiles, time to first token, tokens per second."""
 from __future__ import annotations
 
 import math
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 # Failures that are the instance's fault; a client error (a bad request) is not.
@@ -35,10 +35,56 @@ class Call:
         )
 
 
-def percentile(ordered: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (q in 0..100)."""
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
+# Latencies are counted in logarithmic bins, eight to a doubling (each about 9% wide): a
+# window's percentiles come from its bins' counts, so the cost of a window does not grow
+# with the traffic it saw.
+_BINS_PER_DOUBLING: Final = 8
+_SMALLEST_S: Final = 1e-4
+
+
+def _bin(seconds: float) -> int:
+    return max(0, math.ceil(math.log2(max(seconds, _SMALLEST_S) / _SMALLEST_S) * _BINS_PER_DOUBLING))
+
+
+def _bin_value(index: int) -> float:
+    """The upper edge of a bin: a percentile is never reported below the truth."""
+    return _SMALLEST_S * 2 ** (index / _BINS_PER_DOUBLING)
+
+
+def percentile(histogram: Counter[int], q: float) -> float | None:
+    """The q-th (0..100) percentile of the values counted in a histogram of bins."""
+    total = sum(histogram.values())
+    if not total:
+        return None
+    rank = max(1, math.ceil(q / 100 * total))
+    seen = 0
+    for index in sorted(histogram):
+        seen += histogram[index]
+        if seen >= rank:
+            return _bin_value(index)
+    raise AssertionError("unreachable: the ranks add up to the total")
+
+
+@dataclass
+class _Second:
+    """The calls that ended within one second."""
+
+    requests: int = 0
+    errors: int = 0
+    latency: Counter[int] = field(default_factory=Counter)
+    ttft: Counter[int] = field(default_factory=Counter)
+    output_tokens: int = 0
+    generating_s: float = 0.0
+
+    def add(self, call: Call) -> None:
+        self.requests += 1
+        self.errors += call.failed
+        self.latency[_bin(call.latency_s)] += 1
+        if call.ttft_s is not None:
+            self.ttft[_bin(call.ttft_s)] += 1
+        if call.output_tokens and not call.failed:
+            self.output_tokens += call.output_tokens
+            self.generating_s += call.latency_s
 
 
 @dataclass(frozen=True)
@@ -93,37 +139,48 @@ FEATURE_NAMES: Final = ("latency_p50_s", "latency_p95_s", "error_ratio", "rate_p
 
 
 class CallLog:
-    """One instance's calls of the last `keep_s` seconds."""
+    """One instance's calls of the last `keep_s` seconds, aggregated per second."""
 
     def __init__(self, keep_s: float) -> None:
         self._keep_s = keep_s
-        self._calls: deque[Call] = deque()
+        self._seconds: dict[int, _Second] = {}
 
     def add(self, call: Call) -> None:
-        self._calls.append(call)
+        second = int(call.at)
+        bucket = self._seconds.get(second)
+        if bucket is None:
+            bucket = self._seconds[second] = _Second()
+        bucket.add(call)
 
     def _trim(self, now: float) -> None:
-        while self._calls and self._calls[0].at < now - self._keep_s:
-            self._calls.popleft()
+        oldest = int(now - self._keep_s)
+        for second in [s for s in self._seconds if s < oldest]:
+            del self._seconds[second]
 
     def stats(self, now: float, window_s: float, end: float | None = None) -> WindowStats:
-        """The calls that ended in (end - window_s, end], end being now by default."""
+        """The calls of the last `window_s` seconds before `end` (now by default), in whole
+        seconds: a window is as fine as its buckets."""
         self._trim(now)
         until = now if end is None else end
-        calls = [c for c in self._calls if until - window_s < c.at <= until]
-        if not calls:
+        # Now: up to the current (partial) second; a closed window: its last whole second.
+        last = math.floor(until) if end is None else math.ceil(until) - 1
+        first = last - max(1, math.ceil(window_s)) + 1
+        buckets = [b for second, b in self._seconds.items() if first <= second <= last]
+        if not buckets:
             return WindowStats(window_s)
-        latencies = sorted(c.latency_s for c in calls)
-        ttfts = sorted(c.ttft_s for c in calls if c.ttft_s is not None)
-        generating = [c for c in calls if c.output_tokens and not c.failed]
-        busy = sum(c.latency_s for c in generating)
+        latency: Counter[int] = Counter()
+        ttft: Counter[int] = Counter()
+        for bucket in buckets:
+            latency.update(bucket.latency)
+            ttft.update(bucket.ttft)
+        generating_s = sum(b.generating_s for b in buckets)
         return WindowStats(
             window_s=window_s,
-            requests=len(calls),
-            errors=sum(c.failed for c in calls),
-            latency_p50_s=percentile(latencies, 50),
-            latency_p95_s=percentile(latencies, 95),
-            latency_p99_s=percentile(latencies, 99),
-            ttft_p50_s=percentile(ttfts, 50) if ttfts else None,
-            tokens_per_s=sum(c.output_tokens for c in generating) / busy if busy > 0 else None,
+            requests=sum(b.requests for b in buckets),
+            errors=sum(b.errors for b in buckets),
+            latency_p50_s=percentile(latency, 50),
+            latency_p95_s=percentile(latency, 95),
+            latency_p99_s=percentile(latency, 99),
+            ttft_p50_s=percentile(ttft, 50),
+            tokens_per_s=sum(b.output_tokens for b in buckets) / generating_s if generating_s > 0 else None,
         )

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Final
 
 import grpc
 import orjson
@@ -105,9 +105,12 @@ class TelemetryPublisher:
             finally:
                 await producer.stop()
 
-    async def _batch(self) -> list[Observation]:
-        """The waiting observations (at least one; waits for it), up to 500."""
+    async def _batch(self, linger_s: float = 0.0) -> list[Observation]:
+        """The waiting observations (at least one; waits for it), up to 500; with a
+        linger, those that arrive within it after the first as well."""
         batch = [await self._queue.get()]
+        if linger_s and self._queue.qsize() < 500:
+            await asyncio.sleep(linger_s)
         while not self._queue.empty() and len(batch) < 500:
             batch.append(self._queue.get_nowait())
         return batch
@@ -116,8 +119,8 @@ class TelemetryPublisher:
         while True:
             batch = await self._batch()
             for observation in batch:
-                record: dict[str, Any] = asdict(observation)
-                await producer.send(topics.TELEMETRY, orjson.dumps(record), key=observation.instance.encode())
+                # orjson writes a dataclass as its fields, natively (asdict is far slower).
+                await producer.send(topics.TELEMETRY, orjson.dumps(observation), key=observation.instance.encode())
             self.published.inc(len(batch))
 
 
@@ -134,8 +137,10 @@ class ReportingPublisher(TelemetryPublisher):
             call = self._health.Report()
             try:
                 while True:
-                    batch = await self._batch()
-                    payload = [orjson.dumps(asdict(o)) for o in batch]
+                    # A message per call would cost both sides more than the calls' own
+                    # accounting: a tenth of a second of them travels together.
+                    batch = await self._batch(linger_s=0.1)
+                    payload = [orjson.dumps(o) for o in batch]
                     await call.write(monitor_pb2.ObservationBatch(observations_json=payload))
                     self.published.inc(len(batch))
                     complained = False
