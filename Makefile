@@ -24,6 +24,7 @@ proto: setup
 	$(PY) -m clawdbot.devtools.protogen
 	$(PY) -m clawdbot.runner.envoy_config
 	$(PY) -m clawdbot.devtools.k8s
+	$(PY) -m clawdbot.devtools.compose
 
 bench: setup
 	@bash scripts/setup.sh wrk

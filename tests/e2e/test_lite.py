@@ -1,0 +1,56 @@
+"""The lite configuration (what the lite image runs) through the runner, as the image runs
+it: Envoy, adapter, router and cache only, configured by the seed's variables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import Mesh, running_mesh
+from tests.support import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Iterator[Mesh]:
+    config = yaml.safe_load((REPO_ROOT / "config" / "lite.yaml").read_text())
+    tmp = tmp_path_factory.mktemp("lite")
+    # The hosted models, at the mock provider; a fresh object store.
+    for model in config["models"]:
+        model["base_url"] = mock_upstream
+        model["upstream_model"] = "mock-embed" if model["task"] == "embeddings" else "mock-1"
+    config.setdefault("cache", {})["object_dir"] = str(tmp / "objects")
+    with pytest.MonkeyPatch.context() as patch:
+        # `docker run -e ADAPTER_TYPES="rest,ws" -e MODEL_ROUTER_STRATEGY="cost_optimized"`
+        patch.setenv("ADAPTER_TYPES", "rest,ws")
+        patch.setenv("MODEL_ROUTER_STRATEGY", "cost_optimized")
+        with running_mesh(tmp, config, mock_upstream) as mesh:
+            yield mesh
+
+
+def test_only_the_core_services_run(lite: Mesh) -> None:
+    assert set(lite.info()["services"]) == {"envoy", "adapter", "router", "cache"}
+
+
+def test_chat_through_the_lite_mesh(lite: Mesh) -> None:
+    headers = {"Authorization": f"Bearer {lite.api_key}"}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+    reply = httpx.post(f"{lite.v1}/chat/completions", headers=headers, json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"]
+    # The environment picked the strategy.
+    assert reply.headers["x-clawdbot-strategy"] == "cost_optimized"
+    models = httpx.get(f"{lite.v1}/models", headers=headers, timeout=30).json()
+    assert {m["id"] for m in models["data"]} == {"gpt-4o-mini", "text-embedding-3-small"}
+
+
+def test_jobs_run_in_process(lite: Mesh) -> None:
+    headers = {"Authorization": f"Bearer {lite.api_key}"}
+    body = {"kind": "chat", "request": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}
+    reply = httpx.post(f"{lite.v1}/jobs", headers=headers, json=body, timeout=30)
+    assert reply.status_code == 202, reply.text
+    assert reply.json()["durable"] is False
