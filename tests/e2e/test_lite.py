@@ -54,3 +54,10 @@ def test_jobs_run_in_process(lite: Mesh) -> None:
     reply = httpx.post(f"{lite.v1}/jobs", headers=headers, json=body, timeout=30)
     assert reply.status_code == 202, reply.text
     assert reply.json()["durable"] is False
+
+
+def test_health_says_ok_with_no_health_service(lite: Mesh) -> None:
+    reply = httpx.get(f"{lite.v1}/health", timeout=30)  # no key needed
+    assert reply.status_code == 200, reply.text
+    status = reply.json()
+    assert status["status"] == "ok" and status["services"] == {"adapter": "serving", "health": "disabled"}

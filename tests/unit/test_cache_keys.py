@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 
 from clawdbot.adapter.chat_streams import assemble_chat, replay_chat
-from clawdbot.adapter.response_cache import ResponseCache
+from clawdbot.cache.client import ResponseCache
 from clawdbot.cache.keys import cache_key
 from clawdbot.common.config import CacheConfig, ModelEntry
 from clawdbot.gen.v1 import router_pb2

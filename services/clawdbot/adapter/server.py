@@ -12,7 +12,7 @@ import os
 from clawdbot.adapter.auth import Authenticator
 from clawdbot.adapter.gateway import Gateway
 from clawdbot.adapter.protocols.base import ProtocolContext, load_protocols
-from clawdbot.adapter.response_cache import ResponseCache
+from clawdbot.cache.client import ResponseCache
 from clawdbot.common.config import Config
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost, internal_channel

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import grpc
 import orjson
 
-from clawdbot.adapter.response_cache import OPT_HEADER, ResponseCache
+from clawdbot.cache.client import OPT_HEADER, ResponseCache
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.telemetry import inject_headers
 from clawdbot.gen.v1 import router_pb2, router_pb2_grpc

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import orjson
 
-from clawdbot.adapter.response_cache import ResponseCache
+from clawdbot.cache.client import ResponseCache
 from clawdbot.common.config import Config, OrchestratorConfig, repo_path
 from clawdbot.common.errors import GatewayError, internal_error
 from clawdbot.common.logging import request_id_var

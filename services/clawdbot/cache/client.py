@@ -1,6 +1,7 @@
-"""The adapter's use of the cache service: which requests are cached, under what key, and
-reading and storing whole answers (a ModelResponse, so instance, strategy and binary
-answers come back exactly as they were).
+"""The cache service as its callers use it (the adapter for client requests, the
+orchestrator for model steps): which requests are cached, under what key, and reading and
+storing whole answers (a ModelResponse, so instance, strategy and binary answers come back
+exactly as they were).
 
 The cache is an optimisation and never a reason for a request to fail: when the cache
 service is unreachable, requests go to the router as if nothing were cached.
