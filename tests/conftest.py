@@ -12,7 +12,16 @@ import grpc
 import pytest
 import yaml
 
-from tests.support import REPO_ROOT, GiveUp, Proc, python_env, read_json_file, start_mock_upstream, wait_for
+from tests.support import (
+    REPO_ROOT,
+    GiveUp,
+    Proc,
+    python_env,
+    read_json_file,
+    start_mock_upstream,
+    unused_port,
+    wait_for,
+)
 
 TESTS = REPO_ROOT / "tests"
 
@@ -245,8 +254,6 @@ def local_models(mesh: Mesh) -> Mesh:
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Iterator[Mesh]:
     """The whole mesh with every kind of instance the end-to-end tests need."""
-    from clawdbot.runner.__main__ import free_port
-
     tmp = tmp_path_factory.mktemp("mesh")
-    with running_mesh(tmp, mesh_config(mock_upstream, tmp / "traces", free_port()), mock_upstream) as mesh:
+    with running_mesh(tmp, mesh_config(mock_upstream, tmp / "traces", unused_port()), mock_upstream) as mesh:
         yield mesh

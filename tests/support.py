@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from clawdbot.runner.__main__ import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICES_DIR = REPO_ROOT / "services"
 
@@ -124,7 +126,9 @@ def grpcurl(
     return subprocess.run([*argv, target, *args], capture_output=True, text=True, timeout=90)
 
 
-def _free_tcp_port() -> int:
+def unused_port() -> int:
+    """A port in the kernel's ephemeral range that nothing listens on: for an upstream that
+    must be down (servers get theirs from `free_port`, below that range, so never this one)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -144,7 +148,7 @@ def start_server(
     tried. With a fixed `port` (a restart) it must come up there. Its log is in tmp.
     """
     for attempt in range(1 if port is not None else 3):
-        chosen = port if port is not None else _free_tcp_port()
+        chosen = port if port is not None else free_port()
         log = tmp / f"{name}-{chosen}-{len(list(tmp.glob(f'{name}-{chosen}-*.log')))}.log"
         proc = Proc(argv_for(chosen), log)
 
@@ -254,12 +258,12 @@ def start_kafka(tmp: Path, port: int | None = None, controller_port: int | None 
 
     assert kafka_installed(), "Kafka's jars missing: `make setup` installs them (deploy/kafka/kafka.sh install)"
     data_dir = tmp / "kafka"
-    controller = controller_port or _free_tcp_port()
+    controller = controller_port or free_port()
 
     def argv(chosen: int) -> list[str]:
         nonlocal controller
         while controller == chosen:
-            controller = _free_tcp_port()
+            controller = free_port()
         format_storage(data_dir, chosen, controller)
         return broker_argv(data_dir)
 

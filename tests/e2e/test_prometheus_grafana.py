@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import WORKER_MODELS, Mesh, mesh_config, running_mesh
-from tests.support import REPO_ROOT, wait_for
+from tests.support import REPO_ROOT, unused_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -54,10 +54,8 @@ def grafana_queries() -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Iterator[Mesh]:
     """A mesh of its own with --prometheus, quick health windows and one local model."""
-    from clawdbot.runner.__main__ import free_port
-
     tmp = tmp_path_factory.mktemp("observed")
-    config = mesh_config(mock_upstream, tmp / "traces", free_port())
+    config = mesh_config(mock_upstream, tmp / "traces", unused_port())
     # One local model (the worker's panels need one; loading all would only cost time).
     keep = "all-minilm-l6-v2"
     config["worker"]["models"] = [m for m in config["worker"]["models"] if m["name"] == keep]

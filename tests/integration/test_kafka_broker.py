@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from clawdbot.common.kafka import broker_ready, ensure_topics
-from tests.support import Proc, _free_tcp_port, start_kafka
+from tests.support import Proc, start_kafka, unused_port
 
 # Generous: a busy 2-core machine. Nothing waits this long unless something is broken.
 CONSUME_WITHIN_S = 120.0
@@ -134,7 +134,7 @@ async def test_ensure_topics_creates_missing_topics_and_is_idempotent(kafka: Kaf
 
 @pytest.mark.asyncio
 async def test_broker_ready_says_no_when_nothing_listens() -> None:
-    assert not await broker_ready(f"127.0.0.1:{_free_tcp_port()}", timeout_s=2.0)
+    assert not await broker_ready(f"127.0.0.1:{unused_port()}", timeout_s=2.0)
 
 
 @pytest.mark.asyncio

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -44,10 +45,36 @@ def envoy_binary() -> str:
     return found
 
 
+def _service_ports() -> range:
+    """Ports to hand to services: below the kernel's ephemeral range. Outgoing connections
+    draw their local ports from that range, and one could take a port picked there before
+    the service binds it; and the kernel may hand a released port out again at once."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), low)
+
+
+# This process's picks: two services of one mesh never get the same port.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, never the same twice in this process."""
+    ports = _service_ports()
+    for _ in range(500):
+        port = random.choice(ports)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue  # in use
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 def ensure_api_key(state_dir: Path) -> tuple[str, bool]:
