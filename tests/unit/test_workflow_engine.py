@@ -34,6 +34,8 @@ class Models:
         await asyncio.sleep(body.get("delay", 0))
         if body.get("fail"):
             raise StepFailed({"message": "upstream failed", "code": "upstream_error"})
+        if body.get("bad"):
+            raise StepFailed({"message": "bad request", "type": "invalid_request_error", "code": None})
         return {"echo": body.get("input")}, "fake-1", "miss"
 
 
@@ -117,3 +119,25 @@ async def test_a_failure_without_continue_fails_the_run_and_stops_the_rest(tmp_p
     result = await Engine(lambda: catalog, Models()).run("w", {}, router_pb2.RequestMeta())
     assert result["status"] == "failed" and result["error"]["step"] in ("bad", "slow")
     assert {s["id"]: s["status"] for s in result["steps"]}["after"] in ("pending", "cancelled")
+
+
+@pytest.mark.asyncio
+async def test_a_bad_request_is_not_retried(tmp_path: Path) -> None:
+    catalog = catalog_of(
+        tmp_path,
+        {
+            "w": {
+                "steps": [
+                    {
+                        "id": "bad",
+                        "type": "model",
+                        "params": {"task": "chat", "bad": True},
+                        "retry": {"max_attempts": 3, "backoff_s": 0},
+                    }
+                ]
+            }
+        },
+    )
+    models = Models()
+    result = await Engine(lambda: catalog, models).run("w", {}, router_pb2.RequestMeta())
+    assert result["status"] == "failed" and result["steps"][0]["attempts"] == 1 and len(models.calls) == 1

@@ -1,6 +1,7 @@
 """Running a workflow: every step starts as soon as the steps it depends on have finished,
 so independent steps run at the same time. Each step's `if` is checked first (false:
-skipped), then it is attempted up to its retry limit within its timeout; a failure either
+skipped), then it is attempted up to its retry limit within its timeout (a failure no
+retry can mend, such as a bad request, is not retried); a failure either
 fails the run or, with `on_error: continue`, is recorded for later steps to act on.
 
 Model steps go through the cache and the router, so caching, routing, fallbacks and
@@ -290,6 +291,8 @@ class Engine:
                     last_error = {"message": str(exc), "code": "invalid_expression"}
                 except GatewayError as exc:
                     last_error = exc.to_dict()["error"]
+                if not _retryable(last_error):
+                    break
                 if attempt < step.retry.max_attempts:
                     run.emit(
                         {
@@ -384,6 +387,14 @@ class _Run:
     depth: int
     run_id: str
     emit: EventSink
+
+
+# Failures a retry cannot mend: the step's request itself is wrong.
+_FINAL_CODES = frozenset({"invalid_audio", "invalid_expression", "empty_query", "no_retrieval", "workflow_not_found"})
+
+
+def _retryable(error: dict[str, Any]) -> bool:
+    return error.get("type") != "invalid_request_error" and error.get("code") not in _FINAL_CODES
 
 
 def _failed_fatally(step: Step, record: StepRecord) -> bool:
