@@ -16,6 +16,15 @@ log = logging.getLogger(__name__)
 
 # Called with the level name ("l2", "l3") for each corrupt value dropped.
 OnCorrupt = Callable[[str], None]
+
+
+def report_corrupt(level: str, key: str, reason: str, on_corrupt: OnCorrupt | None) -> None:
+    """A corrupt value was dropped: logged, and counted by whoever listens."""
+    log.warning("dropping a corrupt cache entry", extra={"cache_level": level, "key": key, "error": reason})
+    if on_corrupt is not None:
+        on_corrupt(level)
+
+
 # Called with True when a level comes back, False when it goes down; only on changes.
 OnStateChange = Callable[[bool], None]
 # Called with the reason ("size", "expired") for each entry L1 drops.

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Final
 
 from clawdbot.cache.entry import CorruptEntry, Entry, Header, index_record, load_index_record
-from clawdbot.cache.levels import Availability, OnCorrupt, OnStateChange
+from clawdbot.cache.levels import Availability, OnCorrupt, OnStateChange, report_corrupt
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,7 @@ class ObjectLevel:
             )
             return None
         if found.corrupt:
-            log.warning(
-                "dropping a corrupt cache entry", extra={"cache_level": self.name, "key": key, "error": found.corrupt}
-            )
-            if self._on_corrupt is not None:
-                self._on_corrupt(self.name)
+            report_corrupt(self.name, key, found.corrupt, self._on_corrupt)
         return found.entry
 
     async def put(self, key: str, entry: Entry) -> bool:

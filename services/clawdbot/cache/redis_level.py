@@ -23,7 +23,7 @@ from redis.exceptions import MaxConnectionsError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from clawdbot.cache.entry import CorruptEntry, Entry, decode, encode
-from clawdbot.cache.levels import Availability, OnCorrupt, OnStateChange
+from clawdbot.cache.levels import Availability, OnCorrupt, OnStateChange, report_corrupt
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,8 @@ class RedisLevel:
         try:
             entry = decode(raw)
         except CorruptEntry as exc:
-            log.warning(
-                "dropping a corrupt cache entry", extra={"cache_level": self.name, "key": key, "error": str(exc)}
-            )
             await self._call("delete", lambda: self._redis.delete(self._key(key)))
-            if self._on_corrupt is not None:
-                self._on_corrupt(self.name)
+            report_corrupt(self.name, key, str(exc), self._on_corrupt)
             return None
         # Redis expires whole milliseconds; never serve an entry past its own expiry.
         return None if entry.expired(self._clock()) else entry

@@ -33,7 +33,7 @@ from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
 from clawdbot.cache.entry import CorruptEntry, Entry, Header, index_record, load_index_record
-from clawdbot.cache.levels import Availability, OnCorrupt, OnStateChange
+from clawdbot.cache.levels import Availability, OnCorrupt, OnStateChange, report_corrupt
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +165,7 @@ class S3Level:
         if isinstance(found, _Unavailable):
             return None
         if found.corrupt:
-            log.warning(
-                "dropping a corrupt cache entry", extra={"cache_level": self.name, "key": key, "error": found.corrupt}
-            )
-            if self._on_corrupt is not None:
-                self._on_corrupt(self.name)
+            report_corrupt(self.name, key, found.corrupt, self._on_corrupt)
         return found.entry
 
     async def put(self, key: str, entry: Entry) -> bool:

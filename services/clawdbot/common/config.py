@@ -181,6 +181,12 @@ class JobsConfig(ServiceEndpoint):
     # Callbacks are signed with the secret in this variable (HMAC-SHA256 of the body).
     callback_secret_env: str = "CLAWDBOT_CALLBACK_SECRET"
 
+    @property
+    def over_kafka(self) -> bool:
+        """Jobs (and telemetry) travel through Kafka; otherwise jobs run in the adapter
+        and telemetry goes to the health service over gRPC."""
+        return self.enabled and bool(self.kafka_bootstrap)
+
 
 class OrchestratorConfig(ServiceEndpoint):
     """Workflows: steps of models, retrieval and transforms, run as one service."""

@@ -91,19 +91,8 @@ def render_cluster_config(source: Path = DEFAULT_CONFIG_PATH) -> str:
 
 def envoy_params(config: Config) -> envoy_config.EnvoyParams:
     """Envoy in front of the adapter's Service, listening on every address of its pod."""
-    return envoy_config.EnvoyParams(
-        listen_host=config.gateway.host,
-        listen_port=config.gateway.port,
-        admin_port=config.gateway.admin_port,
-        adapter_host=config.adapter.host,
-        adapter_grpc_port=config.adapter.grpc_port,
-        adapter_http_port=config.adapter.http_port,
-        descriptor_path=f"{IMAGE_APP_DIR}/envoy/clawdbot.pb",
-        max_request_bytes=config.gateway.max_request_bytes,
-        request_timeout_s=config.gateway.request_timeout_s,
-        enable_rest="rest" in config.adapter.types,
-        enable_ws="ws" in config.adapter.types,
-        stats_port=ENVOY_STATS_PORT,
+    return envoy_config.EnvoyParams.from_config(
+        config, descriptor_path=f"{IMAGE_APP_DIR}/envoy/clawdbot.pb", stats_port=ENVOY_STATS_PORT
     )
 
 

@@ -149,7 +149,7 @@ def create_server(config: Config) -> ServiceHost:
     monitor_pb2_grpc.add_HealthMonitorServicer_to_server(HealthServicer(monitor, checks), host.grpc_server)
     host.add_service_name("clawdbot.v1.HealthMonitor")
     host.in_background(monitor.run)
-    if config.jobs.enabled and config.jobs.kafka_bootstrap:
+    if config.jobs.over_kafka:
         bootstrap = config.jobs.kafka_bootstrap
         host.in_background(lambda: consume_telemetry(bootstrap, monitor))
 

@@ -83,9 +83,7 @@ class Knowledge:
 
 def run_store(config: Config) -> RunStore:
     """Redis when durable runs can happen (jobs over Kafka) or one is named; else memory."""
-    url = config.orchestrator.redis_url or (
-        store_url(config) if config.jobs.enabled and config.jobs.kafka_bootstrap else ""
-    )
+    url = config.orchestrator.redis_url or (store_url(config) if config.jobs.over_kafka else "")
     if not url:
         return MemoryRunStore()
     return RedisRunStore(url, config.orchestrator.run_retention_s, config.orchestrator.run_lease_s)

@@ -635,7 +635,7 @@ def create_server(config: Config, config_source: Path | None = None) -> ServiceH
         watcher = f"router@{socket.gethostname()}:{os.getpid()}"
         host.in_background(lambda: servicer.health.watch(health, watcher))
         host.on_shutdown(lambda: health_channel.close(grace=None))
-    if config.jobs.enabled and config.jobs.kafka_bootstrap:
+    if config.jobs.over_kafka:
         servicer.telemetry = TelemetryPublisher(config.jobs.kafka_bootstrap, metrics)
         host.in_background(servicer.telemetry.run)
     elif config.health.enabled:

@@ -227,7 +227,7 @@ class Runner:
 
     async def _launch_job_consumers(self) -> None:
         jobs = self.config.jobs
-        if not (jobs.enabled and jobs.kafka_bootstrap):
+        if not jobs.over_kafka:
             return
         for index in range(1, jobs.consumers + 1):
             # Each consumer process needs ports of its own: a config file of its own.
@@ -285,18 +285,7 @@ class Runner:
 
     def _envoy_child(self) -> Child:
         cfg = self.config
-        params = envoy_config.EnvoyParams(
-            listen_host=cfg.gateway.host,
-            listen_port=cfg.gateway.port,
-            admin_port=cfg.gateway.admin_port,
-            adapter_host=cfg.adapter.host,
-            adapter_grpc_port=cfg.adapter.grpc_port,
-            adapter_http_port=cfg.adapter.http_port,
-            max_request_bytes=cfg.gateway.max_request_bytes,
-            request_timeout_s=cfg.gateway.request_timeout_s,
-            enable_rest="rest" in cfg.adapter.types,
-            enable_ws="ws" in cfg.adapter.types,
-        )
+        params = envoy_config.EnvoyParams.from_config(cfg)
         rendered = envoy_config.write(params, self.run_dir / "envoy.yaml")
         admin = f"http://127.0.0.1:{cfg.gateway.admin_port}"
 

@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
+from typing import Any
+
+from clawdbot.common.config import Config
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE_PATH = REPO_ROOT / "envoy" / "envoy.yaml.tmpl"
@@ -73,6 +76,24 @@ class EnvoyParams:
     # Prometheus reads the admin port on loopback). Left out of the rendered header, which
     # the listener itself documents.
     stats_port: int = field(default=0, repr=False)
+
+    @classmethod
+    def from_config(cls, config: Config, **overrides: Any) -> EnvoyParams:
+        """Envoy in front of the adapter the configuration describes (overrides: where the
+        descriptor set is, a stats listener, ...)."""
+        return cls(
+            listen_host=config.gateway.host,
+            listen_port=config.gateway.port,
+            admin_port=config.gateway.admin_port,
+            adapter_host=config.adapter.host,
+            adapter_grpc_port=config.adapter.grpc_port,
+            adapter_http_port=config.adapter.http_port,
+            max_request_bytes=config.gateway.max_request_bytes,
+            request_timeout_s=config.gateway.request_timeout_s,
+            enable_rest="rest" in config.adapter.types,
+            enable_ws="ws" in config.adapter.types,
+            **overrides,
+        )
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "admin_port", "adapter_grpc_port", "adapter_http_port"):

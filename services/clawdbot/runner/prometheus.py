@@ -57,7 +57,7 @@ def _runs(config: Config, section: str) -> bool:
         return bool(config.worker.models)
     if section == "jobs":
         # Consumers only run against Kafka; without it jobs run inside the adapter.
-        return config.jobs.enabled and bool(config.jobs.kafka_bootstrap) and config.jobs.consumers > 0
+        return config.jobs.over_kafka and config.jobs.consumers > 0
     return bool(getattr(getattr(config, section), "enabled", True))
 
 
