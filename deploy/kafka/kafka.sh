@@ -96,8 +96,17 @@ cmd_install() {
 }
 
 # Cluster ids are Kafka Uuids: 16 random bytes, URL-safe base64 without padding (what
-# `kafka-storage.sh random-uuid` prints), made here to spare a JVM start.
-random_cluster_id() { head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '='; }
+# `kafka-storage.sh random-uuid` prints), made here to spare a JVM start. Like Kafka's
+# Uuid.randomUuid, never one that starts with '-': the storage tool's argument parser
+# would take it for an option (one format in 64 failed so).
+random_cluster_id() {
+  local id
+  while :; do
+    id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    [[ $id == -* ]] || break
+  done
+  printf '%s\n' "$id"
+}
 
 write_server_properties() {
   local data_dir=$1 port=$2 controller_port=$3 tmp
