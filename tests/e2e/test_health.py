@@ -180,7 +180,11 @@ def test_an_instance_failing_half_its_calls_is_taken_out_and_comes_back(health_m
         flaky.fault({"status": 500, "error_rate": 0.5})
         failing_since = time.time()
         (down,) = wait_for(lambda: webhook.of("pair-a", "rule", "firing") or None, 60, "the unavailable alert")
-        assert down["time"] - failing_since <= 5 + 3, "not within the window (and a tick or two)"
+        # Within the 5 s window, give or take what a busy machine adds: the router already
+        # shifts traffic away from the failing instance, so its 10th request in the window
+        # may come late, and telemetry travels in 0.1 s batches to a 0.25 s tick.
+        took = down["time"] - failing_since
+        assert took <= 5 + 5, f"not within the window: {took:.1f} s, {down['values']}"
         assert "error ratio" in down["summary"] and down["values"]["requests"] >= 10
         assert admin(mesh)["pair-a"]["health"]["status"] in ("unavailable", "probing")
         # The router stops sending it client traffic within a second.
