@@ -118,9 +118,9 @@ def health_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HealthMesh
                 "probes": 2,
                 "probe_interval_s": 0.5,
             },
-            # Windows of one call count: once slowed, an instance loses most of its traffic
-            # to its twin (the router prefers the faster), and windows of 3 calls grow rare.
-            "anomaly": {"window_s": 1, "min_requests": 1, "min_windows": 30, "consecutive": 4},
+            # Once slowed, an instance loses most of its traffic to its twin (the router
+            # prefers the faster): its windows stretch until they hold 3 calls.
+            "anomaly": {"window_s": 1, "min_requests": 3, "min_windows": 30, "consecutive": 4},
             "alert_webhook": webhook.url,
         },
         "telemetry": {"traces_dir": str(tmp / "traces")},

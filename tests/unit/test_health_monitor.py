@@ -16,7 +16,7 @@ from clawdbot.common.config import AnomalyConfig, HealthConfig
 from clawdbot.health.alerts import Alert, Alerter
 from clawdbot.health.anomaly import Detector
 from clawdbot.health.monitor import Monitor
-from clawdbot.health.windows import Call, CallLog, WindowStats
+from clawdbot.health.windows import FEATURE_NAMES, Call, CallLog, WindowStats
 
 
 class Clock:
@@ -158,3 +158,29 @@ def test_the_forest_flags_fivefold_latency_and_not_a_shift_in_traffic(tmp_path: 
     restored = Detector("slow", config, tmp_path / "9")
     assert restored.threshold is not None and len(restored.history) >= 30
     assert restored.observe(windows(random.Random(99), 0.1, 3, 1)[0]).anomalous_window
+
+
+@pytest.mark.asyncio
+async def test_a_window_with_too_few_calls_stretches_until_it_has_them() -> None:
+    """An instance the routers starve of traffic is still judged: at one call a second and
+    three calls needed, every third one-second window closes as a three-second one."""
+    clock = Clock()
+    config = HealthConfig(anomaly={"window_s": 1, "min_requests": 3, "max_stretch": 4})
+    monitor = Monitor(config, CollectorRegistry(), Alerter("", CollectorRegistry()), clock=clock)
+    end = clock.now
+    for _ in range(9):
+        monitor.ingest(observation("slow", end + 0.5), "test")
+        end += 1
+        clock.now = end + 0.01
+        await monitor.close_window(end)
+    detector = monitor._instances["slow"].detector
+    assert len(detector.history) == 3
+    assert detector.history[0][FEATURE_NAMES.index("rate_per_s")] == 1.0  # 3 calls in 3 s
+    # An instance with no calls at all is never judged, and its window does not grow
+    # without bound: after `max_stretch` windows it starts over.
+    for _ in range(5):
+        end += 1
+        clock.now = end + 0.01
+        await monitor.close_window(end)
+    assert len(detector.history) == 3 and monitor._instances["slow"].stretch <= 4
+    await monitor.close()

@@ -238,6 +238,10 @@ class AnomalyConfig(_Strict):
     # time to first token, tokens/s), from windows with at least `min_requests` calls.
     window_s: float = Field(10.0, gt=0)
     min_requests: int = Field(3, ge=1)
+    # A window with fewer calls is not dropped but stretched, over up to this many
+    # windows, until it has them: an instance the routers starve of traffic (because it
+    # turned slow, say) is still judged, on a longer window. 1: never stretch.
+    max_stretch: int = Field(10, ge=1)
     # The baseline: the last `history` windows; no verdict before `min_windows` of them.
     history: int = Field(360, ge=10)
     min_windows: int = Field(30, ge=5)

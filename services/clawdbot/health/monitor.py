@@ -44,6 +44,9 @@ class Tracked:
     detector: Detector
     penalty: float = 0.0
     last_seen: float = 0.0
+    # How many windows the anomaly window being closed spans (more than one while too few
+    # calls came for a verdict).
+    stretch: int = 1
     probes: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -106,7 +109,8 @@ class Monitor:
         tracked = self._instances.get(instance_id)
         if tracked is None:
             rule = self._config.rule_for(instance_id)
-            keep_s = max(rule.window_s, self._config.anomaly.window_s) * 2
+            anomaly = self._config.anomaly
+            keep_s = max(rule.window_s, anomaly.window_s * anomaly.max_stretch) * 2
             tracked = Tracked(
                 instance_id,
                 model,
@@ -235,14 +239,17 @@ class Monitor:
             self._transition(tracked, moved)
 
     async def close_window(self, end: float) -> None:
-        """Score the window that ended at `end` for every instance with enough calls."""
+        """Score the window that ended at `end` for every instance with enough calls; for
+        one with too few, the window stretches on (up to `max_stretch` windows)."""
         anomaly = self._config.anomaly
         if not anomaly.enabled:
             return
         for tracked in list(self._instances.values()):
-            stats = tracked.calls.stats(self._clock(), anomaly.window_s, end=end)
+            stats = tracked.calls.stats(self._clock(), anomaly.window_s * tracked.stretch, end=end)
             if stats.requests < anomaly.min_requests:
+                tracked.stretch = tracked.stretch + 1 if tracked.stretch < anomaly.max_stretch else 1
                 continue
+            tracked.stretch = 1
             detector = tracked.detector
             verdict = detector.observe(stats.features())
             if verdict.score is not None:
