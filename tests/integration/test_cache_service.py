@@ -11,10 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from clawdbot.cache.client import CachePlan, ResponseCache
 from clawdbot.cache.server import create_server
 from clawdbot.common.config import CacheConfig, Config, S3Config
 from clawdbot.common.service import ServiceHost
-from clawdbot.gen.v1 import cache_pb2, cache_pb2_grpc
+from clawdbot.gen.v1 import cache_pb2, cache_pb2_grpc, router_pb2
 from tests.support import Proc, start_redis, start_s3_server, wait_for_async
 
 
@@ -96,6 +97,32 @@ async def test_large_values_stream_and_live_in_l3_with_a_pointer_in_l2(tmp_path:
     async with cache_service(tmp_path, port, "b", large_value_bytes=1024) as elsewhere:
         # Its L2 holds only the pointer; the value is in the other instance's store, not here.
         assert (await get(elsewhere, "big"))[0] == "miss"
+
+
+@pytest.mark.asyncio
+async def test_lookup_answers_in_one_message_and_the_client_reads_large_values_whole(tmp_path: Path) -> None:
+    """The client's read: Lookup's single message for the usual small answer; a value too
+    big for one (here speech audio) comes back as its size, and the client streams it."""
+    async with cache_service(tmp_path, None, "a") as stub:
+        cache = ResponseCache(stub, CacheConfig(), models=())
+        plan = CachePlan("answer", True, 0.0, False, router_pb2.RequestMeta())
+        miss = await cache.lookup(plan)
+        assert miss.response is None and miss.lease  # a miss with the lease to fill it
+        small = router_pb2.ModelResponse(openai_json=b'{"ok": true}', instance="mock-1", strategy="balanced")
+        await cache.store(plan, miss.lease, small)
+        one = await stub.Lookup(cache_pb2.CacheGetRequest(key="answer"), timeout=30)
+        assert (one.status, one.level, one.data) == ("hit", "l1", small.SerializeToString())
+        hit = await cache.lookup(plan)
+        assert hit.response is not None and hit.response.openai_json == small.openai_json
+        assert (hit.response.instance, hit.response.cache) == ("mock-1", "hit-l1")
+
+        audio = router_pb2.ModelResponse(binary=bytes(range(256)) * 4000, content_type="audio/wav")  # 1 MB
+        large = CachePlan("speech", True, 0.0, False, router_pb2.RequestMeta())
+        await cache.store(large, "", audio)
+        sized = await stub.Lookup(cache_pb2.CacheGetRequest(key="speech"), timeout=30)
+        assert sized.status == "hit" and sized.data == b"" and sized.meta.size == audio.ByteSize()
+        read = await cache.lookup(large)
+        assert read.response is not None and read.response.binary == audio.binary
 
 
 @pytest.mark.asyncio

@@ -162,25 +162,37 @@ class ResponseCache:
         request = cache_pb2.CacheGetRequest(
             key=plan.key, max_age_s=plan.max_age_s, lease=lease, wait_s=self._config.wait_s
         )
-        first: cache_pb2.CacheChunk | None = None
-        parts: list[bytes] = []
         try:
-            async for chunk in self._stub.Get(request, timeout=self._config.wait_s + 10):
-                first = first or chunk
-                parts.append(chunk.data)
+            found = await self._stub.Lookup(request, timeout=self._config.wait_s + 10)
+            first: cache_pb2.CacheChunk | None = found
+            body = found.data
+            if found.status == "hit" and len(body) < found.meta.size:
+                # Larger than one message: read it in chunks (no lease: it is there).
+                first, body = await self._read_chunked(plan)
         except grpc.aio.AioRpcError as err:
             self._unreachable(err)
             return CacheLookup()
         if first is None or first.status != "hit":
+            # A miss, or a large entry gone between the two reads (a miss without a lease).
             return CacheLookup(lease=first.lease if first else "")
         try:
-            response = router_pb2.ModelResponse.FromString(b"".join(parts))
+            response = router_pb2.ModelResponse.FromString(body)
         except DecodeError:  # a bad entry is a miss, never an answer
             log.warning("unreadable cache entry ignored", extra={"key": plan.key})
             return CacheLookup()
         response.cache = f"hit-{first.level}"
         response.cost_usd = 0.0  # a cached answer costs nothing
         return CacheLookup(response)
+
+    async def _read_chunked(self, plan: CachePlan) -> tuple[cache_pb2.CacheChunk | None, bytes]:
+        """A value read with Get's stream: its first chunk (None if none came) and its bytes."""
+        first: cache_pb2.CacheChunk | None = None
+        parts: list[bytes] = []
+        request = cache_pb2.CacheGetRequest(key=plan.key, max_age_s=plan.max_age_s)
+        async for chunk in self._stub.Get(request, timeout=30):
+            first = first or chunk
+            parts.append(chunk.data)
+        return first, b"".join(parts)
 
     async def store(self, plan: CachePlan, lease: str, response: router_pb2.ModelResponse) -> None:
         body = response.SerializeToString()

@@ -24,7 +24,7 @@ from clawdbot.cache.objects import ObjectLevel
 from clawdbot.cache.redis_level import RedisLevel
 from clawdbot.cache.s3_level import S3Level
 from clawdbot.cache.semantic import SemanticIndex
-from clawdbot.cache.singleflight import Flights
+from clawdbot.cache.singleflight import Flights, Lookup
 from clawdbot.cache.store import TieredStore
 from clawdbot.common.config import CacheConfig, Config
 from clawdbot.common.metrics import Metrics
@@ -106,13 +106,16 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         if isinstance(self.store.l3, S3Level):
             await self.store.l3.close()
 
-    async def Get(  # noqa: N802 - gRPC method name
-        self, request: cache_pb2.CacheGetRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[cache_pb2.CacheChunk]:
+    async def _find(self, request: cache_pb2.CacheGetRequest, context: grpc.aio.ServicerContext) -> Lookup:
         if not request.key:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "key is required")
         wait_s = min(request.wait_s or self._config.wait_s, self._config.wait_s)
-        found = await self._flights.get(request.key, request.max_age_s, request.lease, wait_s)
+        return await self._flights.get(request.key, request.max_age_s, request.lease, wait_s)
+
+    async def Get(  # noqa: N802 - gRPC method name
+        self, request: cache_pb2.CacheGetRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cache_pb2.CacheChunk]:
+        found = await self._find(request, context)
         if found.entry is None:
             yield cache_pb2.CacheChunk(status="miss", lease=found.lease)
             return
@@ -120,6 +123,16 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         yield cache_pb2.CacheChunk(status="hit", level=found.level, meta=_meta(found.entry), data=body[:CHUNK_BYTES])
         for start in range(CHUNK_BYTES, len(body), CHUNK_BYTES):
             yield cache_pb2.CacheChunk(data=body[start : start + CHUNK_BYTES])
+
+    async def Lookup(  # noqa: N802 - gRPC method name
+        self, request: cache_pb2.CacheGetRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.CacheChunk:
+        found = await self._find(request, context)
+        if found.entry is None:
+            return cache_pb2.CacheChunk(status="miss", lease=found.lease)
+        body = found.entry.body
+        data = body if len(body) <= CHUNK_BYTES else b""
+        return cache_pb2.CacheChunk(status="hit", level=found.level, meta=_meta(found.entry), data=data)
 
     async def Put(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[cache_pb2.CachePutChunk], context: grpc.aio.ServicerContext
