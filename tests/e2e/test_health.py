@@ -226,7 +226,8 @@ def test_fivefold_latency_raises_an_anomaly_and_loses_traffic_share(health_mesh:
             (alert,) = wait_for(lambda: webhook.of("duo-c", "anomaly", "firing") or None, 120, "the anomaly alert")
         except TimeoutError as exc:
             raise AssertionError(f"{exc}; the monitor's view of duo-c: {admin(mesh)['duo-c']['monitor']}") from exc
-        assert alert["values"]["anomaly_score"] < alert["values"]["threshold"]
+        values = alert["values"]
+        assert values["anomaly_score"] < values["threshold"] or "latency_p50_s" in values["beyond_baseline"], values
         assert admin(mesh)["duo-c"]["health"]["penalty"] > 0
         wait_for(lambda: time.time() > alert["time"] + 5, 10, "traffic under the penalty")
         after = alert["time"]

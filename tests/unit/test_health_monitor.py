@@ -184,3 +184,25 @@ async def test_a_window_with_too_few_calls_stretches_until_it_has_them() -> None
         await monitor.close_window(end)
     assert len(detector.history) == 3 and monitor._instances["slow"].stretch <= 4
     await monitor.close()
+
+
+def test_latency_far_beyond_the_baseline_is_anomalous_whatever_the_forest_scores() -> None:
+    """A forest scores a window past its training range no lower than the baseline's own
+    extremes; on a noisy baseline (bursty traffic here) that can be above the threshold.
+    The baseline's bounds catch the slowdown; a traffic shift alone stays normal."""
+    config = AnomalyConfig(min_windows=30, consecutive=1)
+    rng = random.Random(3)
+    detector = Detector("noisy", config, None)
+    for _ in range(60):
+        latency = rng.uniform(0.02, 0.04)
+        rate = rng.choice([2, 10, 10, 10, 40])  # bursty
+        detector.observe([latency, latency * 1.3, 0.0, rate, latency, 20 / latency])
+    detector.train(detector.baseline())
+    assert detector.bounds["latency_p50_s"].worst < 0.04
+    slow = detector.observe([0.15, 0.2, 0.0, 10, 0.15, 20 / 0.15])
+    assert slow.anomalous and set(slow.beyond) == {"latency_p50_s", "latency_p95_s", "ttft_p50_s", "tokens_per_s"}
+    # Twice the traffic (its twin's, moved here) at the usual latency: nothing beyond.
+    shifted = detector.observe([0.03, 0.039, 0.0, 20, 0.03, 20 / 0.03])
+    assert shifted.beyond == ()
+    # Slower than ever seen, but not twice the median: left to the forest.
+    assert detector.observe([0.045, 0.05, 0.0, 10, 0.045, 20 / 0.045]).beyond == ()

@@ -248,7 +248,10 @@ class AnomalyConfig(_Strict):
     retrain_s: float = Field(300.0, gt=0)
     # A window scoring below this quantile of the baseline's own scores is anomalous...
     quantile: float = Field(0.05, gt=0, lt=0.5)
-    # ...and `consecutive` anomalous windows in a row raise an alert and the penalty: the
+    # ...and so is one whose latency is this many times the baseline's median and worse
+    # than any baseline window (or tokens/s as far below): beyond what a forest can score.
+    beyond_factor: float = Field(2.0, gt=1)
+    # `consecutive` anomalous windows in a row raise an alert and the penalty: the
     # share of its routing score the instance loses until a normal window.
     consecutive: int = Field(3, ge=1)
     penalty: float = Field(0.5, ge=0, le=1)

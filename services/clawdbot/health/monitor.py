@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from clawdbot.common.config import HealthConfig
 from clawdbot.gen.v1 import monitor_pb2
 from clawdbot.health.alerts import Alert, Alerter
-from clawdbot.health.anomaly import Detector
+from clawdbot.health.anomaly import Detector, Verdict
 from clawdbot.health.rules import AVAILABLE, PROBING, UNAVAILABLE, RuleState, Transition
 from clawdbot.health.windows import Call, CallLog
 
@@ -259,17 +259,21 @@ class Monitor:
                     await asyncio.to_thread(detector.train, detector.baseline())
                 except ValueError as exc:
                     log.error("anomaly model not trained", extra={"instance": tracked.instance_id, "error": str(exc)})
-            self._judge(tracked, verdict.anomalous, stats.public(), verdict.score, verdict.threshold)
+            self._judge(tracked, verdict, stats.public())
 
-    def _judge(
-        self, tracked: Tracked, anomalous: bool, window: dict[str, Any], score: float | None, threshold: float | None
-    ) -> None:
+    def _judge(self, tracked: Tracked, verdict: Verdict, window: dict[str, Any]) -> None:
+        anomalous = verdict.anomalous
         penalised = tracked.penalty > 0
         if anomalous == penalised:
             return
         tracked.penalty = self._config.anomaly.penalty if anomalous else 0.0
         self._anomalous.labels(tracked.instance_id).set(1 if anomalous else 0)
-        values = {**window, "anomaly_score": score, "threshold": threshold}
+        values = {
+            **window,
+            "anomaly_score": verdict.score,
+            "threshold": verdict.threshold,
+            "beyond_baseline": list(verdict.beyond),
+        }
         if anomalous:
             summary = f"{tracked.instance_id} behaves unlike its baseline ({self._config.anomaly.consecutive} windows)"
         else:
@@ -305,6 +309,7 @@ class Monitor:
                             "score": verdict.score,
                             "threshold": verdict.threshold,
                             "streak": verdict.streak,
+                            "beyond_baseline": list(verdict.beyond),
                             "anomalous": tracked.penalty > 0,
                             "penalty": tracked.penalty,
                             "baseline_windows": len(tracked.detector.history),
