@@ -112,7 +112,8 @@ class Detector:
 
     def train(self, baseline: list[list[float]]) -> None:
         """Fit on a copy of the baseline (this may run in a thread while windows keep
-        arriving); the threshold sits below the baseline's own lowest scores."""
+        arriving); the threshold is a low quantile of the baseline's own scores, and the
+        bounds are its harm measures' medians and worst values."""
         rows = np.asarray(baseline, dtype=float)
         model = IsolationForest(n_estimators=200, random_state=0)
         model.fit(rows)
