@@ -19,6 +19,7 @@ from clawdbot.runner.__main__ import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICES_DIR = REPO_ROOT / "services"
+PACKAGE_DIR = SERVICES_DIR / "clawdbot"
 
 T = TypeVar("T")
 
@@ -273,3 +274,15 @@ def start_kafka(tmp: Path, port: int | None = None, controller_port: int | None 
     # A JVM start takes seconds even on an idle machine; a busy one can take a minute.
     proc, chosen = start_server("kafka", tmp, argv, answers, port, within_s=180)
     return proc, chosen, controller
+
+
+def service_packages() -> dict[str, Path]:
+    """Packages of services/clawdbot that are services: an entry point that serves through
+    the shared entry point (common/entrypoint.py) or a server module. What the container
+    and Kubernetes checks hold their manifests to."""
+    found: dict[str, Path] = {}
+    for package in sorted(PACKAGE_DIR.iterdir()):
+        main = package / "__main__.py"
+        if main.exists() and ((package / "server.py").exists() or "clawdbot.common.entrypoint" in main.read_text()):
+            found[package.name] = package
+    return found

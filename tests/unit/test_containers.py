@@ -42,7 +42,7 @@ from clawdbot.devtools import compose, image_size, k8s
 from clawdbot.devtools.requirements import requirements
 from clawdbot.runner import envoy_config
 from clawdbot.runner.__main__ import local_kafka, local_redis
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, service_packages
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -172,17 +172,6 @@ def python_command_module(command: list[str] | None) -> str | None:
 
 
 # -- the code side ---------------------------------------------------------------------------
-
-
-def service_packages() -> dict[str, Path]:
-    """Packages of services/clawdbot that are services: an entry point that serves through
-    the shared entry point (common/entrypoint.py) or a server module."""
-    found: dict[str, Path] = {}
-    for package in sorted(SERVICES_DIR.iterdir()):
-        main = package / "__main__.py"
-        if main.exists() and ((package / "server.py").exists() or "clawdbot.common.entrypoint" in main.read_text()):
-            found[package.name] = package
-    return found
 
 
 @functools.cache

@@ -32,6 +32,7 @@ from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import DRAIN_NOTICE_S
 from clawdbot.devtools import k8s
 from clawdbot.runner import envoy_config
+from tests.support import service_packages
 
 K8S = REPO_ROOT / "deploy" / "k8s"
 SERVICES_DIR = REPO_ROOT / "services" / "clawdbot"
@@ -108,19 +109,6 @@ def envoy_bootstrap() -> Doc:
     text = of_kind("ConfigMap")[k8s.ENVOY_CONFIGMAP]["data"]["envoy.yaml"]
     loaded: Doc = yaml.safe_load(text)
     return loaded
-
-
-def service_packages() -> dict[str, Path]:
-    """Packages of services/clawdbot that are services: an entry point that serves through
-    the shared entry point (common/entrypoint.py) or a server module."""
-    found: dict[str, Path] = {}
-    for package in sorted(SERVICES_DIR.iterdir()):
-        main = package / "__main__.py"
-        if not main.exists():
-            continue
-        if (package / "server.py").exists() or "clawdbot.common.entrypoint" in main.read_text():
-            found[package.name] = package
-    return found
 
 
 def python_services() -> dict[str, Doc]:

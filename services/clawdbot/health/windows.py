@@ -149,23 +149,27 @@ class CallLog:
         second = int(call.at)
         bucket = self._seconds.get(second)
         if bucket is None:
+            # A new second: the time to drop the ones past keeping (once a second at most,
+            # not on every read; an idle instance keeps at most `keep_s` of them).
+            self._trim(second)
             bucket = self._seconds[second] = _Second()
         bucket.add(call)
 
-    def _trim(self, now: float) -> None:
-        oldest = int(now - self._keep_s)
+    def _trim(self, latest: int) -> None:
+        oldest = int(latest - self._keep_s)
         for second in [s for s in self._seconds if s < oldest]:
             del self._seconds[second]
 
     def stats(self, now: float, window_s: float, end: float | None = None) -> WindowStats:
         """The calls of the last `window_s` seconds before `end` (now by default), in whole
         seconds: a window is as fine as its buckets."""
-        self._trim(now)
         until = now if end is None else end
         # Now: up to the current (partial) second; a closed window: its last whole second.
         last = math.floor(until) if end is None else math.ceil(until) - 1
         first = last - max(1, math.ceil(window_s)) + 1
-        buckets = [b for second, b in self._seconds.items() if first <= second <= last]
+        # By the window's seconds, not every second kept: the rules read four times a second.
+        kept = self._seconds
+        buckets = [kept[second] for second in range(first, last + 1) if second in kept]
         if not buckets:
             return WindowStats(window_s)
         latency: Counter[int] = Counter()
