@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
@@ -12,7 +13,10 @@ import grpc
 import pytest
 import yaml
 
+from clawdbot.common.internal_auth import TOKEN_ENV
 from tests.support import (
+    INTERNAL_METADATA,
+    INTERNAL_TOKEN,
     REPO_ROOT,
     GiveUp,
     Proc,
@@ -24,6 +28,11 @@ from tests.support import (
 )
 
 TESTS = REPO_ROOT / "tests"
+
+# Set at import, before any fixture: servers started in-process require it, clients send it,
+# and the runner of every test mesh hands it to its services and Envoy. A token from the
+# developer's shell is replaced, so that INTERNAL_METADATA is always the right one.
+os.environ[TOKEN_ENV] = INTERNAL_TOKEN
 
 # What the mesh's job callbacks are signed with.
 CALLBACK_SECRET = "test-callback-secret"
@@ -71,7 +80,7 @@ class Mesh:
 
         with grpc.insecure_channel(self.worker_target) as channel:
             reply = worker_pb2_grpc.ModelServiceStub(channel).ListModels(
-                worker_pb2.WorkerListModelsRequest(), timeout=10
+                worker_pb2.WorkerListModelsRequest(), timeout=10, metadata=INTERNAL_METADATA
             )
         return {
             m.name: json_format.MessageToDict(
@@ -184,7 +193,8 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
         # The shipped workflows plus the tests' own (tests/e2e/workflows).
         "orchestrator": {"workflows_dir": str(workflows_dir(traces_dir.parent))},
         # Two consumer processes, and quick retries, for the job tests.
-        "jobs": {"consumers": 2, "backoff_s": 0.1, "max_attempts": 3},
+        # The callback tests' receivers listen on loopback, which callbacks reach only when allowed.
+        "jobs": {"consumers": 2, "backoff_s": 0.1, "max_attempts": 3, "callback_allow": ["127.0.0.1"]},
         "cache": {
             "object_dir": str(traces_dir.parent / "objects"),
             "semantic": {"models": ["mock-semantic"], "embeddings_model": "all-minilm-l6-v2"},

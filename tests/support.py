@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from clawdbot.common.internal_auth import TOKEN_METADATA_KEY
 from clawdbot.runner.__main__ import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,12 @@ SERVICES_DIR = REPO_ROOT / "services"
 PACKAGE_DIR = SERVICES_DIR / "clawdbot"
 
 T = TypeVar("T")
+
+# The internal credential of everything the tests start: conftest puts it in os.environ at
+# import, so in-process servers, internal_channel clients and the runner's meshes share it.
+INTERNAL_TOKEN = "test-internal-token-0123456789abcdef"
+# For a call straight to a service's port on a channel that is not an internal_channel.
+INTERNAL_METADATA = ((TOKEN_METADATA_KEY, INTERNAL_TOKEN),)
 
 
 class GiveUp(Exception):
@@ -75,7 +82,9 @@ class Proc:
         return self.popen.poll() is None
 
     def output(self) -> str:
-        self._log.flush()
+        # Also after stop(), which closes the log: a failure report reads it then.
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 60.0) -> int:

@@ -17,7 +17,7 @@ import pytest
 
 from clawdbot.gen.v1 import cache_pb2, cache_pb2_grpc
 from tests.conftest import Mesh
-from tests.support import wait_for
+from tests.support import INTERNAL_METADATA, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -147,7 +147,9 @@ def test_embeddings_are_cached_per_encoding(mesh: Mesh) -> None:
 
 def cache_stats(mesh: Mesh) -> dict[str, bool]:
     with grpc.insecure_channel(f"127.0.0.1:{mesh.info()['ports']['cache_grpc']}") as channel:
-        reply = cache_pb2_grpc.CacheServiceStub(channel).Stats(cache_pb2.CacheStatsRequest(), timeout=10)
+        reply = cache_pb2_grpc.CacheServiceStub(channel).Stats(
+            cache_pb2.CacheStatsRequest(), timeout=10, metadata=INTERNAL_METADATA
+        )
     return {level.level: level.up for level in reply.levels}
 
 

@@ -122,6 +122,8 @@ def health_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HealthMesh
             # prefers the faster): its windows stretch until they hold 3 calls.
             "anomaly": {"window_s": 1, "min_requests": 3, "min_windows": 30, "consecutive": 4},
             "alert_webhook": webhook.url,
+            # The receiver is on loopback, which webhooks reach only when allowed.
+            "alert_allow": ["127.0.0.1"],
         },
         "telemetry": {"traces_dir": str(tmp / "traces")},
     }

@@ -73,12 +73,12 @@ def test_explain_over_grpc(mesh: Mesh) -> None:
 
 
 def test_feedback_moves_the_quality_estimate(mesh: Mesh) -> None:
-    r = chat(mesh, messages=[{"role": "user", "content": "rate me"}])
-    request_id = r.headers["x-request-id"]
-    first = client(mesh).post(f"{mesh.v1}/feedback", json={"request_id": request_id, "score": 0.0})
+    # Each answer counts once: two ratings need two requests.
+    request_ids = [chat(mesh, messages=[{"role": "user", "content": "rate me"}]).headers["x-request-id"] for _ in "ab"]
+    first = client(mesh).post(f"{mesh.v1}/feedback", json={"request_id": request_ids[0], "score": 0.0})
     assert first.status_code == 200, first.text
     assert first.json()["instance"] == "mock-1" and first.json()["task"] == "chat"
-    second = client(mesh).post(f"{mesh.v1}/feedback", json={"request_id": request_id, "score": 0.0})
+    second = client(mesh).post(f"{mesh.v1}/feedback", json={"request_id": request_ids[1], "score": 0.0})
     assert second.json()["quality"] < first.json()["quality"] < 0.7
 
 

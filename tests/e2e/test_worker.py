@@ -12,6 +12,7 @@ import numpy as np
 import openai
 import pytest
 
+from clawdbot.common.service import internal_channel
 from clawdbot.gen.v1 import worker_pb2, worker_pb2_grpc
 from tests.conftest import Mesh
 
@@ -92,7 +93,7 @@ async def test_hot_model_update_under_load_fails_no_request(local_models: Mesh) 
             i += 1
 
     loaders = [asyncio.create_task(steady_load(w)) for w in range(4)]
-    async with grpc.aio.insecure_channel(mesh.worker_target) as channel:
+    async with internal_channel(mesh.worker_target) as channel:
         stub = worker_pb2_grpc.ModelServiceStub(channel)
         reports = []
         for _ in range(4):

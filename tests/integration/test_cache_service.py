@@ -8,13 +8,12 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import grpc
 import pytest
 
 from clawdbot.cache.client import CachePlan, ResponseCache
 from clawdbot.cache.server import create_server
 from clawdbot.common.config import CacheConfig, Config, S3Config
-from clawdbot.common.service import ServiceHost
+from clawdbot.common.service import ServiceHost, internal_channel
 from clawdbot.gen.v1 import cache_pb2, cache_pb2_grpc, router_pb2
 from tests.support import Proc, start_redis, start_s3_server, wait_for_async
 
@@ -39,7 +38,7 @@ async def cache_service(
     )
     host: ServiceHost = create_server(Config(cache=settings))
     await host.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.grpc_port}")
+    channel = internal_channel(f"127.0.0.1:{host.grpc_port}")
     try:
         yield cache_pb2_grpc.CacheServiceStub(channel)
     finally:

@@ -13,6 +13,7 @@ from google.protobuf import json_format
 
 from clawdbot.adapter.server import create_server as create_adapter
 from clawdbot.common.config import Config
+from clawdbot.common.service import internal_channel
 from clawdbot.devtools.mock_upstream import start_mock
 from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc
 from clawdbot.router.server import create_server as create_router
@@ -22,7 +23,9 @@ AUTH = (("authorization", f"Bearer {KEY}"),)
 
 
 @pytest_asyncio.fixture
-async def gateway() -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+async def gateway(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+    # The adapter runs the jobs here, so it signs their callbacks: it does not start without a secret.
+    monkeypatch.setenv("CLAWDBOT_CALLBACK_SECRET", "in-process-callback-secret")
     mock_runner, mock_port = await start_mock(models=["mock-1"])
     config = Config.model_validate(
         {
@@ -38,7 +41,7 @@ async def gateway() -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
     config = config.model_copy(update={"router": config.router.model_copy(update={"grpc_port": router.grpc_port})})
     adapter = create_adapter(config, api_keys=[KEY])
     await adapter.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{adapter.grpc_port}")
+    channel = internal_channel(f"127.0.0.1:{adapter.grpc_port}")
     try:
         yield gateway_pb2_grpc.GatewayStub(channel)
     finally:

@@ -9,11 +9,11 @@ import socket
 import time
 from pathlib import Path
 
-import grpc
 import orjson
 import pytest
 
 from clawdbot.common.config import Config
+from clawdbot.common.service import internal_channel
 from clawdbot.devtools.mock_upstream import start_mock
 from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
 from clawdbot.router.server import create_server as create_router
@@ -66,7 +66,7 @@ async def test_unmeasured_instance_takes_the_fleet_latency(tmp_path: Path) -> No
     stop = asyncio.Event()
 
     async def traffic() -> None:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.grpc_port}") as channel:
+        async with internal_channel(f"127.0.0.1:{worker.grpc_port}") as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             body = {"model": "shared", "messages": [{"role": "user", "content": "x"}], "mock": {"delay_ms": 40}}
             while not stop.is_set():
@@ -76,7 +76,7 @@ async def test_unmeasured_instance_takes_the_fleet_latency(tmp_path: Path) -> No
 
     load = asyncio.create_task(traffic())
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{fresh.grpc_port}") as channel:
+        async with internal_channel(f"127.0.0.1:{fresh.grpc_port}") as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             deadline = time.monotonic() + 90
             while True:

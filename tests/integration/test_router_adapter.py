@@ -20,10 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clawdbot.adapter.server import create_server as create_adapter
 from clawdbot.common.config import Config
 from clawdbot.common.errors import GatewayError
-from clawdbot.common.service import ServiceHost
+from clawdbot.common.service import ServiceHost, internal_channel
 from clawdbot.devtools.mock_upstream import start_mock
 from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc, router_pb2, router_pb2_grpc
 from clawdbot.router.server import create_server as create_router
+from tests.support import INTERNAL_METADATA
 
 KEY = "test-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
@@ -76,8 +77,9 @@ async def stack() -> AsyncIterator[Stack]:
     config = config.model_copy(update={"router": config.router.model_copy(update={"grpc_port": router.grpc_port})})
     adapter = create_adapter(config, api_keys=[KEY])
     await adapter.start()
-    router_channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.grpc_port}")
-    adapter_channel = grpc.aio.insecure_channel(f"127.0.0.1:{adapter.grpc_port}")
+    router_channel = internal_channel(f"127.0.0.1:{router.grpc_port}")
+    # Calls to the adapter carry the internal credential, as Envoy's do.
+    adapter_channel = internal_channel(f"127.0.0.1:{adapter.grpc_port}")
     yield Stack(router, adapter, router_channel, adapter_channel, mock_url)
     await adapter_channel.close()
     await router_channel.close()
@@ -218,12 +220,14 @@ async def test_rest_body_passes_through_and_errors_carry_status(stack: Stack) ->
 async def test_websocket_text_binary_and_broken_frames(stack: Stack) -> None:
     url = f"http://127.0.0.1:{stack.adapter.http_port}/v1/ws"
     chat = {"model": "mock-1", "messages": [{"role": "user", "content": "yo"}]}
-    async with aiohttp.ClientSession() as session:
+    # The internal credential, as Envoy adds it: without it the socket is refused (401).
+    internal = dict(INTERNAL_METADATA)
+    async with aiohttp.ClientSession(headers=internal) as session:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await session.ws_connect(url)
         assert refused.value.status == 401
     async with (
-        aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as session,
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}", **internal}) as session,
         session.ws_connect(url) as ws,
     ):
         await ws.send_str(orjson.dumps({"type": "chat.completions", "id": "t1", "body": chat}).decode())
@@ -291,7 +295,7 @@ async def test_adapter_types_turn_protocols_off() -> None:
     adapter = create_adapter(config, api_keys=[KEY])
     await adapter.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{adapter.grpc_port}") as channel:
+        async with internal_channel(f"127.0.0.1:{adapter.grpc_port}") as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.EmbeddingsHttp(httpbody_pb2.HttpBody(data=b"{}"), metadata=AUTH)
@@ -301,7 +305,7 @@ async def test_adapter_types_turn_protocols_off() -> None:
                 await stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=AUTH, timeout=20)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         async with (
-            aiohttp.ClientSession() as session,
+            aiohttp.ClientSession(headers=dict(INTERNAL_METADATA)) as session,
             session.get(f"http://127.0.0.1:{adapter.http_port}/v1/ws") as resp,
         ):
             assert resp.status == 404

@@ -1,15 +1,15 @@
 import grpc
 import pytest
 
-from clawdbot.adapter.auth import Authenticator, key_id
+from clawdbot.adapter.auth import Authenticator, Principal, key_id
 from clawdbot.common.config import ConfigError
 from clawdbot.common.errors import ERROR_METADATA_KEY, GatewayError
 
 
 def test_valid_key_gives_its_id() -> None:
     auth = Authenticator(["k1", "k2"])
-    assert auth.check("Bearer k2") == key_id("k2")
-    assert auth.check("bearer  k1 ") == key_id("k1")
+    assert auth.check("Bearer k2") == Principal(key_id("k2"), "admin")
+    assert auth.check("bearer  k1 ") == Principal(key_id("k1"), "admin")
     assert "k1" not in key_id("k1")
 
 

@@ -38,6 +38,7 @@ from pydantic import BaseModel
 
 from clawdbot.common import config as config_module
 from clawdbot.common.config import Config, load_config, service_sections
+from clawdbot.common.internal_auth import TOKEN_ENV
 from clawdbot.devtools import compose, image_size, k8s
 from clawdbot.devtools.requirements import requirements
 from clawdbot.runner import envoy_config
@@ -105,7 +106,13 @@ def run_checker(*args: str, env: dict[str, str] | None = None, stdin: str = "") 
 
 
 # Required secrets, as a user sets them; nothing else of this shell reaches the project.
-SECRETS = {"CLAWDBOT_API_KEY": "cb-test", "GRAFANA_ADMIN_PASSWORD": "test"}
+SECRETS = {
+    "CLAWDBOT_API_KEY": "cb-test",
+    "GRAFANA_ADMIN_PASSWORD": "test",
+    "CLAWDBOT_INTERNAL_TOKEN": "internal-test",
+    "CLAWDBOT_CALLBACK_SECRET": "callback-test",
+    "REDIS_PASSWORD": "redis-test",
+}
 
 
 @functools.cache
@@ -229,12 +236,21 @@ def overrides() -> set[str]:
 
 def variables_read(service: str) -> set[str]:
     """What a service reads from its environment: the overrides, the secrets its section
-    names (`*_env`), the providers' keys (router), and literal reads in its package."""
+    names (`*_env`), the providers' keys (router), the internal credential (every service),
+    the Redis and Kafka credentials (their clients: tests/unit/test_k8s_manifests.py holds
+    k8s.redis_clients and kafka_clients to the code), and literal reads in its package."""
     config = compose_config()
-    wanted = overrides() | {"CLAWDBOT_CONFIG"} | code_env_reads(service)
+    wanted = overrides() | {"CLAWDBOT_CONFIG", TOKEN_ENV} | code_env_reads(service)
     wanted |= named_env_fields(getattr(config, service))
     if service == "router":
         wanted |= {m.api_key_env for m in config.models if m.api_key_env}
+    if service == "adapter":
+        # Without Kafka the adapter runs the jobs itself, signing their callbacks.
+        wanted |= named_env_fields(config.jobs)
+    if service in k8s.redis_clients(config):
+        wanted |= named_env_fields(config.redis)
+    if service in k8s.kafka_clients(config) and config.kafka.sasl:
+        wanted |= named_env_fields(config.kafka)
     return wanted
 
 
@@ -396,6 +412,35 @@ def test_the_api_key_is_required() -> None:
             assert "CLAWDBOT_API_KEY" not in service.get("environment", {}), f"{name} needs no API key"
 
 
+def test_secrets_are_required_and_reach_only_their_containers() -> None:
+    config = compose_config()
+    wanted = {
+        TOKEN_ENV: set(service_packages()) | {"envoy"},
+        config.redis.password_env: set(k8s.redis_clients(config)) | {"redis"},
+        config.jobs.callback_secret_env: {"adapter", "jobs"},
+    }
+    for variable, containers in wanted.items():
+        having = {name for name, service in services().items() if variable in service.get("environment", {})}
+        assert having == containers, f"{variable}: {sorted(having)} != {sorted(containers)}"
+        for name in containers:
+            # Required: compose stops with a message rather than start a service without it.
+            raw = raw_compose()["services"][name].get("environment", {})
+            value = raw.get(variable) if isinstance(raw, dict) else None
+            value = value if value is not None else raw_compose()["x-environment"].get(variable)
+            assert str(value).startswith(f"${{{variable}:?"), (name, variable, value)
+
+
+def test_redis_takes_its_password_without_a_command_line_argument() -> None:
+    redis = services()["redis"]
+    script = redis["command"][-1]
+    assert redis["command"][:2] == ["sh", "-c"] and script.startswith("exec redis-server - ")
+    # Compose left $REDIS_PASSWORD for the container's shell ($$ in the file).
+    assert 'requirepass "$REDIS_PASSWORD"' in script and "--requirepass" not in script
+    assert redis["environment"]["REDIS_PASSWORD"] == SECRETS["REDIS_PASSWORD"]
+    assert redis["environment"]["REDISCLI_AUTH"] == SECRETS["REDIS_PASSWORD"]
+    assert "grep -q PONG" in redis["healthcheck"]["test"][-1]
+
+
 # -- compose: health checks, start order, volumes ------------------------------------------------
 
 
@@ -484,7 +529,8 @@ def volume_at(service: str, target: str) -> str | None:
 def test_state_lives_in_named_volumes() -> None:
     config = compose_config()
     kafka_dir = services()["kafka"]["environment"]["KAFKA_LOG_DIRS"]
-    redis_command = services()["redis"]["command"]
+    # sh -c 'exec redis-server - <flags> <<EOF ...': the flags are the script's first line.
+    redis_command = shlex.split(services()["redis"]["command"][-1].splitlines()[0])
     wanted = {
         ("kafka", kafka_dir): "kafka-data",
         ("redis", redis_command[redis_command.index("--dir") + 1]): "redis-data",

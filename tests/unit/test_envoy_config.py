@@ -225,3 +225,148 @@ def test_checked_in_example_is_current() -> None:
     assert normalized(example) == normalized(render(EnvoyParams())), (
         "envoy/envoy.yaml is stale: run `python -m clawdbot.runner.envoy_config`"
     )
+
+
+def test_edge_limits_on_listener_and_clusters() -> None:
+    config = _parse(EnvoyParams())
+    (listener,) = config["static_resources"]["listeners"]
+    assert listener["per_connection_buffer_limit_bytes"] == 32768
+    for cluster in _clusters(config).values():
+        assert cluster["per_connection_buffer_limit_bytes"] == 32768
+    hcm = _hcm(config)
+    assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == "REJECT_REQUEST"
+    h2 = hcm["http2_protocol_options"]
+    assert h2["max_concurrent_streams"] == 100
+    assert h2["initial_stream_window_size"] == 65536
+    assert h2["initial_connection_window_size"] == 1048576
+    assert h2["allow_connect"] is True
+    assert hcm["request_headers_timeout"] == "10s"
+    assert hcm["stream_idle_timeout"] == "300s"
+    # The WebSocket route keeps its own idle cut-off, and no overall deadline.
+    ws = _routes(config)["websocket"]["route"]
+    assert ws["timeout"] == "0s" and ws["idle_timeout"] == "3600s"
+    static = config["layered_runtime"]["layers"][0]["static_layer"]
+    assert static["overload.premature_reset_total_stream_count"] == 100
+    assert static["overload.premature_reset_min_stream_lifetime_seconds"] == 1
+    assert static["http.max_requests_per_io_cycle"] == envoy_config.MAX_REQUESTS_PER_IO_CYCLE
+    # The admin layer stays last, so an operator's runtime_modify wins.
+    assert config["layered_runtime"]["layers"][-1] == {"name": "admin", "admin_layer": {}}
+
+
+def test_overload_manager_watches_heap_and_connections() -> None:
+    overload = _parse(EnvoyParams(max_heap_size_bytes=123456789, max_connections=777))["overload_manager"]
+    monitors = {m["name"]: m["typed_config"] for m in overload["resource_monitors"]}
+    assert monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"] == 123456789
+    connections = monitors["envoy.resource_monitors.global_downstream_max_connections"]
+    assert connections["max_active_downstream_connections"] == 777
+    actions = {a["name"]: a["triggers"] for a in overload["actions"]}
+    assert set(actions) == {
+        "envoy.overload_actions.shrink_heap",
+        "envoy.overload_actions.reset_high_memory_stream",
+        "envoy.overload_actions.disable_http_keepalive",
+        "envoy.overload_actions.stop_accepting_requests",
+    }
+    for triggers in actions.values():
+        assert [t["name"] for t in triggers] == ["envoy.resource_monitors.fixed_heap"]
+    # Refusing requests is the last resort: every other action starts before it.
+    refuse = actions["envoy.overload_actions.stop_accepting_requests"][0]["threshold"]["value"]
+    assert refuse == 0.98
+    assert actions["envoy.overload_actions.shrink_heap"][0]["threshold"]["value"] < refuse
+    # reset_high_memory_stream needs memory accounting switched on.
+    assert overload["buffer_factory_config"]["minimum_account_to_track_power_of_two"] == 20
+
+
+def test_circuit_breakers_come_from_params() -> None:
+    clusters = _clusters(_parse(EnvoyParams(max_upstream_requests=42, max_pending_requests=7)))
+    (thresholds,) = clusters["adapter_grpc"]["circuit_breakers"]["thresholds"]
+    assert thresholds["max_requests"] == 42
+    assert thresholds["max_pending_requests"] == 7
+
+
+def test_overload_replies_say_overloaded_with_retry_after() -> None:
+    mappers = _hcm(_parse(EnvoyParams(overload_retry_after_s=3)))["local_reply_config"]["mappers"]
+    # First, so that the generic 503 mapper does not take these.
+    first = mappers[0]
+    status_filter, load_filter = first["filter"]["and_filter"]["filters"]
+    assert status_filter["status_code_filter"]["comparison"]["value"]["default_value"] == 503
+    alternatives = load_filter["or_filter"]["filters"]
+    assert alternatives[0]["response_flag_filter"]["flags"] == ["UO", "OM"]
+    assert alternatives[1]["extension_filter"]["typed_config"]["expression"] == 'response.code_details == "overload"'
+    error = first["body_format_override"]["json_format"]["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable", "overloaded")
+    (header,) = first["headers_to_add"]
+    assert header["header"] == {"key": "retry-after", "value": "3"}
+
+
+def test_tls_only_when_configured(tmp_path: Path) -> None:
+    (plain,) = _parse(EnvoyParams())["static_resources"]["listeners"][0]["filter_chains"]
+    assert "transport_socket" not in plain
+    assert EnvoyParams().scheme == "http"
+
+    cert, key = _self_signed(tmp_path)
+    params = EnvoyParams(tls_cert_file=str(cert), tls_key_file=str(key))
+    assert params.scheme == "https"
+    (chain,) = _parse(params)["static_resources"]["listeners"][0]["filter_chains"]
+    socket = chain["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    common = socket["typed_config"]["common_tls_context"]
+    # h2 first: gRPC clients need it, and browsers and SDKs prefer it.
+    assert common["alpn_protocols"] == ["h2", "http/1.1"]
+    (pair,) = common["tls_certificates"]
+    assert pair == {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
+    path = write(params, tmp_path / "envoy.yaml")
+    result = subprocess.run(
+        [_envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "tls.crt", folder / "tls.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
+            *("-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"tls_cert_file": "/etc/tls.crt"},
+        {"tls_key_file": "/etc/tls.key"},
+        {"tls_cert_file": "tls.crt", "tls_key_file": "tls.key"},
+        {"max_heap_size_bytes": 0},
+        {"max_upstream_requests": 0},
+        {"overload_retry_after_s": 0},
+    ],
+)
+def test_invalid_edge_params_are_rejected(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        EnvoyParams(**kwargs)
+
+
+def test_gateway_config_reaches_envoy(tmp_path: Path) -> None:
+    from clawdbot.common.config import ConfigError, load_config
+
+    config_file = tmp_path / "clawdbot.yaml"
+    config_file.write_text("gateway: {max_heap_size_bytes: 268435456, max_upstream_requests: 500}\n")
+    env = {"CLAWDBOT_TLS_CERT": "/run/tls/tls.crt", "CLAWDBOT_TLS_KEY": "/run/tls/tls.key"}
+    params = EnvoyParams.from_config(load_config(config_file, env=env))
+    assert (params.max_heap_size_bytes, params.max_upstream_requests) == (268435456, 500)
+    assert (params.tls_cert_file, params.tls_key_file) == ("/run/tls/tls.crt", "/run/tls/tls.key")
+    assert params.scheme == "https"
+    assert EnvoyParams.from_config(load_config(config_file, env={})).scheme == "http"
+    with pytest.raises(ConfigError, match=r"gateway\.tls"):
+        load_config(config_file, env={"CLAWDBOT_TLS_CERT": "/run/tls/tls.crt"})
+    with pytest.raises(ConfigError, match="absolute"):
+        load_config(config_file, env={"CLAWDBOT_TLS_CERT": "tls.crt", "CLAWDBOT_TLS_KEY": "tls.key"})

@@ -549,3 +549,309 @@ def test_filebeat_daemonset_reads_that_config() -> None:
     ]
     role = of_kind("ClusterRole")[binding["roleRef"]["name"]]
     assert any("pods" in r["resources"] and {"get", "list", "watch"} <= set(r["verbs"]) for r in role["rules"])
+
+
+# -- secrets and network policies ------------------------------------------------------------
+
+PUBLIC_V4_EXCLUDED = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10", "127.0.0.0/8")
+PUBLIC_V6_EXCLUDED = ("fc00::/7", "fe80::/10", "::1/128", "::ffff:0:0/96")
+
+
+def policies() -> dict[str, Doc]:
+    return {
+        name: doc for name, doc in of_kind("NetworkPolicy").items() if doc["metadata"]["namespace"] == k8s.NAMESPACE
+    }
+
+
+def selected_names(selector: Doc) -> set[str] | None:
+    """The app.kubernetes.io/name values a podSelector picks; None for every pod ({})."""
+    if not selector:
+        return None
+    names = set()
+    if k8s.NAME_LABEL in selector.get("matchLabels", {}):
+        names.add(selector["matchLabels"][k8s.NAME_LABEL])
+    for expression in selector.get("matchExpressions", []):
+        assert expression["key"] == k8s.NAME_LABEL and expression["operator"] == "In", expression
+        names |= set(expression["values"])
+    assert names, f"a selector that names no pod: {selector}"
+    return names
+
+
+def is_prometheus(peer: Doc) -> bool:
+    return peer == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": k8s.PROMETHEUS_NAMESPACE}},
+        "podSelector": {"matchLabels": k8s.PROMETHEUS_POD},
+    }
+
+
+def own_policy(pod: str) -> Doc:
+    (policy,) = [p for p in policies().values() if selected_names(p["spec"]["podSelector"]) == {pod}]
+    return policy
+
+
+def ingress_from(pod: str, port: int) -> set[str]:
+    """The pods (by name) the pod's own policy lets in on `port`; '*' for anyone."""
+    found: set[str] = set()
+    for rule in own_policy(pod)["spec"].get("ingress", []):
+        if port not in {p["port"] for p in rule.get("ports", [])}:
+            continue
+        if "from" not in rule:
+            found.add("*")
+        for peer in rule.get("from", []):
+            if is_prometheus(peer):
+                found.add("prometheus")
+            else:
+                assert set(peer) == {"podSelector"}, f"{pod}: a peer outside the namespace: {peer}"
+                found |= selected_names(peer["podSelector"]) or {"*"}
+    return found
+
+
+def egress_to(pod: str) -> set[tuple[str, int]]:
+    """(pod, port) pairs the pod's own policy lets it reach inside the namespace."""
+    found = set()
+    for rule in own_policy(pod)["spec"].get("egress", []):
+        for peer in rule.get("to", []):
+            if "podSelector" in peer and "namespaceSelector" not in peer:
+                for name in selected_names(peer["podSelector"]) or {"*"}:
+                    found |= {(name, p["port"]) for p in rule["ports"]}
+    return found
+
+
+def _imports(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+        elif isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+    return modules
+
+
+def packages_using(helper: str) -> set[str]:
+    """Service packages that build clients with a common helper module, directly or through a
+    module of another package they import (the adapter writes job records with jobs/store.py)."""
+    users_of: dict[str, set[str]] = {}  # module -> its package
+    for package in service_packages():
+        for path in (SERVICES_DIR / package).rglob("*.py"):
+            module = ".".join(("clawdbot", *path.relative_to(SERVICES_DIR).with_suffix("").parts))
+            users_of[module] = {package} if helper in _imports(path) else set()
+    found = set()
+    for package in service_packages():
+        for path in (SERVICES_DIR / package).rglob("*.py"):
+            if any(m == helper or users_of.get(m) for m in _imports(path)):
+                found.add(package)
+    return found
+
+
+def code_grpc_callers() -> dict[str, set[str]]:
+    """callee -> the pods that open gRPC channels to it, read from the code: each package's
+    internal_channel(f"{config.<callee>.host}:...") targets, the router's worker connector
+    (models at grpc://worker), the health service's checks of every service, Envoy's clusters."""
+    from clawdbot.health.server import services_of
+
+    config = cluster_config()
+    callers: dict[str, set[str]] = {name: set() for name in service_packages()}
+    target = re.compile(r"internal_channel\(f\"\{config\.(\w+)\.host\}")
+    for package in service_packages():
+        for path in (SERVICES_DIR / package).rglob("*.py"):
+            for callee in target.findall(path.read_text()):
+                callers[callee].add(package)
+    worker_connector = (SERVICES_DIR / "router" / "connectors" / "worker.py").read_text()
+    if "internal_channel(target)" in worker_connector and any(
+        m.connector == "worker" and m.base_url.startswith(f"grpc://{config.worker.host}:") for m in config.models
+    ):
+        callers["worker"].add("router")
+    health_checks = ast.unparse(ast.parse((SERVICES_DIR / "health" / "server.py").read_text()))
+    assert "ServiceChecks(services_of(config))" in health_checks
+    for name in services_of(config):
+        callers[name].add("health")
+    for cluster in envoy_bootstrap()["static_resources"]["clusters"]:
+        for endpoints in cluster.get("load_assignment", {}).get("endpoints", []):
+            for endpoint in endpoints["lb_endpoints"]:
+                host = endpoint["endpoint"]["address"]["socket_address"]["address"]
+                if host in callers:
+                    callers[host].add("envoy")
+    return callers
+
+
+def test_the_grpc_callers_table_is_the_codes() -> None:
+    callers = code_grpc_callers()
+    assert {name: set(pods) for name, pods in k8s.GRPC_CALLERS.items()} == callers
+
+
+def test_default_deny_and_dns_for_every_pod() -> None:
+    deny = policies()["default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    dns = policies()["allow-dns"]["spec"]
+    assert dns["podSelector"] == {} and dns["policyTypes"] == ["Egress"] and "ingress" not in dns
+    (rule,) = dns["egress"]
+    assert {(p["protocol"], p["port"]) for p in rule["ports"]} == {("UDP", 53), ("TCP", 53)}
+    assert rule["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+
+
+def test_every_pod_of_the_namespace_has_a_policy_of_its_own() -> None:
+    for name, workload in workloads().items():
+        if workload["metadata"]["namespace"] != k8s.NAMESPACE:
+            continue
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        policy = own_policy(labels[k8s.NAME_LABEL])
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"], name
+
+
+@pytest.mark.parametrize("name", sorted(service_packages()))
+def test_grpc_port_admits_exactly_its_callers_in_the_code(name: str) -> None:
+    config, callers = cluster_config(), code_grpc_callers()
+    port = getattr(config, name).grpc_port
+    assert ingress_from(name, port) == callers[name], f"{name}: gRPC {port}"
+    # ...and each caller may send there: egress mirrors ingress.
+    for caller in callers[name]:
+        assert (name, port) in egress_to(caller), f"{caller} may not reach {name}:{port}"
+
+
+@pytest.mark.parametrize("name", sorted(service_packages()))
+def test_metrics_port_admits_prometheus(name: str) -> None:
+    port = getattr(cluster_config(), name).http_port
+    # The adapter's HTTP port also carries Envoy's WebSocket and /healthz traffic.
+    assert ingress_from(name, port) == ({"prometheus", "envoy"} if name == "adapter" else {"prometheus"})
+    assert ingress_from("envoy", k8s.ENVOY_STATS_PORT) == {"prometheus"}
+
+
+def test_no_pod_reaches_a_pod_that_does_not_let_it_in() -> None:
+    for pod in [*service_packages(), "envoy"]:
+        for target, port in egress_to(pod):
+            assert pod in ingress_from(target, port), f"{pod} -> {target}:{port} is allowed out, not in"
+
+
+def test_redis_and_kafka_only_from_their_clients_in_the_code() -> None:
+    config = cluster_config()
+    redis_users = packages_using("clawdbot.common.redis_client")
+    kafka_users = packages_using("clawdbot.common.kafka")
+    assert {"cache", "jobs", "orchestrator", "adapter"} <= redis_users
+    assert {"adapter", "jobs", "router", "health"} <= kafka_users
+    assert set(k8s.redis_clients(config)) == redis_users
+    assert set(k8s.kafka_clients(config)) == kafka_users
+    assert ingress_from("redis", k8s.REDIS_PORT) == redis_users
+    assert ingress_from("kafka", k8s.KAFKA_PORT) == kafka_users
+    # Kafka's port as its Service and the config have it.
+    assert config.jobs.kafka_bootstrap == f"kafka:{k8s.KAFKA_PORT}"
+    assert config.cache.redis_url.startswith(f"redis://redis:{k8s.REDIS_PORT}/")
+    for pod in [*service_packages(), "envoy"]:
+        reaches = {target for target, _ in egress_to(pod)}
+        assert ("redis" in reaches) == (pod in redis_users), pod
+        assert ("kafka" in reaches) == (pod in kafka_users), pod
+    # Neither calls anyone: egress governed, and nothing allowed.
+    for store in ("redis", "kafka"):
+        spec = own_policy(store)["spec"]
+        assert "Egress" in spec["policyTypes"] and not spec.get("egress"), store
+
+
+def test_envoy_is_the_only_public_entry() -> None:
+    open_to_all = [
+        (name, port["port"])
+        for name, policy in policies().items()
+        for rule in policy["spec"].get("ingress", [])
+        if "from" not in rule
+        for port in rule["ports"]
+    ]
+    assert open_to_all == [("envoy", cluster_config().gateway.port)]
+    exposed = [n for n, s in of_kind("Service").items() if s["spec"].get("type") in ("LoadBalancer", "NodePort")]
+    assert exposed == ["envoy"]
+
+
+def test_only_webhook_and_provider_callers_reach_out_and_never_inward() -> None:
+    reaching_out = set()
+    for name, policy in policies().items():
+        for rule in policy["spec"].get("egress", []):
+            assert rule.get("to"), f"{name}: an egress rule to anywhere"
+            blocks = [peer["ipBlock"] for peer in rule["to"] if "ipBlock" in peer]
+            if not blocks:
+                continue
+            reaching_out.add(name)
+            cidrs = {block["cidr"]: set(block.get("except", [])) for block in blocks}
+            assert set(cidrs) == {"0.0.0.0/0", "::/0"}, name
+            assert set(PUBLIC_V4_EXCLUDED) <= cidrs["0.0.0.0/0"], name
+            assert set(PUBLIC_V6_EXCLUDED) <= cidrs["::/0"], name
+    # Callbacks (jobs), alert webhooks (health), hosted providers (router).
+    assert reaching_out == set(k8s.public_egress(cluster_config())) == {"jobs", "health", "router"}
+
+
+def secret_env(workload: Doc) -> dict[str, tuple[str, str]]:
+    """variable -> (Secret, key) of each container's environment taken from a Secret."""
+    found = {}
+    for container in containers(workload):
+        for variable in container.get("env", []):
+            ref = variable.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                found[variable["name"]] = (ref["name"], ref["key"])
+                # The required ones stop a pod with a clear event rather than run without.
+                if ref["name"] == "clawdbot-secrets":
+                    assert not ref.get("optional"), f"{workload['metadata']['name']}: {variable['name']}"
+    return found
+
+
+def test_secrets_reach_exactly_the_pods_that_need_them() -> None:
+    from clawdbot.common.internal_auth import TOKEN_ENV
+
+    config = cluster_config()
+    services = set(service_packages())
+    wanted = {
+        (TOKEN_ENV, "internal-token"): services | {"envoy"},
+        ("CLAWDBOT_API_KEY", "api-key"): {"adapter"},
+        # Whoever delivers callbacks: the consumers, and the adapter running jobs itself.
+        (config.jobs.callback_secret_env, "callback-secret"): {"adapter", "jobs"},
+        (config.redis.password_env, "redis-password"): set(k8s.redis_clients(config)) | {"redis"},
+    }
+    for (variable, key), pods in wanted.items():
+        having = {
+            name
+            for name, workload in workloads().items()
+            if secret_env(workload).get(variable) == ("clawdbot-secrets", key)
+        }
+        assert having == pods, f"{key} ({variable}): {sorted(having)} != {sorted(pods)}"
+    # Nothing else of clawdbot-secrets is handed out.
+    keys = {key for _, key in wanted}
+    for name, workload in workloads().items():
+        for variable, (secret, key) in secret_env(workload).items():
+            if secret == "clawdbot-secrets":
+                assert key in keys, f"{name}: {variable} from unknown key {key}"
+
+
+def test_redis_takes_its_password_without_a_command_line_argument() -> None:
+    (container,) = containers(workloads()["redis"])
+    script = container["command"][-1]
+    assert "redis-server -" in script and 'requirepass "$REDIS_PASSWORD"' in script
+    assert "--requirepass" not in script and script.startswith("exec ")
+    probe = " ".join(container["readinessProbe"]["exec"]["command"])
+    assert "grep -q PONG" in probe and "REDISCLI_AUTH" in {e["name"] for e in container["env"]}
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+def test_envoys_heap_limit_leaves_room_in_its_pod() -> None:
+    (container,) = containers(workloads()["envoy"])
+    limit = _bytes(container["resources"]["limits"]["memory"])
+    # The overload manager must act before the kernel's OOM killer does.
+    assert cluster_config().gateway.max_heap_size_bytes <= 0.8 * limit
+
+
+def test_tls_on_reads_the_mounted_secret(tmp_path: Path) -> None:
+    (container,) = containers(workloads()["envoy"])
+    pod = workloads()["envoy"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == k8s.TLS_SECRET]
+    # Optional: the checked-in bootstrap serves plain HTTP and needs no Secret.
+    assert volume["secret"]["optional"] is True and not cluster_config().gateway.tls.enabled
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["mountPath"] == k8s.TLS_DIR and mount["readOnly"]
+    # Files of mode 0440 are readable by Envoy's user through the pod's fsGroup.
+    assert volume["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == 10001
+    # A config with TLS on becomes a ConfigMap whose Envoy reads that mount.
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    source = tmp_path / "clawdbot.yaml"
+    raw = yaml.safe_load((REPO_ROOT / "config" / "clawdbot.yaml").read_text())
+    raw.setdefault("gateway", {})["tls"] = {"cert_file": str(cert), "key_file": str(key)}
+    source.write_text(yaml.safe_dump(raw))
+    tls = Config.model_validate(k8s.cluster_config(source)).gateway.tls
+    assert (tls.cert_file, tls.key_file) == (f"{k8s.TLS_DIR}/tls.crt", f"{k8s.TLS_DIR}/tls.key")

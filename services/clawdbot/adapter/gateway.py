@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from clawdbot.adapter.auth import Authenticator
+from clawdbot.adapter.auth import ANONYMOUS, Authenticator, forbidden
 from clawdbot.adapter.chat_streams import assemble_chat, replay_chat
 from clawdbot.adapter.metadata import build_meta
 from clawdbot.adapter.openai_requests import ParsedRequest
@@ -74,16 +74,19 @@ class Gateway:
         peer: str = "",
         api_key: str | None = None,
         public: bool = False,
+        admin: bool = False,
     ) -> router_pb2.RequestMeta:
         """Authenticate (unless the route is public) and describe the caller. Raises
-        GatewayError(401)."""
+        GatewayError(401), or 403 when an admin route is asked for without the admin role."""
         if public:
-            key_id = ""
+            principal = ANONYMOUS
         elif api_key:
-            key_id = self._auth.check_key(api_key)
+            principal = self._auth.check_key(api_key)
         else:
-            key_id = self._auth.check(headers.get("authorization"))
-        meta = build_meta(headers, protocol, key_id, peer)
+            principal = self._auth.check(headers.get("authorization"))
+        if admin and not principal.is_admin:
+            raise forbidden()
+        meta = build_meta(headers, protocol, principal.key_id, peer)
         request_id_var.set(meta.request_id)
         return meta
 

@@ -6,6 +6,7 @@ import re
 import uuid
 from collections.abc import Mapping
 
+from clawdbot.common.internal_auth import TOKEN_METADATA_KEY
 from clawdbot.gen.v1 import router_pb2
 
 # Order matters: the first family that matches wins (bots often claim to be browsers,
@@ -68,8 +69,11 @@ def _peer_host(peer: str) -> str:
     return peer
 
 
-# x-* headers that describe the hop, not the caller: not for routing rules.
-_HOP_HEADERS = frozenset({"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-clawdbot-client-ip"})
+# x-* headers that describe the hop, not the caller: not for routing rules. The internal
+# credential (Envoy adds it) must never travel on in request metadata, spans or logs.
+_HOP_HEADERS = frozenset(
+    {"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-clawdbot-client-ip", TOKEN_METADATA_KEY}
+)
 
 
 def rule_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 
 from clawdbot.adapter.multipart import parse_form
+from clawdbot.common.audio_bounds import DEFAULT_MAX_SECONDS as DEFAULT_MAX_AUDIO_SECONDS
+from clawdbot.common.audio_bounds import check_upload
 from clawdbot.common.errors import GatewayError
 from clawdbot.gen.v1 import router_pb2
 
@@ -202,8 +204,13 @@ TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 _NUMERIC_FORM_FIELDS = ("temperature",)
 
 
-def parse_transcription(content_type: str, raw: bytes) -> tuple[ParsedRequest, str]:
-    """An OpenAI /v1/audio/transcriptions upload, and the response format asked for."""
+def parse_transcription(
+    content_type: str, raw: bytes, max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
+) -> tuple[ParsedRequest, str]:
+    """An OpenAI /v1/audio/transcriptions upload, and the response format asked for.
+
+    CPU work proportional to the body (the MIME parser): run it off the event loop when
+    the body is large (common.bounded.off_loop_if_large)."""
     form = parse_form(content_type, raw)
     if "file" not in form:
         raise _missing("file")
@@ -224,14 +231,20 @@ def parse_transcription(content_type: str, raw: bytes) -> tuple[ParsedRequest, s
             "response_format",
             "invalid_value",
         )
-    return transcription_request(body, audio), response_format
+    return transcription_request(body, audio, max_audio_seconds), response_format
 
 
-def transcription_request(body: dict[str, Any], audio: bytes) -> ParsedRequest:
-    """A transcription, whatever protocol brought it: form fields and the audio file."""
+def transcription_request(
+    body: dict[str, Any], audio: bytes, max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
+) -> ParsedRequest:
+    """A transcription, whatever protocol brought it: form fields and the audio file.
+
+    A WAV file's header is checked here, before the request goes anywhere: a rate, channel
+    count or length out of bounds is a 400 now rather than a worker busy for minutes."""
     model = _model(body)
     if not audio:
         raise GatewayError.bad_request("The uploaded 'file' is empty.", "file", "empty_file")
+    check_upload(audio, "file", max_audio_seconds)
     return ParsedRequest("transcription", model, False, False, body, audio)
 
 

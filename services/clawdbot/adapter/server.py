@@ -14,6 +14,7 @@ from clawdbot.adapter.gateway import Gateway
 from clawdbot.adapter.protocols.base import ProtocolContext, load_protocols
 from clawdbot.cache.client import ResponseCache
 from clawdbot.common.config import Config
+from clawdbot.common.kafka import KafkaEndpoint
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost, internal_channel
 from clawdbot.gen.v1 import cache_pb2_grpc, gateway_pb2_grpc, monitor_pb2_grpc, orchestrator_pb2_grpc, router_pb2_grpc
@@ -36,12 +37,22 @@ def jobs_api(
 ) -> JobsApi:
     """Jobs through Kafka with records in Redis; without Kafka, in this process and memory."""
     if config.jobs.kafka_bootstrap:
+        records = RedisJobStore(store_url(config), config.jobs.retention_s, config.redis)
         return JobsApi(
-            RedisJobStore(store_url(config), config.jobs.retention_s), KafkaJobQueue(config.jobs.kafka_bootstrap)
+            records,
+            KafkaJobQueue(KafkaEndpoint.from_config(config)),
+            config.jobs.callback_allow,
+            gateway=config.gateway,
         )
-    store = MemoryJobStore()
-    processor = JobProcessor(JobExecutor(router, store, config.jobs, orchestrator), store, config.jobs)
-    return JobsApi(store, InProcessJobQueue(processor))
+    store = MemoryJobStore(config.jobs.local_max_jobs, config.jobs.local_retention_s)
+    executor = JobExecutor(router, store, config.jobs, orchestrator, max_request_bytes=config.gateway.max_request_bytes)
+    processor = JobProcessor(executor, store, config.jobs)
+    return JobsApi(
+        store,
+        InProcessJobQueue(processor, max_queued=config.jobs.local_max_queued),
+        config.jobs.callback_allow,
+        gateway=config.gateway,
+    )
 
 
 def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceHost:
@@ -61,7 +72,7 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
         cache_channel = internal_channel(f"{config.cache.host}:{config.cache.grpc_port}")
         channels.append(cache_channel)
         cache = ResponseCache(cache_pb2_grpc.CacheServiceStub(cache_channel), config.cache, config.models, router)
-    auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env())
+    auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env(), config.auth.keys)
     orchestrator = None
     if config.orchestrator.enabled:
         orchestrator_channel = internal_channel(f"{config.orchestrator.host}:{config.orchestrator.grpc_port}")

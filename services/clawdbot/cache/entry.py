@@ -26,6 +26,14 @@ class CorruptEntry(ValueError):
     """Bytes that are not a whole, intact encoded entry."""
 
 
+_HEX_DIGITS: Final = frozenset("0123456789abcdef")
+
+
+def is_sha256_hex(value: object) -> bool:
+    """64 lower-case hex digits, as hexdigest() writes them."""
+    return isinstance(value, str) and len(value) == 64 and _HEX_DIGITS.issuperset(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     body: bytes
@@ -110,7 +118,9 @@ class Header:
             raise CorruptEntry("attributes is not an object of strings")
         if isinstance(length, bool) or not isinstance(length, int) or length < 0:
             raise CorruptEntry("length is not a non-negative integer")
-        if not isinstance(sha256, str) or len(sha256) != 64:
+        # It becomes a file name (the L3 blob): anything but 64 lower-case hex digits,
+        # say "../../x", would name a path outside the store.
+        if not is_sha256_hex(sha256):
             raise CorruptEntry("sha256 is not a hex digest")
         return cls(content_type, float(created_at), float(expires_at), attributes, length, sha256)
 

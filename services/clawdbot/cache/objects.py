@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from clawdbot.cache.entry import CorruptEntry, Entry, Header, index_record, load_index_record
+from clawdbot.cache.entry import CorruptEntry, Entry, Header, index_record, is_sha256_hex, load_index_record
 from clawdbot.cache.levels import Availability, OnCorrupt, OnStateChange, report_corrupt
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,9 @@ class ObjectLevel:
         return self._availability.up
 
     def blob_path(self, digest: str) -> Path:
+        # Headers are checked when decoded; this is the last line before the file system.
+        if not is_sha256_hex(digest):
+            raise CorruptEntry("sha256 is not a hex digest")
         return self._blobs / digest[:2] / digest
 
     def index_path(self, key: str) -> Path:

@@ -15,7 +15,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -24,6 +23,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from clawdbot.cache.entry import CorruptEntry, Entry, decode, encode
 from clawdbot.cache.levels import Availability, OnCorrupt, OnStateChange, report_corrupt
+from clawdbot.common.config import RedisConfig
+from clawdbot.common.redis_client import auth_failure, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,12 @@ class RedisLevel:
         on_corrupt: OnCorrupt | None = None,
         on_state_change: OnStateChange | None = None,
         max_connections: int | None = None,
+        settings: RedisConfig | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`ttl_s` caps how long Redis keeps an entry (<= 0: only the entry's own expiry).
+        """`ttl_s` caps how long Redis keeps an entry (<= 0: only the entry's own expiry);
+        `settings`: the credentials and TLS (config `redis`; None: its defaults).
 
         Nothing connects here; the first call does.
         """
@@ -78,8 +81,10 @@ class RedisLevel:
         pool_options: dict[str, Any] = {}
         if max_connections is not None:
             pool_options["max_connections"] = max_connections
-        self._redis = aioredis.Redis.from_url(
+        self._settings = settings
+        self._redis = redis_client(
             url,
+            settings,
             socket_timeout=op_timeout_s,
             socket_connect_timeout=op_timeout_s,
             # One immediate retry on a dropped connection (a pooled socket Redis closed on a
@@ -162,6 +167,11 @@ class RedisLevel:
             )
             return _UNAVAILABLE
         except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
+            hint = auth_failure(exc, self._settings)
+            if hint and self._availability.up:
+                # Not a Redis that went away: one that will never let us in until the
+                # operator fixes the credentials, so say which.
+                log.error(hint, extra={"cache_level": self.name, "op": op})
             self._availability.down(op, exc)
             return _UNAVAILABLE
         except RedisError as exc:

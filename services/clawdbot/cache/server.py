@@ -26,7 +26,7 @@ from clawdbot.cache.s3_level import S3Level
 from clawdbot.cache.semantic import SemanticIndex
 from clawdbot.cache.singleflight import Flights, Lookup
 from clawdbot.cache.store import TieredStore
-from clawdbot.common.config import CacheConfig, Config
+from clawdbot.common.config import CacheConfig, Config, RedisConfig
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost
 from clawdbot.gen.v1 import cache_pb2, cache_pb2_grpc
@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES: Final = 256 * 1024
 
 
-def build_store(config: CacheConfig, metrics: CacheMetrics) -> tuple[TieredStore, RedisLevel | None]:
+def build_store(
+    config: CacheConfig, metrics: CacheMetrics, redis: RedisConfig | None = None
+) -> tuple[TieredStore, RedisLevel | None]:
     def level_state(name: str) -> Callable[[bool], None]:
         def changed(up: bool) -> None:
             metrics.level_up.labels(name).set(1 if up else 0)
@@ -50,7 +52,13 @@ def build_store(config: CacheConfig, metrics: CacheMetrics) -> tuple[TieredStore
         config.l1_max_bytes, config.l1_ttl_s, on_evict=lambda reason: metrics.evictions.labels("l1", reason).inc()
     )
     l2 = (
-        RedisLevel(config.redis_url, config.l2_ttl_s, on_corrupt=corrupt, on_state_change=level_state("l2"))
+        RedisLevel(
+            config.redis_url,
+            config.l2_ttl_s,
+            on_corrupt=corrupt,
+            on_state_change=level_state("l2"),
+            settings=redis,
+        )
         if config.redis_url
         else None
     )
@@ -88,10 +96,10 @@ def _meta(entry: Entry) -> cache_pb2.CacheEntryMeta:
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    def __init__(self, config: CacheConfig, metrics: Metrics) -> None:
+    def __init__(self, config: CacheConfig, metrics: Metrics, redis: RedisConfig | None = None) -> None:
         self._config = config
         self._metrics = CacheMetrics(metrics)
-        self.store, self._redis = build_store(config, self._metrics)
+        self.store, self._redis = build_store(config, self._metrics, redis)
         self._flights = Flights(self.store, self._redis, config.wait_s, self._metrics)
         self._semantic = SemanticIndex(config.semantic.max_entries)
 
@@ -218,7 +226,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 def create_server(config: Config) -> ServiceHost:
     metrics = Metrics("cache")
     host = ServiceHost("cache", config.cache, metrics, reflection_services=("clawdbot.v1.CacheService",))
-    servicer = CacheServicer(config.cache, metrics)
+    servicer = CacheServicer(config.cache, metrics, config.redis)
     cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, host.grpc_server)
     host.add_service_name("clawdbot.v1.CacheService")
     host.in_background(servicer.prepare)

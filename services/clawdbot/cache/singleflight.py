@@ -75,8 +75,26 @@ class Flights:
             if self._redis is not None and remaining > 0 and not await self._take_shared_lock(key, token, deadline):
                 waited = True
                 continue  # another instance filled it, or gave up: look again
-            self._flights[key] = _Flight(token, time.monotonic() + self._lease_s)
+            now = time.monotonic()
+            self._prune(now)
+            stale = self._flights.pop(key, None)
+            if stale is not None:
+                stale.done.set()  # its filler vanished: whoever still waits looks again
+            self._flights[key] = _Flight(token, now + self._lease_s)
             return Lookup(lease=token)
+
+    def _prune(self, now: float) -> None:
+        """Forget flights whose filler vanished without finish(), for keys nobody asks
+        again (else they would stay forever). Every lease is lease_s long and a key's new
+        flight is inserted anew, so insertion order is expiry order: only the front needs
+        looking at."""
+        flights = self._flights
+        while flights:
+            key, flight = next(iter(flights.items()))
+            if flight.expires > now:
+                return
+            del flights[key]
+            flight.done.set()
 
     async def _take_shared_lock(self, key: str, token: str, deadline: float) -> bool:
         """True when this process may fill the key; False when another filled or gave up."""

@@ -9,9 +9,18 @@ Sources, later wins:
   | CLAWDBOT_CONFIG              | which YAML file is read            |
   | CLAWDBOT_HOST                | gateway.host (Envoy listener)      |
   | CLAWDBOT_PORT                | gateway.port (Envoy listener)      |
+  | CLAWDBOT_TLS_CERT            | gateway.tls.cert_file (PEM chain)  |
+  | CLAWDBOT_TLS_KEY             | gateway.tls.key_file (PEM key)     |
   | CLAWDBOT_BIND_HOST           | bind_host of every service section |
   |                              | (containers: 0.0.0.0)              |
   | CLAWDBOT_API_KEY             | the API key(s), comma-separated    |
+  |                              | (admin keys)                       |
+  | <auth.keys[].key_env>        | a key declared in YAML, with its   |
+  |                              | role (user keys: no admin routes)  |
+  | CLAWDBOT_INTERNAL_TOKEN      | the internal credential every      |
+  |                              | service requires and sends, and    |
+  |                              | Envoy adds (common/internal_auth); |
+  |                              | required: no default, no YAML key  |
   | ADAPTER_TYPES                | adapter.types, e.g. "rest,ws"      |
   | MODEL_ROUTER_STRATEGY        | model_router.strategy              |
   | CLAWDBOT_LOG_LEVEL           | logging.level                      |
@@ -19,7 +28,9 @@ Sources, later wins:
   | OTEL_EXPORTER_OTLP_ENDPOINT  | telemetry.otlp_endpoint            |
 
   Provider keys are read from the variable each model names in `api_key_env`; they never
-  sit in YAML.
+  sit in YAML. So are the Redis and Kafka credentials: `redis.password_env`
+  (REDIS_PASSWORD), `redis.username_env` (unset), `kafka.username_env` (KAFKA_USERNAME)
+  and `kafka.password_env` (KAFKA_PASSWORD), the latter two read for SASL only.
 
 A bad file fails fast with the file, the key path and what is wrong.
 """
@@ -33,6 +44,9 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from clawdbot.common.audio_bounds import DEFAULT_MAX_SECONDS as DEFAULT_MAX_AUDIO_SECONDS
+from clawdbot.common.url_policy import AddressPolicy, UrlRefused, check_url_syntax, parse_ip
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "clawdbot.yaml"
@@ -50,12 +64,52 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class GatewayTlsConfig(_Strict):
+    """TLS on the public listener: on when both files are given (PEM; a Kubernetes TLS
+    Secret mounted as files serves as is). Read when Envoy starts: a renewed certificate
+    takes a restart of Envoy."""
+
+    cert_file: str = ""  # the certificate chain, leaf first
+    key_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> GatewayTlsConfig:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("give both cert_file and key_file, or neither")
+        for name in ("cert_file", "key_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_absolute():
+                # Envoy resolves relative paths against its working directory, not ours.
+                raise ValueError(f"{name} must be an absolute path, got {path!r}")
+        return self
+
+
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     admin_port: int = Field(9901, ge=0, le=65535)
-    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0, lt=2**32)
     request_timeout_s: float = Field(300.0, gt=0)
+    # Uploaded WAV audio longer than this (counted on the samples present) is refused
+    # with a 400 before it reaches a model; see common/audio_bounds.py for the other bounds.
+    max_audio_seconds: float = Field(DEFAULT_MAX_AUDIO_SECONDS, gt=0)
+    tls: GatewayTlsConfig = Field(default_factory=GatewayTlsConfig)
+    # Envoy's overload manager: past 98% of this heap new requests get 503 `overloaded`
+    # (from 90% the streams holding the most memory are reset first).
+    max_heap_size_bytes: int = Field(1024 * 1024 * 1024, gt=0)
+    # Client connections open at once; further ones are refused by the listener.
+    max_connections: int = Field(50_000, gt=0)
+    # Circuit breaker towards the adapter's gRPC side: calls in flight at once (streams
+    # until they end) and calls waiting for a connection. Past either: 503 `overloaded`.
+    # The adapter's own admission limit (adapter.max_in_flight) normally bites first.
+    max_upstream_requests: int = Field(10_000, gt=0)
+    max_pending_requests: int = Field(1_000, gt=0)
+    # Retry-After (seconds) on Envoy's own overload answers.
+    overload_retry_after_s: int = Field(1, gt=0)
 
 
 class ServiceEndpoint(_Strict):
@@ -68,6 +122,10 @@ class ServiceEndpoint(_Strict):
     http_port: int = Field(..., ge=0, le=65535)
     # Seconds a stopping service keeps finishing in-flight calls before it gives up.
     shutdown_grace_s: float = Field(20.0, ge=0)
+    # gRPC calls served at once (streams count until they end); past it a call is
+    # refused at once with 503 `overloaded` and Retry-After instead of queueing without
+    # bound. Far above what 64 benchmark connections need.
+    max_in_flight: int = Field(1024, gt=0)
 
     @property
     def listen_host(self) -> str:
@@ -82,6 +140,8 @@ class AdapterConfig(ServiceEndpoint):
     # Extra protocol plugins: name -> importable module exposing create_protocol().
     protocol_modules: dict[str, str] = Field(default_factory=dict)
     router_timeout_s: float = Field(300.0, gt=0)
+    # Requests in flight on one WebSocket; more are answered with a 429 error frame.
+    ws_max_in_flight: int = Field(16, gt=0)
 
     @field_validator("types", mode="before")
     @classmethod
@@ -180,6 +240,20 @@ class JobsConfig(ServiceEndpoint):
     job_timeout_s: float = Field(300.0, gt=0)
     # Callbacks are signed with the secret in this variable (HMAC-SHA256 of the body).
     callback_secret_env: str = "CLAWDBOT_CALLBACK_SECRET"
+    # Without Kafka (jobs in the adapter's memory): jobs waiting to run, and job records
+    # kept (finished ones for at most local_retention_s); past either, a submit is 503.
+    local_max_queued: int = Field(1000, gt=0)
+    local_max_jobs: int = Field(10_000, gt=0)
+    local_retention_s: float = Field(3600.0, gt=0)
+    # Callback URLs reach public addresses only (common/url_policy.py); these CIDRs, IP
+    # addresses or host names ("*.example.com": its subdomains) are allowed besides, for
+    # receivers on a private network.
+    callback_allow: tuple[str, ...] = ()
+
+    @field_validator("callback_allow", mode="before")
+    @classmethod
+    def _callback_allow(cls, value: Any) -> Any:
+        return _allowlist(value)
 
     @property
     def over_kafka(self) -> bool:
@@ -267,16 +341,47 @@ class HealthConfig(ServiceEndpoint):
     # Per instance id: the fields that differ from `rules`.
     instance_rules: dict[str, dict[str, float]] = Field(default_factory=dict)
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
-    # Alerts are POSTed here as JSON (empty: logged and counted only).
+    # Alerts are POSTed here as JSON (empty: logged and counted only), through the same
+    # guard as job callbacks: public addresses only, plus `alert_allow` (as jobs.callback_allow).
     alert_webhook: str = ""
+    alert_allow: tuple[str, ...] = ()
     # Trained anomaly models are kept here between restarts.
     state_dir: str = ".clawdbot/health"
     # How often rules are evaluated (and how soon a verdict can follow an observation).
     tick_s: float = Field(0.25, gt=0)
 
+    @field_validator("alert_allow", mode="before")
+    @classmethod
+    def _alert_allow(cls, value: Any) -> Any:
+        return _allowlist(value)
+
+    @model_validator(mode="after")
+    def _webhook(self) -> HealthConfig:
+        # What can be known bad without DNS fails at start rather than at the first alert.
+        if self.alert_webhook:
+            try:
+                _, host, _ = check_url_syntax(self.alert_webhook)
+                literal = parse_ip(host)
+            except UrlRefused as exc:
+                raise ValueError(f"alert_webhook {exc}") from None
+            policy = AddressPolicy.from_allowlist(self.alert_allow)
+            why = policy.address_refusal(literal) if literal is not None else None
+            if why:
+                raise ValueError(f"alert_webhook points at {literal} ({why}); health.alert_allow can allow it")
+        return self
+
     def rule_for(self, instance_id: str) -> HealthRule:
         override = self.instance_rules.get(instance_id)
         return self.rules.model_copy(update=override) if override else self.rules
+
+
+def _allowlist(value: Any) -> Any:
+    """An outbound allowlist (one string: comma-separated), each entry checked."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        AddressPolicy.from_allowlist(value)  # ValueError naming the bad entry
+    return value
 
 
 # What each worker runtime serves.
@@ -405,6 +510,10 @@ class ModelRouterConfig(_Strict):
     default_output_tokens: int = Field(256, gt=0)
     # How many feedback scores the configured quality prior is worth.
     quality_prior_weight: float = Field(10.0, gt=0)
+    # Answers that may be rated (once, by the key that asked): the last this many, for
+    # this long after they were given.
+    feedback_remember: int = Field(100_000, gt=0)
+    feedback_window_s: float = Field(3600.0, gt=0)
     deadline_s: float = Field(120.0, gt=0)  # whole budget of one request, retries included
     retry: RetryConfig = Field(default_factory=RetryConfig)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
@@ -468,6 +577,82 @@ class ModelEntry(_Strict):
         return self
 
 
+class StaticKey(_Strict):
+    """An API key declared in YAML: the secret itself never is, only the variable that
+    holds it (`key_env`) or its SHA-256 (`sha256`, hex)."""
+
+    name: str = Field(..., min_length=1)
+    key_env: str | None = Field(None, min_length=1)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    # admin: every route; user: all but /v1/admin/* (and their gRPC twins).
+    role: Literal["admin", "user"] = "user"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StaticKey:
+        if (self.key_env is None) == (self.sha256 is None):
+            raise ValueError(f"key {self.name!r}: give exactly one of key_env and sha256")
+        return self
+
+
+class AuthConfig(_Strict):
+    """Keys beside CLAWDBOT_API_KEY (whose keys are admin keys)."""
+
+    keys: tuple[StaticKey, ...] = ()
+
+
+class RedisConfig(_Strict):
+    """Credentials and TLS for every Redis client of the mesh (the cache's L2, job records,
+    workflow runs; common/redis_client.py builds them all). Secrets are read from the
+    variables named here, never from YAML; a password inside a URL still wins."""
+
+    # The password (Redis `requirepass`, or the ACL user's). Unset or empty: none sent.
+    password_env: str = "REDIS_PASSWORD"
+    # An ACL user name (Redis 6+); empty: the `default` user.
+    username_env: str = ""
+    # TLS even for redis:// URLs (rediss:// always is); the CA bundle that verifies the
+    # server (empty: the system's), and a client certificate and key for mutual TLS.
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    @model_validator(mode="after")
+    def _pair(self) -> RedisConfig:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class KafkaConfig(_Strict):
+    """How every Kafka client of the mesh (producers, consumers, admin; common/kafka.py
+    builds their options) reaches the broker at jobs.kafka_bootstrap."""
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    # SASL_*: the mechanism, and the variables holding the user name and password.
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    username_env: str = "KAFKA_USERNAME"
+    password_env: str = "KAFKA_PASSWORD"
+    # SSL, SASL_SSL: the CA bundle that verifies the broker (empty: the system's), and a
+    # client certificate and key for mutual TLS.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    @model_validator(mode="after")
+    def _pair(self) -> KafkaConfig:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+
 class TelemetryConfig(_Strict):
     traces_dir: str | None = None
     otlp_endpoint: str | None = None
@@ -488,6 +673,9 @@ class Config(_Strict):
     health: HealthConfig = Field(default_factory=HealthConfig)
     model_router: ModelRouterConfig = Field(default_factory=ModelRouterConfig)
     models: tuple[ModelEntry, ...] = ()
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
@@ -514,6 +702,8 @@ _EVERY_SERVICE = "*"
 _ENV_OVERRIDES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("CLAWDBOT_HOST", ("gateway", "host")),
     ("CLAWDBOT_PORT", ("gateway", "port")),
+    ("CLAWDBOT_TLS_CERT", ("gateway", "tls", "cert_file")),
+    ("CLAWDBOT_TLS_KEY", ("gateway", "tls", "key_file")),
     ("CLAWDBOT_BIND_HOST", (_EVERY_SERVICE, "bind_host")),
     ("ADAPTER_TYPES", ("adapter", "types")),
     ("MODEL_ROUTER_STRATEGY", ("model_router", "strategy")),

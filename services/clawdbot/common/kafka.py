@@ -1,19 +1,90 @@
-"""The two questions services and the runner ask of any Kafka: is it answering, and do my
+"""How every Kafka client of the mesh connects (KafkaEndpoint: the bootstrap address and
+the `kafka` config section's security, SASL and TLS, as aiokafka's keyword arguments), and
+the two questions services and the runner ask of any Kafka: is it answering, and do my
 topics exist (services create the topics they own at start-up)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaClient
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, for_code
+from aiokafka.helpers import create_ssl_context
+
+from clawdbot.common.config import Config, ConfigError, KafkaConfig
 
 log = logging.getLogger(__name__)
+
+
+def kafka_security_options(settings: KafkaConfig, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """aiokafka's keyword arguments for the settings' security protocol: nothing for
+    PLAINTEXT (aiokafka's defaults); an SSL context (the CA file, else the system's CAs,
+    and a client certificate when given) for SSL; the mechanism and the user name and
+    password from the variables the settings name for SASL. A SASL setting whose
+    variables are unset raises ConfigError naming them: without it the broker would only
+    answer every connection with an authentication failure, far from the cause."""
+    env = os.environ if env is None else env
+    options: dict[str, Any] = {}
+    if settings.security_protocol == "PLAINTEXT":
+        return options
+    options["security_protocol"] = settings.security_protocol
+    if settings.tls:
+        options["ssl_context"] = create_ssl_context(
+            cafile=settings.ca_file or None,
+            certfile=settings.cert_file or None,
+            keyfile=settings.key_file or None,
+        )
+    if settings.sasl:
+        username = env.get(settings.username_env, "") if settings.username_env else ""
+        password = env.get(settings.password_env, "") if settings.password_env else ""
+        missing = [
+            name or "(empty name)"
+            for name, value in ((settings.username_env, username), (settings.password_env, password))
+            if not value
+        ]
+        if missing:
+            raise ConfigError(
+                f"kafka.security_protocol is {settings.security_protocol}: set {' and '.join(missing)} "
+                "(kafka.username_env, kafka.password_env) to the SASL user name and password"
+            )
+        options |= {
+            "sasl_mechanism": settings.sasl_mechanism,
+            # aiokafka takes the SCRAM credentials under these names too.
+            "sasl_plain_username": username,
+            "sasl_plain_password": password,
+        }
+    return options
+
+
+@dataclass(frozen=True)
+class KafkaEndpoint:
+    """Where the broker is and how to authenticate to it: every producer, consumer and
+    admin client of the mesh is made from one, so the security settings reach them all."""
+
+    bootstrap: str
+    security: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Config, env: Mapping[str, str] | None = None) -> KafkaEndpoint:
+        """The jobs' broker with the `kafka` section's security (read now: a missing
+        secret fails the service's start, not its first message)."""
+        return cls(config.jobs.kafka_bootstrap, kafka_security_options(config.kafka, env))
+
+    @classmethod
+    def of(cls, target: str | KafkaEndpoint) -> KafkaEndpoint:
+        """A bare bootstrap address is a PLAINTEXT broker (the runner's local one)."""
+        return target if isinstance(target, KafkaEndpoint) else cls(target)
+
+    def options(self, **extra: Any) -> dict[str, Any]:
+        """Keyword arguments for an aiokafka client: the address, the security, `extra`."""
+        return {"bootstrap_servers": self.bootstrap, **self.security, **extra}
 
 
 def _host_ports(bootstrap: str) -> list[tuple[str, int]]:
@@ -38,16 +109,17 @@ async def _any_accepts(servers: list[tuple[str, int]], timeout_s: float) -> bool
     return False
 
 
-async def broker_ready(bootstrap: str, timeout_s: float = 5.0) -> bool:
+async def broker_ready(target: str | KafkaEndpoint, timeout_s: float = 5.0) -> bool:
     """True once a broker answers a metadata request and lists at least one broker
     (a KRaft broker lists itself only once it is registered and unfenced). Never raises
     for an absent or failing broker: a readiness probe, called again and again."""
-    servers = _host_ports(bootstrap)
+    endpoint = KafkaEndpoint.of(target)
+    servers = _host_ports(endpoint.bootstrap)
     # A plain connect first: aiokafka logs every failed bootstrap at ERROR, which a probe
     # polling a starting broker would otherwise do a dozen times.
     if not await _any_accepts(servers, timeout_s):
         return False
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    client = AIOKafkaClient(**endpoint.options(request_timeout_ms=int(timeout_s * 1000)))
     try:
         async with asyncio.timeout(timeout_s):
             await client.bootstrap()
@@ -58,7 +130,7 @@ async def broker_ready(bootstrap: str, timeout_s: float = 5.0) -> bool:
         await client.close()
 
 
-async def ensure_topics(bootstrap: str, topics: Mapping[str, int], timeout_s: float = 60.0) -> None:
+async def ensure_topics(target: str | KafkaEndpoint, topics: Mapping[str, int], timeout_s: float = 60.0) -> None:
     """Create those of `topics` (name -> partitions; replication 1) that do not exist yet.
 
     Existing topics are left alone, also when their partition count differs (that is only
@@ -70,7 +142,7 @@ async def ensure_topics(bootstrap: str, topics: Mapping[str, int], timeout_s: fl
     if not topics:
         return
     deadline = time.monotonic() + timeout_s
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(**KafkaEndpoint.of(target).options(request_timeout_ms=int(timeout_s * 1000)))
     try:
         await admin.start()
         # All topics (no names): a metadata request naming a missing topic would create it,

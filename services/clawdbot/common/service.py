@@ -20,7 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
+from clawdbot.common import internal_auth
+from clawdbot.common.admission import AdmissionControl
 from clawdbot.common.config import ServiceEndpoint
+from clawdbot.common.errors import GatewayError
+from clawdbot.common.internal_auth import REFUSAL, TOKEN_METADATA_KEY, InternalAuthInterceptor, credential_matches
 from clawdbot.common.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,8 @@ Cleanup = Callable[[], Awaitable[None]]
 # Seconds between NOT_SERVING and refusing new calls, so that Envoy's active health check
 # (1 s interval) takes the instance out of rotation before it stops accepting.
 DRAIN_NOTICE_S = 1.5
+# Seconds background work gets to finish when asked at shutdown, and again once cancelled.
+BACKGROUND_STOP_S = 5.0
 
 _GRPC_OPTIONS: Sequence[tuple[str, int]] = (
     # A port collision must fail loudly, not silently share the port with an old process.
@@ -41,10 +47,78 @@ _GRPC_OPTIONS: Sequence[tuple[str, int]] = (
 )
 
 
-def internal_channel(target: str) -> grpc.aio.Channel:
-    """A channel to another service of the mesh: room for audio-sized messages both ways,
-    and quick reconnects after the peer restarts instead of backing off for seconds."""
-    return grpc.aio.insecure_channel(
+# The HTTP side's paths open without the internal credential: probes and Prometheus,
+# which reveal nothing a caller could use (the same reasoning as grpc.health.v1).
+OPEN_HTTP_PATHS = frozenset({"/healthz", "/metrics"})
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+class _WithCredential:
+    """A multi-callable that adds the internal credential to every call's metadata.
+
+    Chosen over a grpc.aio client interceptor, which wraps every call in an extra
+    Python call object and task: this costs one function call and a tuple per call
+    (measured with devtools/bench_internal_auth.py; figures in its docstring)."""
+
+    __slots__ = ("_call", "_metadata")
+
+    def __init__(self, call: Any, metadata: Metadata) -> None:
+        self._call = call
+        self._metadata = metadata
+
+    def __call__(self, *args: Any, metadata: Any = None, **kwargs: Any) -> Any:
+        return self._call(
+            *args, metadata=self._metadata if metadata is None else (*metadata, *self._metadata), **kwargs
+        )
+
+
+class InternalChannel(grpc.aio.Channel):
+    """A grpc.aio channel whose calls all carry the internal credential. Call credentials
+    would need TLS (grpc refuses them on an insecure aio channel), so it is metadata."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+        self._channel = channel
+        self._metadata: Metadata = ((TOKEN_METADATA_KEY, token),)
+
+    async def __aenter__(self) -> InternalChannel:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self._channel.close(None)
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._channel.close(grace)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._channel.channel_ready()
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithCredential(self._channel.unary_unary(method, *args, **kwargs), self._metadata)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithCredential(self._channel.unary_stream(method, *args, **kwargs), self._metadata)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithCredential(self._channel.stream_unary(method, *args, **kwargs), self._metadata)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithCredential(self._channel.stream_stream(method, *args, **kwargs), self._metadata)
+
+
+def internal_channel(target: str, token: str | None = None) -> grpc.aio.Channel:
+    """A channel to another service of the mesh: every call carries the internal
+    credential (token, default CLAWDBOT_INTERNAL_TOKEN: a ConfigError when unset), room for
+    audio-sized messages both ways, and quick reconnects after the peer restarts instead
+    of backing off for seconds."""
+    token = internal_auth.internal_token() if token is None else token
+    channel = grpc.aio.insecure_channel(
         target,
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -53,6 +127,24 @@ def internal_channel(target: str) -> grpc.aio.Channel:
             ("grpc.max_reconnect_backoff_ms", 1000),
         ],
     )
+    return InternalChannel(channel, token)
+
+
+def _internal_only(token: str) -> Any:
+    """aiohttp middleware: the HTTP side (the adapter's WebSocket endpoint, reached only
+    through Envoy, which adds the credential) refuses callers without it, probes aside."""
+    expected = token.encode("ascii")
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
+        if request.path in OPEN_HTTP_PATHS or credential_matches(
+            request.headers.getall(TOKEN_METADATA_KEY, ()), expected
+        ):
+            return await handler(request)
+        error = GatewayError(401, REFUSAL, "authentication_error", "internal_credential_required")
+        return web.Response(status=401, body=error.to_json(), content_type="application/json")
+
+    return check
 
 
 class ServiceHost:
@@ -64,11 +156,19 @@ class ServiceHost:
         *,
         reflection_services: Sequence[str] = (),
         http_client_max_size: int = 1024 * 1024,
+        internal_token: str | None = None,
     ) -> None:
         self.name = name
         self.endpoint = endpoint
         self.metrics = metrics
-        self.grpc_server = grpc.aio.server(options=list(_GRPC_OPTIONS))
+        # Fail closed: without the internal credential (default: CLAWDBOT_INTERNAL_TOKEN)
+        # a service does not start, rather than serving anyone who can reach its port.
+        token = internal_auth.internal_token() if internal_token is None else internal_token
+        # Admission after authentication: a call without the credential takes no slot.
+        self.admission = AdmissionControl(name, endpoint.max_in_flight)
+        self.grpc_server = grpc.aio.server(
+            interceptors=[InternalAuthInterceptor(token), self.admission], options=list(_GRPC_OPTIONS)
+        )
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         if reflection_services:
@@ -79,12 +179,13 @@ class ServiceHost:
             )
             reflection.enable_server_reflection(names, self.grpc_server)
         self._service_names: list[str] = []
-        self.http_app = web.Application(client_max_size=http_client_max_size)
+        self.http_app = web.Application(client_max_size=http_client_max_size, middlewares=[_internal_only(token)])
         self.http_app.router.add_get("/metrics", metrics.handle)
         self.http_app.router.add_get("/healthz", self._healthz)
         self._http_runner: web.AppRunner | None = None
         self._cleanups: list[Cleanup] = []
         self._background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._background_stops: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._serving = False
         self.grpc_port = 0
@@ -94,9 +195,15 @@ class ServiceHost:
         """A gRPC service whose health is reported alongside the overall ("") status."""
         self._service_names.append(full_name)
 
-    def in_background(self, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run job() while the service serves; cancelled when it stops."""
+    def in_background(
+        self, job: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], None] | None = None
+    ) -> None:
+        """Run job() while the service serves. At shutdown `stop()` asks it to finish (a
+        Kafka consumer commits its batch and leaves its group); what has not finished
+        within BACKGROUND_STOP_S is cancelled, and waited for as long again."""
         self._background.append(job)
+        if stop is not None:
+            self._background_stops.append(stop)
 
     def on_shutdown(self, cleanup: Cleanup) -> None:
         """Run after the servers stopped, in reverse order of registration."""
@@ -147,8 +254,7 @@ class ServiceHost:
             await self._set_serving(False)
             await asyncio.sleep(drain_notice)
         await self.grpc_server.stop(grace)
-        for task in self._tasks:
-            task.cancel()
+        await self._stop_background()
         for cleanup in reversed(self._cleanups):
             try:
                 await cleanup()
@@ -158,6 +264,26 @@ class ServiceHost:
             await self._http_runner.cleanup()
             self._http_runner = None
         log.info("stopped")
+
+    async def _stop_background(self) -> None:
+        # Cancelling a Kafka consumer in the middle of a fetch or a rebalance left its
+        # group-leave to the interpreter's exit, which waited on it past the runner's
+        # patience; asked to stop, it leaves at once. Nothing is left to asyncio.run.
+        for stop in self._background_stops:
+            stop()
+        pending = [task for task in self._tasks if not task.done()]
+        if pending:
+            _done, pending_set = await asyncio.wait(pending, timeout=BACKGROUND_STOP_S)
+            for task in pending_set:
+                task.cancel()
+            if pending_set:
+                _done, stuck = await asyncio.wait(pending_set, timeout=BACKGROUND_STOP_S)
+                if stuck:
+                    log.error("background work did not stop", extra={"tasks": [t.get_name() for t in stuck]})
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("background work failed", exc_info=task.exception())
+        self._tasks = []
 
 
 async def run_until_signalled(host: ServiceHost) -> None:

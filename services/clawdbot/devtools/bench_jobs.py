@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
 
+from clawdbot.common.redis_client import redis_client
 from clawdbot.devtools.bench import MOCK_READY_TIMEOUT_S, managed_process
 
 MODEL = "mock-1"
@@ -49,7 +49,8 @@ async def _measure(url: str, key: str, redis_port: int, jobs: int, delay_ms: flo
         started = time.perf_counter()
         ids = await asyncio.gather(*(submit() for _ in range(jobs)))
         submitted = time.perf_counter() - started
-    store = aioredis.Redis(port=redis_port)
+    # The runner's Redis, with the password the mesh uses when REDIS_PASSWORD is set.
+    store = redis_client(f"redis://127.0.0.1:{redis_port}/0")
     try:
         while True:
             raws = await store.mget([f"clawdbot:job:{i}" for i in ids])

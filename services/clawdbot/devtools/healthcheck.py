@@ -4,7 +4,8 @@
     python -m clawdbot.devtools.healthcheck http PORT [PATH]     HTTP 200 (default /healthz)
 
 Exit 0 when healthy, 1 when not (with the reason on stderr): what Docker's HEALTHCHECK
-and compose's `healthcheck.test` expect. The host is 127.0.0.1 unless --host says
+and compose's `healthcheck.test` expect. Neither check needs the internal credential:
+grpc.health.v1 and /healthz are the probes services leave open. The host is 127.0.0.1 unless --host says
 otherwise: a check runs inside the container it checks.
 """
 

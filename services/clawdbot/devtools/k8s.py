@@ -1,9 +1,13 @@
-"""The Kubernetes ConfigMaps that are made from other files of the repository, so that
+"""The Kubernetes manifests that are made from other files of the repository, so that
 they cannot drift from them:
 
   deploy/k8s/clawdbot-configmap.yaml  config/clawdbot.yaml with the cluster's addresses
   deploy/k8s/envoy-configmap.yaml     envoy/envoy.yaml.tmpl rendered for the cluster
   deploy/k8s/filebeat-configmap.yaml  deploy/filebeat/filebeat.yml as it is
+  deploy/k8s/network-policies.yaml    who may reach whom: default deny, then each
+                                      service's ports from its callers (GRPC_CALLERS),
+                                      Redis and Kafka from their clients, Envoy the only
+                                      public entry, webhooks out to public addresses only
 
 `python -m clawdbot.devtools.k8s` rewrites them (`--check`: exit 1 when one is stale);
 tests/unit/test_k8s_manifests.py fails while one is. Everything else in deploy/k8s/ is
@@ -37,10 +41,54 @@ STATE_DIR = "/var/lib/clawdbot"
 # Envoy's read-only window onto its admin API (/stats/prometheus, /ready), for
 # Prometheus and the kubelet.
 ENVOY_STATS_PORT = 9902
+# Where Envoy's pod mounts the kubernetes.io/tls Secret for the public listener, used when
+# config/clawdbot.yaml turns gateway.tls on (deploy/k8s/envoy.yaml).
+TLS_SECRET = "clawdbot-gateway-tls"
+TLS_DIR = "/etc/clawdbot/tls"
+# Envoy's overload manager acts on its heap at most this large: three quarters of the
+# pod's 512 MiB limit (deploy/k8s/envoy.yaml), so it sheds load before the kernel kills it.
+ENVOY_MAX_HEAP_BYTES = 384 * 1024 * 1024
 # Every service binds all of the pod's addresses; others reach it by its Service's name.
 BIND_ALL = "0.0.0.0"
 REDIS_URL = "redis://redis:6379/0"
 KAFKA_BOOTSTRAP = "kafka:9092"
+
+# Where the Prometheus that scrapes the pods runs (see README.md): the only one let in to
+# the metrics ports.
+PROMETHEUS_NAMESPACE = "monitoring"
+PROMETHEUS_POD = {"app.kubernetes.io/name": "prometheus"}
+REDIS_PORT = 6379
+KAFKA_PORT = 9092
+NAME_LABEL = "app.kubernetes.io/name"
+
+# Which pods open gRPC channels to each service: read from the code (each server.py's
+# internal_channel targets; the router's worker connector; the health service's checks
+# of every service, in health/server.py services_of). tests/unit/test_k8s_manifests.py
+# derives the same from the code and fails when they part.
+GRPC_CALLERS: dict[str, tuple[str, ...]] = {
+    "adapter": ("envoy", "health"),
+    "router": ("adapter", "jobs", "orchestrator", "health"),
+    "cache": ("adapter", "orchestrator", "health"),
+    "worker": ("router", "health"),
+    "orchestrator": ("adapter", "jobs", "health"),
+    "health": ("adapter", "router"),
+    # Nobody calls the job consumers: they take their work from Kafka.
+    "jobs": (),
+}
+
+# Addresses a webhook (job callbacks, alerts) or a hosted model provider may not be:
+# private (RFC 1918), loopback, link-local (cloud metadata), carrier-grade NAT, and
+# their IPv6 kin (unique-local, link-local, loopback, IPv4-mapped).
+PRIVATE_V4 = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+)
+PRIVATE_V6 = ("::1/128", "::ffff:0:0/96", "fc00::/7", "fe80::/10")
 
 CLAWDBOT_CONFIGMAP = "clawdbot-config"
 ENVOY_CONFIGMAP = "envoy-config"
@@ -54,8 +102,15 @@ def cluster_config(source: Path = DEFAULT_CONFIG_PATH) -> dict[str, Any]:
     files go to the pod's state volume."""
     raw: dict[str, Any] = copy.deepcopy(yaml.safe_load(source.read_text()) or {})
     effective = Config.model_validate(raw)
-    # The gateway section is Envoy's listener (see envoy_params).
-    raw["gateway"] = {**(raw.get("gateway") or {}), "host": BIND_ALL}
+    # The gateway section is Envoy's listener (see envoy_params), within its pod's memory,
+    # with the TLS Secret's files when TLS is on.
+    raw["gateway"] = {
+        **(raw.get("gateway") or {}),
+        "host": BIND_ALL,
+        "max_heap_size_bytes": min(effective.gateway.max_heap_size_bytes, ENVOY_MAX_HEAP_BYTES),
+    }
+    if effective.gateway.tls.enabled:
+        raw["gateway"]["tls"] = {"cert_file": f"{TLS_DIR}/tls.crt", "key_file": f"{TLS_DIR}/tls.key"}
     for name in service_sections():
         endpoint = getattr(effective, name)
         raw[name] = {
@@ -123,6 +178,185 @@ def configmap(name: str, key: str, text: str, component: str, source: str, names
     return manifest
 
 
+def redis_clients(config: Config) -> tuple[str, ...]:
+    """The pods that talk to the cluster's Redis with this configuration."""
+    clients = []
+    if config.cache.enabled and config.cache.redis_url:
+        clients.append("cache")
+    if config.jobs.over_kafka:
+        # Job records (jobs/store.py): written by the adapter, updated by the consumers.
+        clients += ["adapter", "jobs"]
+    if config.orchestrator.enabled and (config.orchestrator.redis_url or config.jobs.over_kafka):
+        clients.append("orchestrator")
+    return tuple(sorted(clients))
+
+
+def kafka_clients(config: Config) -> tuple[str, ...]:
+    """The pods that talk to Kafka: jobs in and out, the routers' telemetry to health."""
+    if not config.jobs.over_kafka:
+        return ()
+    clients = ["adapter", "jobs", "router"]
+    if config.health.enabled:
+        clients.append("health")
+    return tuple(sorted(clients))
+
+
+def public_egress(config: Config) -> tuple[str, ...]:
+    """The pods that reach out of the cluster: hosted model providers (router), job
+    callbacks (jobs; the adapter too when it runs jobs itself, without Kafka), alert
+    webhooks (health), an S3 bucket (cache), a Qdrant server (orchestrator)."""
+    pods = {"router", "jobs", "health"}
+    if not config.jobs.over_kafka:
+        pods.add("adapter")
+    if config.cache.s3 is not None:
+        pods.add("cache")
+    if config.orchestrator.qdrant_url:
+        pods.add("orchestrator")
+    return tuple(sorted(pods))
+
+
+def _pods(*names: str) -> dict[str, Any]:
+    if len(names) == 1:
+        return {"podSelector": {"matchLabels": {NAME_LABEL: names[0]}}}
+    return {"podSelector": {"matchExpressions": [{"key": NAME_LABEL, "operator": "In", "values": sorted(names)}]}}
+
+
+def _prometheus() -> dict[str, Any]:
+    return {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": PROMETHEUS_NAMESPACE}},
+        "podSelector": {"matchLabels": dict(PROMETHEUS_POD)},
+    }
+
+
+def _tcp(*ports: int) -> list[dict[str, Any]]:
+    return [{"protocol": "TCP", "port": port} for port in ports]
+
+
+def _policy(
+    name: str, comment: str, pod: dict[str, Any], ingress: list[Any] | None, egress: list[Any] | None
+) -> dict[str, Any]:
+    """A NetworkPolicy for `pod`; None for a direction it leaves to other policies (an
+    empty list: nothing allowed that way)."""
+    spec: dict[str, Any] = {"podSelector": pod, "policyTypes": []}
+    for kind, rules in (("Ingress", ingress), ("Egress", egress)):
+        if rules is not None:
+            spec["policyTypes"].append(kind)
+            if rules:
+                spec[kind.lower()] = rules
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "labels": {"app.kubernetes.io/part-of": "clawdbot"},
+            "annotations": {"clawdbot/why": comment},
+        },
+        "spec": spec,
+    }
+
+
+def network_policies(config: Config) -> list[dict[str, Any]]:
+    """Default deny, then exactly the traffic the mesh makes with this configuration.
+
+    NetworkPolicies are additive (a connection passes when any policy selecting the pod
+    allows it), so each pod gets one policy with all its ingress and egress. The kubelet's
+    probes come from the node, which policies never block.
+    """
+    endpoints = {name: getattr(config, name) for name in service_sections()}
+    callees: dict[str, list[str]] = {}
+    for callee, callers in GRPC_CALLERS.items():
+        for caller in callers:
+            callees.setdefault(caller, []).append(callee)
+    redis, kafka, public = redis_clients(config), kafka_clients(config), public_egress(config)
+    anywhere_public = [
+        {"ipBlock": {"cidr": "0.0.0.0/0", "except": list(PRIVATE_V4)}},
+        {"ipBlock": {"cidr": "::/0", "except": list(PRIVATE_V6)}},
+    ]
+
+    def egress_of(pod: str) -> list[dict[str, Any]]:
+        rules: list[dict[str, Any]] = []
+        for callee in sorted(callees.get(pod, [])):
+            ports = [endpoints[callee].grpc_port]
+            if pod == "envoy" and callee == "adapter":
+                ports.append(endpoints["adapter"].http_port)  # /healthz and the WebSocket
+            rules.append({"to": [_pods(callee)], "ports": _tcp(*ports)})
+        if pod in redis:
+            rules.append({"to": [_pods("redis")], "ports": _tcp(REDIS_PORT)})
+        if pod in kafka:
+            rules.append({"to": [_pods("kafka")], "ports": _tcp(KAFKA_PORT)})
+        if pod in public:
+            rules.append({"to": anywhere_public})
+        return rules
+
+    policies = [
+        _policy(
+            "default-deny",
+            "Nothing reaches or leaves a pod of this namespace unless a policy below allows it.",
+            {},
+            [],
+            [],
+        ),
+        _policy(
+            "allow-dns",
+            "Every pod may resolve names (the cluster DNS in kube-system).",
+            {},
+            None,
+            [
+                {
+                    "to": [
+                        {
+                            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                        }
+                    ],
+                    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+                }
+            ],
+        ),
+        _policy(
+            "envoy",
+            "The only public entry: 8080 from anywhere; its stats from Prometheus; out to the adapter only.",
+            _pods("envoy")["podSelector"],
+            [
+                {"ports": _tcp(config.gateway.port)},
+                {"from": [_prometheus()], "ports": _tcp(ENVOY_STATS_PORT)},
+            ],
+            egress_of("envoy"),
+        ),
+    ]
+    for name in sorted(GRPC_CALLERS):
+        endpoint = endpoints[name]
+        ingress: list[dict[str, Any]] = []
+        if GRPC_CALLERS[name]:
+            ingress.append({"from": [_pods(*GRPC_CALLERS[name])], "ports": _tcp(endpoint.grpc_port)})
+        ingress.append({"from": [_prometheus()], "ports": _tcp(endpoint.http_port)})
+        if name == "adapter":
+            ingress.append({"from": [_pods("envoy")], "ports": _tcp(endpoint.http_port)})
+        who = ", ".join(GRPC_CALLERS[name]) or "nobody (it reads Kafka)"
+        why = f"gRPC {endpoint.grpc_port} from {who}; metrics {endpoint.http_port} from Prometheus."
+        policies.append(_policy(name, why, _pods(name)["podSelector"], ingress, egress_of(name)))
+    if redis:
+        why = f"Redis {REDIS_PORT} from its clients ({', '.join(redis)}); it calls nobody."
+        ingress = [{"from": [_pods(*redis)], "ports": _tcp(REDIS_PORT)}]
+        policies.append(_policy("redis", why, _pods("redis")["podSelector"], ingress, []))
+    if kafka:
+        why = f"Kafka {KAFKA_PORT} from its clients ({', '.join(kafka)}); its controller listener stays in the pod."
+        ingress = [{"from": [_pods(*kafka)], "ports": _tcp(KAFKA_PORT)}]
+        policies.append(_policy("kafka", why, _pods("kafka")["podSelector"], ingress, []))
+    return policies
+
+
+def render_network_policies(config: Config) -> str:
+    header = (
+        f"# {GENERATED} from GRPC_CALLERS and the\n"
+        "# cluster's clawdbot.yaml: do not edit. Enforced only where the network plugin implements\n"
+        "# NetworkPolicy (Calico, Cilium, ...). See README.md for a private model server or Prometheus\n"
+        "# elsewhere than the `monitoring` namespace.\n"
+    )
+    return header + yaml.safe_dump_all(network_policies(config), sort_keys=False, width=100)
+
+
 def rendered() -> dict[Path, str]:
     """Each generated file of deploy/k8s/ and what it should hold."""
     config_text = render_cluster_config()
@@ -143,6 +377,7 @@ def rendered() -> dict[Path, str]:
             "deploy/filebeat/filebeat.yml",
             namespace=FILEBEAT_NAMESPACE,
         ),
+        K8S_DIR / "network-policies.yaml": render_network_policies(config),
     }
 
 

@@ -2,19 +2,25 @@
 
 An alert fires when a condition starts (an instance taken out of rotation, an anomaly) and
 once more when it ends (recovered); never again while it lasts. Webhook deliveries are
-retried briefly in the background and never hold up the rules.
+retried briefly in the background and never hold up the rules. They go through the guarded
+client (public addresses only, plus `health.alert_allow`; no redirects), and the webhook's
+URL is logged as scheme://host:port only: Slack-style hooks carry their secret in the path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import aiohttp
 from prometheus_client import CollectorRegistry, Counter
+
+from clawdbot.common.guarded_http import GuardedHttpClient, OutboundFailed, OutboundRefused
+from clawdbot.common.url_policy import AddressPolicy, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +41,10 @@ class Alert:
 
 
 class Alerter:
-    def __init__(self, webhook: str, registry: CollectorRegistry) -> None:
+    def __init__(self, webhook: str, registry: CollectorRegistry, allow: Iterable[str] = ()) -> None:
         self._webhook = webhook
         self._firing: set[tuple[str, str]] = set()
-        self._session: aiohttp.ClientSession | None = None
+        self._client = GuardedHttpClient(AddressPolicy.from_allowlist(allow))
         self._deliveries: set[asyncio.Task[None]] = set()
         self.sent = Counter(
             "clawdbot_health_alerts",
@@ -76,24 +82,27 @@ class Alerter:
         return True
 
     async def _deliver(self, alert: Alert) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        payload = asdict(alert)
+        # json, as aiohttp's json= did: the detector's values may be numpy float subclasses.
+        body = json.dumps(asdict(alert)).encode()
+        headers = {"content-type": "application/json"}
         for attempt in range(1, DELIVERY_ATTEMPTS + 1):
             try:
-                async with self._session.post(self._webhook, json=payload) as response:
-                    if response.status < 300:
-                        return
-                    problem = f"HTTP {response.status}"
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
+                response = await self._client.post(self._webhook, body, headers)
+            except OutboundRefused as exc:
+                problem = f"refused: {exc}"
+                break  # the policy will say the same next time
+            except OutboundFailed as exc:
+                problem = str(exc)
+            else:
+                if response.status < 300:
+                    return
+                problem = f"HTTP {response.status}"
             if attempt < DELIVERY_ATTEMPTS:
                 await asyncio.sleep(0.5 * 2 ** (attempt - 1))
         self.failed_deliveries.inc()
-        log.error("alert webhook delivery failed", extra={"webhook": self._webhook, "error": problem})
+        log.error("alert webhook delivery failed", extra={"webhook": redact_url(self._webhook), "error": problem})
 
     async def close(self) -> None:
         if self._deliveries:
             await asyncio.wait(set(self._deliveries), timeout=5)
-        if self._session is not None:
-            await self._session.close()
+        await self._client.close()

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from clawdbot.common import topics
-from clawdbot.common.kafka import ensure_topics
+from clawdbot.common.kafka import KafkaEndpoint, ensure_topics
 from clawdbot.health.monitor import Monitor
 from clawdbot.router.observations import PARTITIONS
 
@@ -39,16 +39,15 @@ def take(monitor: Monitor, raw: bytes | None, source: str) -> bool:
     return True
 
 
-async def consume_telemetry(bootstrap: str, monitor: Monitor) -> None:
+async def consume_telemetry(kafka: str | KafkaEndpoint, monitor: Monitor) -> None:
     """Read until cancelled; reconnect when Kafka goes away."""
+    endpoint = KafkaEndpoint.of(kafka)
     group = f"clawdbot-health-{socket.gethostname()}-{os.getpid()}"
     complained = False
     while True:
-        consumer = AIOKafkaConsumer(
-            topics.TELEMETRY, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="latest"
-        )
+        consumer = AIOKafkaConsumer(topics.TELEMETRY, **endpoint.options(group_id=group, auto_offset_reset="latest"))
         try:
-            await ensure_topics(bootstrap, {topics.TELEMETRY: PARTITIONS})
+            await ensure_topics(endpoint, {topics.TELEMETRY: PARTITIONS})
             await consumer.start()
             log.info("consuming telemetry", extra={"topic": topics.TELEMETRY, "group": group})
             complained = False

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clawdbot.common.config import Config, ServiceEndpoint, repo_path
 from clawdbot.common.errors import GatewayError, internal_error
+from clawdbot.common.kafka import KafkaEndpoint
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost, internal_channel
@@ -137,7 +138,7 @@ def create_server(config: Config) -> ServiceHost:
     metrics = Metrics("health")
     host = ServiceHost("health", config.health, metrics)
     router_channel = internal_channel(f"{config.router.host}:{config.router.grpc_port}")
-    alerter = Alerter(config.health.alert_webhook, metrics.registry)
+    alerter = Alerter(config.health.alert_webhook, metrics.registry, config.health.alert_allow)
     monitor = Monitor(
         config.health,
         metrics.registry,
@@ -150,8 +151,8 @@ def create_server(config: Config) -> ServiceHost:
     host.add_service_name("clawdbot.v1.HealthMonitor")
     host.in_background(monitor.run)
     if config.jobs.over_kafka:
-        bootstrap = config.jobs.kafka_bootstrap
-        host.in_background(lambda: consume_telemetry(bootstrap, monitor))
+        kafka = KafkaEndpoint.from_config(config)
+        host.in_background(lambda: consume_telemetry(kafka, monitor))
 
     async def close() -> None:
         await monitor.close()

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from clawdbot.common import topics
 from clawdbot.common.config import JobsConfig
+from clawdbot.common.kafka import KafkaEndpoint
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.telemetry import extract_context
 from clawdbot.jobs.processing import JobProcessor
@@ -55,8 +56,11 @@ class JobConsumer:
         processor: JobProcessor,
         concurrency: int = 32,
         registry: CollectorRegistry | None = None,
+        kafka: KafkaEndpoint | None = None,
     ) -> None:
         self._config = config
+        # The broker with its security settings (None: config.kafka_bootstrap, PLAINTEXT).
+        self._kafka = kafka or KafkaEndpoint(config.kafka_bootstrap)
         self._processor = processor
         self._gate = asyncio.Semaphore(concurrency)
         self._tracer = trace.get_tracer("clawdbot.jobs")
@@ -73,19 +77,18 @@ class JobConsumer:
         self._lag_partitions: set[str] = set()
 
     async def run(self) -> None:
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=self._config.kafka_bootstrap, acks="all", enable_idempotence=True
-        )
+        self.producer = AIOKafkaProducer(**self._kafka.options(acks="all", enable_idempotence=True))
         self.consumer = AIOKafkaConsumer(
             topics.JOBS,
-            bootstrap_servers=self._config.kafka_bootstrap,
-            group_id=topics.CONSUMER_GROUP,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            # A killed member's partitions move to the others within seconds.
-            session_timeout_ms=6000,
-            heartbeat_interval_ms=1000,
-            max_poll_interval_ms=int(self._config.job_timeout_s * self._config.max_attempts * 1000) + 60_000,
+            **self._kafka.options(
+                group_id=topics.CONSUMER_GROUP,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                # A killed member's partitions move to the others within seconds.
+                session_timeout_ms=6000,
+                heartbeat_interval_ms=1000,
+                max_poll_interval_ms=int(self._config.job_timeout_s * self._config.max_attempts * 1000) + 60_000,
+            ),
         )
         await self.producer.start()
         await self.consumer.start()

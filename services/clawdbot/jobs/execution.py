@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import orjson
 
+from clawdbot.common.bounded import off_loop_if_large
 from clawdbot.common.config import JobsConfig
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.telemetry import inject_headers
@@ -29,14 +30,15 @@ class JobFailure(Exception):
         self.retryable = retryable
 
 
-def job_request(job: Job) -> router_pb2.ModelRequest:
-    """The router request a job stands for; JobFailure when it cannot be one."""
+def job_request(job: Job, max_request_bytes: int) -> router_pb2.ModelRequest:
+    """The router request a job stands for, a transcription's audio decoded within
+    `max_request_bytes`; JobFailure (never retried) when it cannot be one."""
     body = {**job.request, "stream": False} if job.kind == "chat" else job.request
     meta = router_pb2.RequestMeta(request_id=job.id, api_key_id=job.api_key_id, protocol="job")
     try:
-        return model_request(meta, job.kind, body)
+        return model_request(meta, job.kind, body, max_request_bytes)
     except BadAudio as exc:
-        raise JobFailure(GatewayError.bad_request(str(exc), "file").to_dict()["error"], False) from None
+        raise JobFailure(exc.error.to_dict()["error"], False) from None
 
 
 class JobExecutor:
@@ -46,11 +48,15 @@ class JobExecutor:
         store: JobStore,
         config: JobsConfig,
         orchestrator: orchestrator_pb2_grpc.OrchestratorStub | None = None,
+        *,
+        max_request_bytes: int,
     ) -> None:
         self._router = router
         self._store = store
         self._config = config
         self._orchestrator = orchestrator
+        # gateway.max_request_bytes: what a transcription job's base64 audio may decode to.
+        self._max_request_bytes = max_request_bytes
 
     async def _run_workflow(self, job: Job) -> dict[str, Any]:
         if self._orchestrator is None:
@@ -83,7 +89,9 @@ class JobExecutor:
     async def _call(self, job: Job) -> dict[str, Any]:
         if job.kind == "workflow":
             return await self._run_workflow(job)
-        request = job_request(job)
+        file = job.request.get("file") if job.kind == "transcription" else None
+        size = len(file) if isinstance(file, str) else 0
+        request = await off_loop_if_large(size, job_request, job, self._max_request_bytes)
         try:
             reply = await self._router.Complete(
                 request, timeout=self._config.job_timeout_s, metadata=list(inject_headers().items())

@@ -1,15 +1,13 @@
 """What happens to a job once a consumer has it, whichever queue brought it: run it,
-store its end state exactly once, tell its callback."""
+store its end state exactly once, hand its callback to the delivery queue (never waited
+on here: a receiver that hangs must not hold up this job's consumer, nor anyone else's)."""
 
 from __future__ import annotations
 
 import logging
-import os
-
-import aiohttp
 
 from clawdbot.common.config import JobsConfig
-from clawdbot.jobs.callbacks import deliver
+from clawdbot.jobs.callbacks import CallbackDelivery
 from clawdbot.jobs.execution import JobExecutor
 from clawdbot.jobs.records import Job
 from clawdbot.jobs.store import JobStore
@@ -18,11 +16,18 @@ log = logging.getLogger(__name__)
 
 
 class JobProcessor:
-    def __init__(self, executor: JobExecutor, store: JobStore, config: JobsConfig) -> None:
+    def __init__(
+        self,
+        executor: JobExecutor,
+        store: JobStore,
+        config: JobsConfig,
+        callbacks: CallbackDelivery | None = None,
+    ) -> None:
+        """Raises ConfigError when callbacks cannot be signed (no secret): at start, not at
+        the first job."""
         self.executor = executor
         self.store = store
-        self._secret = os.environ.get(config.callback_secret_env, "").encode()
-        self._session: aiohttp.ClientSession | None = None
+        self.callbacks = callbacks or CallbackDelivery.from_config(config)
 
     async def process(self, job: Job) -> tuple[Job, bool]:
         """The job in its end state, and whether this call stored it (False: another
@@ -33,13 +38,8 @@ class JobProcessor:
             "job finished", extra={"job": job.id, "status": done.status, "attempts": done.attempts, "stored": stored}
         )
         if stored and done.callback_url:
-            if not self._secret:
-                log.warning("job callback sent unsigned: no secret configured", extra={"job": job.id})
-            if self._session is None:
-                self._session = aiohttp.ClientSession()
-            await deliver(self._session, done, self._secret)
+            self.callbacks.submit(done)
         return done, stored
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.callbacks.close()

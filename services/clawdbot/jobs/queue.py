@@ -12,6 +12,7 @@ from aiokafka.errors import KafkaError
 
 from clawdbot.common import topics
 from clawdbot.common.errors import GatewayError
+from clawdbot.common.kafka import KafkaEndpoint
 from clawdbot.common.telemetry import inject_headers
 from clawdbot.jobs.processing import JobProcessor
 from clawdbot.jobs.records import Job
@@ -37,8 +38,8 @@ def kafka_headers() -> list[tuple[str, bytes]]:
 class KafkaJobQueue:
     durable = True
 
-    def __init__(self, bootstrap: str, send_timeout_s: float = 15.0) -> None:
-        self._bootstrap = bootstrap
+    def __init__(self, kafka: str | KafkaEndpoint, send_timeout_s: float = 15.0) -> None:
+        self._kafka = KafkaEndpoint.of(kafka)
         self._timeout = send_timeout_s
         self._producer: AIOKafkaProducer | None = None
         self._starting = asyncio.Lock()
@@ -47,13 +48,19 @@ class KafkaJobQueue:
         async with self._starting:
             if self._producer is None:
                 producer = AIOKafkaProducer(
-                    bootstrap_servers=self._bootstrap,
-                    acks="all",
-                    enable_idempotence=True,
-                    request_timeout_ms=int(self._timeout * 1000),
-                    retry_backoff_ms=200,
+                    **self._kafka.options(
+                        acks="all",
+                        enable_idempotence=True,
+                        request_timeout_ms=int(self._timeout * 1000),
+                        retry_backoff_ms=200,
+                    )
                 )
-                await producer.start()
+                try:
+                    await producer.start()
+                except BaseException:
+                    # A broker refusing us (credentials) or away: its connections go too.
+                    await producer.stop()
+                    raise
                 self._producer = producer
             return self._producer
 
@@ -80,20 +87,31 @@ class KafkaJobQueue:
 
 class InProcessJobQueue:
     """Without Kafka: jobs run in this process, `concurrency` at a time, and say they are
-    not durable (a restart loses those not finished)."""
+    not durable (a restart loses those not finished). At most `max_queued` wait; past
+    that a job is refused with 503 `overloaded` at submit rather than queued without bound."""
 
     durable = False
 
-    def __init__(self, processor: JobProcessor, concurrency: int = 8) -> None:
+    def __init__(self, processor: JobProcessor, concurrency: int = 8, max_queued: int = 1000) -> None:
         self._processor = processor
         self._concurrency = concurrency
-        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queued)
         self._workers: list[asyncio.Task[None]] = []
 
     async def send(self, job: Job) -> None:
         if not self._workers:
             self._workers = [asyncio.create_task(self._work()) for _ in range(self._concurrency)]
-        self._queue.put_nowait(job)
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise GatewayError(
+                503,
+                f"The in-process job queue is full ({self._queue.maxsize} jobs waiting); retry later.",
+                "service_unavailable",
+                "overloaded",
+                None,
+                "5",
+            ) from None
 
     async def _work(self) -> None:
         while True:

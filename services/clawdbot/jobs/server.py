@@ -11,7 +11,7 @@ from aiokafka.errors import KafkaError
 from clawdbot.common import topics
 from clawdbot.common.config import Config
 from clawdbot.common.errors import GatewayError
-from clawdbot.common.kafka import ensure_topics
+from clawdbot.common.kafka import KafkaEndpoint, ensure_topics
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost, internal_channel
 from clawdbot.gen.v1 import orchestrator_pb2_grpc, router_pb2_grpc
@@ -33,17 +33,24 @@ def create_server(config: Config) -> ServiceHost:
     if config.orchestrator.enabled:
         channels.append(internal_channel(f"{config.orchestrator.host}:{config.orchestrator.grpc_port}"))
         orchestrator = orchestrator_pb2_grpc.OrchestratorStub(channels[-1])
-    store = RedisJobStore(store_url(config), jobs.retention_s)
-    executor = JobExecutor(router_pb2_grpc.RouterStub(router_channel), store, jobs, orchestrator)
+    store = RedisJobStore(store_url(config), jobs.retention_s, config.redis)
+    executor = JobExecutor(
+        router_pb2_grpc.RouterStub(router_channel),
+        store,
+        jobs,
+        orchestrator,
+        max_request_bytes=config.gateway.max_request_bytes,
+    )
     processor = JobProcessor(executor, store, jobs)
-    consumer = JobConsumer(jobs, processor, registry=metrics.registry)
+    kafka = KafkaEndpoint.from_config(config)
+    consumer = JobConsumer(jobs, processor, registry=metrics.registry, kafka=kafka)
 
     async def consume() -> None:
         # Kafka may be restarting: keep trying, saying so, rather than die quietly.
         while True:
             try:
                 await ensure_topics(
-                    jobs.kafka_bootstrap, {topics.JOBS: jobs.partitions, topics.RESULTS: jobs.partitions, topics.DLQ: 1}
+                    kafka, {topics.JOBS: jobs.partitions, topics.RESULTS: jobs.partitions, topics.DLQ: 1}
                 )
                 await consumer.run()
                 return
@@ -58,6 +65,6 @@ def create_server(config: Config) -> ServiceHost:
         for channel in channels:
             await channel.close(grace=None)
 
-    host.in_background(consume)
+    host.in_background(consume, stop=consumer.stop)
     host.on_shutdown(close)
     return host

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Final, Protocol
 
 import redis.asyncio as redis
 
-from clawdbot.common.config import Config
-from clawdbot.common.errors import redis_available
+from clawdbot.common.config import Config, RedisConfig
+from clawdbot.common.errors import GatewayError, redis_available
+from clawdbot.common.redis_client import redis_blocking_pool
 from clawdbot.jobs.records import TERMINAL, Job
 
 _PREFIX: Final = "clawdbot:job:"
@@ -57,11 +59,11 @@ def _available() -> contextlib.AbstractAsyncContextManager[None]:
 class RedisJobStore:
     durable = True
 
-    def __init__(self, url: str, retention_s: float) -> None:
+    def __init__(self, url: str, retention_s: float, settings: RedisConfig | None = None) -> None:
         # A bounded pool that waits for a free connection: a burst of jobs queues briefly
         # instead of failing with "too many connections".
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=64, timeout=10, socket_timeout=5, socket_connect_timeout=5
+        pool = redis_blocking_pool(
+            url, settings, max_connections=64, timeout=10, socket_timeout=5, socket_connect_timeout=5
         )
         self._redis = redis.Redis(connection_pool=pool)
         self._retention = int(retention_s)
@@ -110,33 +112,75 @@ class RedisJobStore:
 
 
 class MemoryJobStore:
-    """For a mesh without Kafka: jobs live as long as the adapter process."""
+    """For a mesh without Kafka: jobs live in the adapter process, at most `max_jobs` of
+    them; a finished one is kept for `retention_s` after it finished. Full (of jobs not
+    finished or not yet expired): a new job is refused with 503 `overloaded`."""
 
     durable = False
 
-    def __init__(self) -> None:
+    def __init__(
+        self, max_jobs: int = 10_000, retention_s: float = 3600.0, clock: Callable[[], float] = time.time
+    ) -> None:
         self._jobs: dict[str, Job] = {}
         self._stored: dict[str, int] = {}
+        self._max = max_jobs
+        self._retention = retention_s
+        self._clock = clock
+
+    def _expired(self, job: Job, now: float) -> bool:
+        return job.status in TERMINAL and now - job.updated_at >= self._retention
+
+    def _drop(self, job_id: str) -> None:
+        del self._jobs[job_id]
+        self._stored.pop(job_id, None)
+
+    def _sweep(self, now: float) -> None:
+        # Cheap in the common case: the oldest jobs are first (insertion order) and are
+        # the first to expire. A full sweep only when that leaves the store full.
+        for job in list(self._jobs.values()):
+            if not self._expired(job, now):
+                break
+            self._drop(job.id)
+        if len(self._jobs) >= self._max:
+            for job in [j for j in self._jobs.values() if self._expired(j, now)]:
+                self._drop(job.id)
 
     async def create(self, job: Job) -> None:
+        self._sweep(self._clock())
+        if len(self._jobs) >= self._max:
+            raise GatewayError(
+                503,
+                f"This gateway holds its limit of {self._max} jobs in memory (no Kafka); retry later.",
+                "service_unavailable",
+                "overloaded",
+                None,
+                "5",
+            )
         self._jobs[job.id] = job
 
     async def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
+        job = self._jobs.get(job_id)
+        if job is not None and self._expired(job, self._clock()):
+            self._drop(job_id)
+            return None
+        return job
 
     async def list(self, api_key_id: str, limit: int) -> list[Job]:
+        self._sweep(self._clock())
         owned = [j for j in self._jobs.values() if j.api_key_id == api_key_id]
         return sorted(owned, key=lambda j: j.created_at, reverse=True)[:limit]
 
     async def update(self, job: Job) -> None:
-        job.updated_at = time.time()
+        job.updated_at = self._clock()
         self._jobs[job.id] = job
 
     async def finish(self, job: Job) -> bool:
-        current = self._jobs.get(job.id)
-        if current is not None and current.status in TERMINAL:
+        # The executor ran the very object stored here, so its status is terminal already:
+        # what says another delivery finished it first is a recorded finish, not the status
+        # (checking the status made every in-process finish "not stored": no callback ever).
+        if self._stored.get(job.id):
             return False
-        job.updated_at = time.time()
+        job.updated_at = self._clock()
         self._jobs[job.id] = job
         self._stored[job.id] = self._stored.get(job.id, 0) + 1
         return True

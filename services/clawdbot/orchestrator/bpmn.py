@@ -43,7 +43,8 @@ Supported, inside `bpmn:process`:
   (any failure: the task gets `on_error: continue`, and the steps on the error flow an
   `if` of `steps.<task>.status == 'failed'`).
 - `documentation` (the process's is the workflow description), `laneSet` (ignored), and
-  on the process `extensionElements/clawdbot:output`: the run's output template.
+  on the process `extensionElements/clawdbot:output`: the run's output template, and
+  `clawdbot:input`: what a run's input must be (the YAML workflow's `input`).
 
 Mapping: a step's `needs` are the tasks reached by walking its incoming flows backwards
 through gateways and events. Its `if` is when BPMN would reach it: the conditions on the
@@ -434,13 +435,14 @@ def _process(doc: _Document, process: ET.Element) -> Workflow:
                 reached = logic.all_of(reached, logic.atom("status", ident, frozenset({"succeeded"})))
         token.update(_leaving(doc, logic, element, outgoing[ident], reached))
 
-    extensions = _extensions(doc, process, ("output",))
+    extensions = _extensions(doc, process, ("output", "input"))
     description = " ".join(" ".join((d.text or "").split()) for d in process.findall(_B + "documentation"))
     try:
         workflow = Workflow(
             name=name,
             description=description,
             steps=tuple(steps),
+            input=extensions["input"][0] if "input" in extensions else None,
             output=extensions["output"][0] if "output" in extensions else None,
             source=doc.name,
         )

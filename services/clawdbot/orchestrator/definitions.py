@@ -4,6 +4,7 @@ the step and what is wrong; the good ones load regardless."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,9 +44,38 @@ class Step(_Strict):
     on_error: Literal["fail", "continue"] = "fail"
 
 
+InputType = Literal["object", "string", "array", "number", "integer", "boolean", "any"]
+
+
+class InputField(_Strict):
+    """One field of an object input."""
+
+    type: InputType = "any"
+    # `audio`: a base64-encoded audio file (a string), decoded within the body limit and
+    # checked within the audio bounds before the run starts.
+    format: Literal["audio"] | None = None
+
+
+class InputSpec(_Strict):
+    """What a run's `input` must be; a run given anything else is refused with a 400
+    naming `input` (or the field) before any step starts."""
+
+    type: InputType = "any"
+    # For an object: fields that must be present, and the type of those that are.
+    required: tuple[str, ...] = ()
+    properties: dict[str, InputField] = Field(default_factory=dict)
+
+
+# `input.<field>` in an expression: the workflow reads fields of its input, so the input
+# must be an object (a number or a string has no fields: every such read would be null).
+_INPUT_FIELD = re.compile(r"(?<![\w.$])input\s*\.")
+
+
 class Workflow(_Strict):
     name: str = Field(..., pattern=ID_PATTERN)
     description: str = ""
+    # What a run takes; not given: inferred from the expressions (see input_spec()).
+    input: InputSpec | None = None
     steps: tuple[Step, ...] = Field(..., min_length=1)
     # The run's output, as a template; by default the last step's output.
     output: Any = None
@@ -63,6 +93,19 @@ class Workflow(_Strict):
             named |= referenced_steps(step.when)
         return named
 
+    def input_spec(self) -> InputSpec:
+        """The declared input, or one inferred: an object when any expression reads a
+        field of `input`, anything otherwise."""
+        if self.input is not None:
+            return self.input
+        templates: list[Any] = [self.output]
+        for step in self.steps:
+            templates += [step.input, step.params]
+        expressions = [e for t in templates for e in expressions_in(t)]
+        expressions += [s.when for s in self.steps if s.when]
+        reads_fields = any(_INPUT_FIELD.search(e) for e in expressions)
+        return InputSpec(type="object" if reads_fields else "any")
+
     def graph(self) -> dict[str, Any]:
         return {
             "nodes": [{"id": s.id, "type": s.type, "if": s.when} for s in self.steps],
@@ -70,7 +113,13 @@ class Workflow(_Strict):
         }
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "object": "workflow", "description": self.description, "graph": self.graph()}
+        return {
+            "name": self.name,
+            "object": "workflow",
+            "description": self.description,
+            "input": self.input_spec().model_dump(),
+            "graph": self.graph(),
+        }
 
 
 class DefinitionError(ValueError):
@@ -78,6 +127,9 @@ class DefinitionError(ValueError):
 
 
 def check_workflow(workflow: Workflow) -> None:
+    spec = workflow.input
+    if spec is not None and spec.type != "object" and (spec.required or spec.properties):
+        raise DefinitionError(f"input: `required` and `properties` describe an object input, not {spec.type}")
     ids = [s.id for s in workflow.steps]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:

@@ -27,11 +27,14 @@ import grpc
 import orjson
 
 from clawdbot.cache.client import OPT_HEADER, ResponseCache
+from clawdbot.common.bounded import off_loop_if_large
+from clawdbot.common.config import GatewayConfig
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.telemetry import inject_headers
 from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
 from clawdbot.orchestrator.definitions import Catalog, Step, Workflow
 from clawdbot.orchestrator.expressions import ExpressionError, render, truthy
+from clawdbot.orchestrator.inputs import check_input
 from clawdbot.orchestrator.run_state import MemoryRunStore, RunStore
 from clawdbot.router.requests import BadAudio, model_request
 
@@ -101,9 +104,13 @@ class ModelCaller:
     """A model step's call: the cache, then the router, with the run's request metadata
     (so a step is cached exactly when the same request from a client would be)."""
 
-    def __init__(self, router: router_pb2_grpc.RouterStub, cache: ResponseCache | None = None) -> None:
+    def __init__(
+        self, router: router_pb2_grpc.RouterStub, cache: ResponseCache | None = None, *, max_request_bytes: int
+    ) -> None:
         self._router = router
         self._cache = cache
+        # gateway.max_request_bytes: what a transcription step's base64 audio may decode to.
+        self._max_request_bytes = max_request_bytes
 
     async def _complete(self, request: router_pb2.ModelRequest, timeout_s: float) -> router_pb2.ModelResponse:
         try:
@@ -118,10 +125,14 @@ class ModelCaller:
         self, meta: router_pb2.RequestMeta, task: str, body: dict[str, Any], timeout_s: float
     ) -> tuple[Any, str, str]:
         """(output, the instance that answered, the cache outcome)."""
+        file = body.get("file") if task == "transcription" else None
         try:
-            request = model_request(meta, task, body)
+            # Decoding a large file is CPU work: in a thread, so other runs go on meanwhile.
+            request = await off_loop_if_large(
+                len(file) if isinstance(file, str) else 0, model_request, meta, task, body, self._max_request_bytes
+            )
         except BadAudio as exc:
-            raise StepFailed({"message": str(exc), "code": "invalid_audio"}) from None
+            raise StepFailed(exc.error.to_dict()["error"]) from None
         if self._cache is None:
             reply = await self._complete(request, timeout_s)
         else:
@@ -139,11 +150,15 @@ class Engine:
         call_model: CallModel,
         retrieve: Retriever | None = None,
         runs: RunStore | None = None,
+        *,
+        limits: GatewayConfig | None = None,
     ) -> None:
         self._catalog = catalog
         self._call_model = call_model
         self._retrieve = retrieve
         self._runs: RunStore = runs or MemoryRunStore()
+        # The body and audio limits a run's input is held to, as on the model routes.
+        self._limits = limits or GatewayConfig()
 
     async def run(
         self,
@@ -163,6 +178,8 @@ class Engine:
             )
         if depth > MAX_DEPTH:
             raise GatewayError.bad_request(f"workflows nest deeper than {MAX_DEPTH} levels", "workflow")
+        # Before anything runs (or is held, or saved): a wrong input is the caller's 400.
+        await check_input(workflow, run_input, self._limits)
         sink = emit or (lambda event: None)
         if not run_id:
             return await self._run(workflow, run_input, meta, depth, "", {}, sink)
@@ -390,7 +407,9 @@ class _Run:
 
 
 # Failures a retry cannot mend: the step's request itself is wrong.
-_FINAL_CODES = frozenset({"invalid_audio", "invalid_expression", "empty_query", "no_retrieval", "workflow_not_found"})
+_FINAL_CODES = frozenset(
+    {"invalid_audio", "request_too_large", "invalid_expression", "empty_query", "no_retrieval", "workflow_not_found"}
+)
 
 
 def _retryable(error: dict[str, Any]) -> bool:

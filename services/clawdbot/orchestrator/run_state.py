@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import orjson
-import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from clawdbot.common.config import RedisConfig
 from clawdbot.common.errors import GatewayError, redis_available
+from clawdbot.common.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ def _available() -> contextlib.AbstractAsyncContextManager[None]:
 class RedisRunStore:
     durable = True
 
-    def __init__(self, url: str, retention_s: float, lease_s: float = 5.0) -> None:
-        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    def __init__(self, url: str, retention_s: float, lease_s: float = 5.0, settings: RedisConfig | None = None) -> None:
+        self._redis = redis_client(url, settings, socket_timeout=5, socket_connect_timeout=5)
         self._retention = int(retention_s)
         self._lease_ms = int(lease_s * 1000)
         self._renew = self._redis.register_script(_RENEW)

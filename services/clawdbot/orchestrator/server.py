@@ -86,7 +86,7 @@ def run_store(config: Config) -> RunStore:
     url = config.orchestrator.redis_url or (store_url(config) if config.jobs.over_kafka else "")
     if not url:
         return MemoryRunStore()
-    return RedisRunStore(url, config.orchestrator.run_retention_s, config.orchestrator.run_lease_s)
+    return RedisRunStore(url, config.orchestrator.run_retention_s, config.orchestrator.run_lease_s, config.redis)
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
@@ -186,7 +186,8 @@ def create_server(config: Config) -> ServiceHost:
     knowledge = Knowledge(config.orchestrator, router) if config.orchestrator.knowledge_dir else None
     watch = CatalogWatch(repo_path(config.orchestrator.workflows_dir))
     runs = run_store(config)
-    engine = Engine(lambda: watch.catalog, ModelCaller(router, cache), knowledge, runs)
+    caller = ModelCaller(router, cache, max_request_bytes=config.gateway.max_request_bytes)
+    engine = Engine(lambda: watch.catalog, caller, knowledge, runs, limits=config.gateway)
     servicer = OrchestratorServicer(watch, engine)
     orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, host.grpc_server)
     host.add_service_name("clawdbot.v1.Orchestrator")

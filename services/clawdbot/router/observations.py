@@ -24,7 +24,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from clawdbot.common import topics
-from clawdbot.common.kafka import ensure_topics
+from clawdbot.common.kafka import KafkaEndpoint, ensure_topics
 from clawdbot.common.metrics import Metrics
 from clawdbot.gen.v1 import monitor_pb2, monitor_pb2_grpc
 from clawdbot.router.registry import Instance
@@ -67,8 +67,8 @@ class Observation:
 
 
 class TelemetryPublisher:
-    def __init__(self, bootstrap: str, metrics: Metrics) -> None:
-        self._bootstrap = bootstrap
+    def __init__(self, kafka: str | KafkaEndpoint, metrics: Metrics) -> None:
+        self._kafka = KafkaEndpoint.of(kafka)
         self._queue: asyncio.Queue[Observation] = asyncio.Queue(QUEUE_LIMIT)
         self.dropped = Counter(
             "clawdbot_telemetry_dropped",
@@ -89,9 +89,9 @@ class TelemetryPublisher:
         """Send until cancelled; reconnect (quietly after the first complaint) when Kafka goes."""
         complained = False
         while True:
-            producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks=1, linger_ms=50)
+            producer = AIOKafkaProducer(**self._kafka.options(acks=1, linger_ms=50))
             try:
-                await ensure_topics(self._bootstrap, {topics.TELEMETRY: PARTITIONS})
+                await ensure_topics(self._kafka, {topics.TELEMETRY: PARTITIONS})
                 await producer.start()
                 complained = False
                 await self._send_forever(producer)

@@ -29,6 +29,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from clawdbot.common.config import Config, StrategyWeights, config_path
 from clawdbot.common.errors import GatewayError, internal_error
+from clawdbot.common.kafka import KafkaEndpoint
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost, internal_channel
@@ -100,12 +101,24 @@ def _describe(span: trace.Span, meta: router_pb2.RequestMeta) -> None:
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
+    """Trust: `meta.api_key_id` (and the rest of RequestMeta) is taken as the caller says,
+    for rules, spend, cost metrics and feedback. That is sound only because every call
+    reaching this servicer has passed ServiceHost's InternalAuthInterceptor: the caller is a
+    service of the mesh holding the internal credential: the adapter, which sets the key id
+    from the API key it authenticated, or jobs and the orchestrator, which pass on the key
+    id the adapter recorded. A caller without the credential is refused before any method
+    runs, so nothing outside the mesh can choose a key id."""
+
     def __init__(self, config: Config, connectors: Mapping[str, Connector], metrics: Metrics) -> None:
         self._connectors = connectors
         self._metrics = metrics
         self._tracer = trace.get_tracer("clawdbot.router")
         self._stats = StatsStore()
-        self._quality = QualityBook(config.model_router.quality_prior_weight)
+        self._quality = QualityBook(
+            config.model_router.quality_prior_weight,
+            config.model_router.feedback_remember,
+            config.model_router.feedback_window_s,
+        )
         # On demand: a request still on an old snapshot may retry an instance whose state
         # was already forgotten; it gets a fresh breaker rather than a KeyError.
         self._breaker_config = config.model_router.breaker
@@ -302,7 +315,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         observation.input_tokens, observation.output_tokens, observation.cost_usd = prompt, completion, cost
         observation.latency_s = time.time() - observation.started_at
         self._publish(observation)
-        self._quality.answered(meta.request_id, instance.id, task)
+        self._quality.answered(meta.request_id, instance.id, task, meta.api_key_id)
         return cost
 
     # --- RPCs ------------------------------------------------------------------------
@@ -456,7 +469,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 raise GatewayError.bad_request("Missing required parameter: 'request_id'.", "request_id")
             if not math.isfinite(request.score):
                 raise GatewayError.bad_request("'score' must be a number between 0 and 1.", "score")
-            instance_id, task = self._quality.rate(request.request_id, request.score)
+            # The key id in meta is the adapter's, from the caller's authentication.
+            instance_id, task = self._quality.rate(request.request_id, request.score, request.meta.api_key_id)
         except GatewayError as err:
             await err.abort(context)
             raise
@@ -636,7 +650,7 @@ def create_server(config: Config, config_source: Path | None = None) -> ServiceH
         host.in_background(lambda: servicer.health.watch(health, watcher))
         host.on_shutdown(lambda: health_channel.close(grace=None))
     if config.jobs.over_kafka:
-        servicer.telemetry = TelemetryPublisher(config.jobs.kafka_bootstrap, metrics)
+        servicer.telemetry = TelemetryPublisher(KafkaEndpoint.from_config(config), metrics)
         host.in_background(servicer.telemetry.run)
     elif config.health.enabled:
         servicer.telemetry = ReportingPublisher(health, metrics)

@@ -15,19 +15,23 @@ import json
 import logging
 import os
 import random
-import secrets
 import shutil
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
+from pydantic import BaseModel
 
 from clawdbot.common.config import REPO_ROOT, Config, ConfigError, config_path, dump_config, load_config
+from clawdbot.common.internal_auth import TOKEN_ENV
 from clawdbot.common.kafka import broker_ready
 from clawdbot.common.logging import ENVOY_LOG_FORMAT, setup_logging
+from clawdbot.common.redis_client import redis_credentials
+from clawdbot.common.secret_files import StateSecret, env_or_state_secret, write_private
 from clawdbot.common.service import run_service
 from clawdbot.router.reload import MODEL_URLS_ENV, SOURCE_CONFIG_ENV
 from clawdbot.runner import envoy_config, kafka, prometheus
@@ -77,20 +81,91 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
-def ensure_api_key(state_dir: Path) -> tuple[str, bool]:
-    """CLAWDBOT_API_KEY, or the stored key, or a new one stored with mode 0600."""
-    from_env = os.environ.get("CLAWDBOT_API_KEY", "").strip()
-    if from_env:
-        return from_env, False
-    key_file = state_dir / "api_key"
-    if key_file.exists():
-        return key_file.read_text().strip(), False
-    state_dir.mkdir(parents=True, exist_ok=True)
-    key = "cb-" + secrets.token_urlsafe(32)
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
-    return key, True
+API_KEY_ENV = "CLAWDBOT_API_KEY"
+# The services of the mesh (each a `python -m clawdbot.<role>`).
+SERVICES = frozenset({"adapter", "router", "cache", "worker", "health", "jobs", "orchestrator"})
+# Which services read the secrets whose variables a config section names (`*_env`
+# fields); a section not listed names shared infrastructure's (Redis, Kafka), which every
+# service may be a client of.
+_SECRET_READERS: dict[str, frozenset[str]] = {
+    "models": frozenset({"router"}),
+    "cache": frozenset({"cache"}),
+    "orchestrator": frozenset({"orchestrator"}),
+    "jobs": frozenset({"jobs", "adapter"}),
+    "auth": frozenset({"adapter"}),
+}
+
+
+@dataclass(frozen=True)
+class RunnerSecrets:
+    """Each from its variable, else from a 0600 file in the state directory, made once."""
+
+    api_key: StateSecret
+    internal_token: StateSecret
+    callback_secret: StateSecret
+
+    @classmethod
+    def load(cls, config: Config, state_dir: Path) -> RunnerSecrets:
+        return cls(
+            api_key=env_or_state_secret(API_KEY_ENV, state_dir / "api_key", prefix="cb-"),
+            internal_token=env_or_state_secret(TOKEN_ENV, state_dir / "internal_token"),
+            callback_secret=env_or_state_secret(config.jobs.callback_secret_env, state_dir / "callback_secret"),
+        )
+
+
+def secret_env_names(config: Config) -> dict[str, set[str]]:
+    """Per top-level config section, the variables its `*_env` fields name."""
+    found: dict[str, set[str]] = {}
+
+    def walk(section: str, value: object) -> None:
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                item = getattr(value, name)
+                if name.endswith("_env") and isinstance(item, str):
+                    if item:
+                        found.setdefault(section, set()).add(item)
+                else:
+                    walk(section, item)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                walk(section, item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(section, item)
+
+    for section in Config.model_fields:
+        walk(section, getattr(config, section))
+    return found
+
+
+def child_secrets(config: Config, secrets: RunnerSecrets, role: str) -> dict[str, str]:
+    """The secret variables a child of this role gets (every other one is withheld from it,
+    see all_secret_names): the internal credential for every service and Envoy; the API
+    key for the adapter alone; the callback secret for the adapter and the job consumers;
+    provider keys for the router; each section's other credentials for its readers."""
+    given: dict[str, str] = {}
+    if role in SERVICES or role == "envoy":
+        given[TOKEN_ENV] = secrets.internal_token.value
+    if role == "adapter":
+        given[API_KEY_ENV] = secrets.api_key.value
+    if role in ("adapter", "jobs"):
+        given[config.jobs.callback_secret_env] = secrets.callback_secret.value
+    if role in SERVICES:
+        for section, names in secret_env_names(config).items():
+            readers = _SECRET_READERS.get(section)
+            if readers is None or role in readers:
+                given |= {name: os.environ[name] for name in names if name in os.environ and name not in given}
+    return given
+
+
+def all_secret_names(config: Config) -> frozenset[str]:
+    """Every secret variable the runner knows of: withheld from every child's inherited
+    environment, so that each gets only those child_secrets hands it. A provider key for a
+    model added by a later reload is not known here: the router (and the others) inherit it."""
+    names = {API_KEY_ENV, TOKEN_ENV, config.jobs.callback_secret_env}
+    for found in secret_env_names(config).values():
+        names |= found
+    return frozenset(names)
 
 
 def with_ephemeral_ports(config: Config) -> Config:
@@ -130,11 +205,34 @@ def local_redis(config: Config) -> tuple[str, int] | None:
     return "127.0.0.1", url.port or 6379
 
 
+def _redis_quoted(value: str) -> str:
+    """A value for redis.conf that survives its parser whatever it holds (quotes, spaces)."""
+    return '"' + "".join(f"\\x{byte:02x}" for byte in value.encode()) + '"'
+
+
+def write_redis_auth(path: Path, username: str | None, password: str) -> Path:
+    """A redis.conf fragment, mode 0600, that makes the local Redis require the password:
+    `requirepass`, or with a user name an ACL user of that name (and the default user off)."""
+    if username:
+        lines = ["user default off", f"user {_redis_quoted(username)} on {_redis_quoted('>' + password)} ~* &* +@all"]
+    else:
+        lines = [f"requirepass {_redis_quoted(password)}"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
 def local_kafka(config: Config) -> tuple[str, int] | None:
     """(host, port) of the Kafka broker the runner should start for the jobs, if any."""
     jobs = config.jobs
     host, _, port = jobs.kafka_bootstrap.rpartition(":")
-    if not (jobs.enabled and jobs.run_kafka and host in ("127.0.0.1", "localhost") and port.isdigit()):
+    # The local broker speaks PLAINTEXT only: with SASL or TLS configured, the broker at
+    # that address is the operator's to run.
+    plaintext = config.kafka.security_protocol == "PLAINTEXT"
+    if not (jobs.enabled and jobs.run_kafka and plaintext and host in ("127.0.0.1", "localhost") and port.isdigit()):
         return None
     return "127.0.0.1", int(port)
 
@@ -146,15 +244,19 @@ def local_model_urls(config: Config) -> dict[str, str]:
 
 
 class Runner:
-    def __init__(self, config: Config, source: Path, state_dir: Path, api_key: str, ready_file: Path | None) -> None:
+    def __init__(
+        self, config: Config, source: Path, state_dir: Path, secrets: RunnerSecrets, ready_file: Path | None
+    ) -> None:
         self.config = config
         self.source = source
         self.state_dir = state_dir
-        self.api_key = api_key
+        self.secrets = secrets
+        self.api_key = secrets.api_key.value
         self.ready_file = ready_file
-        self.supervisor = Supervisor(on_change=self.write_ready_file)
+        self.supervisor = Supervisor(on_change=self.write_ready_file, withhold=all_secret_names(config))
         self.run_dir = state_dir / "run"
-        self.url = f"http://{config.gateway.host}:{config.gateway.port}"
+        scheme = "https" if config.gateway.tls.enabled else "http"
+        self.url = f"{scheme}://{config.gateway.host}:{config.gateway.port}"
         # The ready file promises a working mesh: written once all of it serves, and
         # rewritten after each restart (pids change).
         self.up = False
@@ -165,7 +267,7 @@ class Runner:
     def _service_child(self, name: str, grpc_port: int, config_file: Path, module: str = "") -> Child:
         env = {
             "CLAWDBOT_CONFIG": str(config_file),
-            "CLAWDBOT_API_KEY": self.api_key,
+            **child_secrets(self.config, self.secrets, (module or f"clawdbot.{name}").rsplit(".", 1)[1]),
             # Reloads re-read the user's file, with the local models where the runner put them.
             SOURCE_CONFIG_ENV: str(self.source),
             MODEL_URLS_ENV: json.dumps(local_model_urls(self.config)),
@@ -234,7 +336,7 @@ class Runner:
             ports = {"grpc_port": free_port(), "http_port": free_port()} if index > 1 else {}
             own = self.config.model_copy(update={"jobs": jobs.model_copy(update=ports)})
             own_file = self.run_dir / f"clawdbot.jobs-{index}.yaml"
-            own_file.write_text(dump_config(own))
+            write_private(own_file, dump_config(own))
             child = self._service_child(f"jobs-{index}", own.jobs.grpc_port, own_file, module="clawdbot.jobs")
             self.jobs_http_ports.append(own.jobs.http_port)
             await self.supervisor.launch(child)
@@ -278,8 +380,13 @@ class Runner:
                 persistence = (
                     ["--appendonly", "yes", "--appendfsync", "everysec"] if keeps_jobs else ["--appendonly", "no"]
                 )
-                argv = [binary, "--bind", host, "--port", str(port), "--save", "", *persistence]
-                await self.supervisor.launch(Child("redis", [*argv, "--dir", str(data_dir)], redis_pong(host, port)))
+                username, password = redis_credentials(self.config.redis)
+                # The password goes in a 0600 file (the first argument is a config file),
+                # never on the command line, where `ps` shows it to every local user.
+                auth = [str(write_redis_auth(self.run_dir / "redis-auth.conf", username, password))] if password else []
+                argv = [binary, *auth, "--bind", host, "--port", str(port), "--save", "", *persistence]
+                ready = redis_pong(host, port, password, username)
+                await self.supervisor.launch(Child("redis", [*argv, "--dir", str(data_dir)], ready))
         if self.config.cache.enabled:
             await self.supervisor.launch(self._service_child("cache", self.config.cache.grpc_port, config_file))
 
@@ -326,7 +433,11 @@ class Runner:
             "1000",
         ]
         # Ready when a request through the public port reaches a healthy adapter.
-        return Child("envoy", argv, http_ok(f"{self.url}/healthz"), before_stop=drain, stop_timeout_s=15)
+        ready = http_ok(f"{self.url}/healthz", verify_tls=False)
+        # Envoy reads the internal credential from its environment when it adds it to
+        # requests (%ENVIRONMENT(...)% in the template): it is never written to envoy.yaml.
+        env = child_secrets(self.config, self.secrets, "envoy")
+        return Child("envoy", argv, ready, env, before_stop=drain, stop_timeout_s=15)
 
     def write_ready_file(self) -> None:
         if self.ready_file is None or not self.up:
@@ -348,6 +459,8 @@ class Runner:
                 "cache_grpc": self.config.cache.grpc_port,
                 "orchestrator_grpc": self.config.orchestrator.grpc_port,
                 "health_grpc": self.config.health.grpc_port,
+                # The first job consumer's (0: jobs run in the adapter, no consumer runs).
+                "jobs_grpc": self.config.jobs.grpc_port if self.config.jobs.over_kafka else 0,
                 "health_http": self.config.health.http_port,
                 "cache_http": self.config.cache.http_port,
                 "redis": urlsplit(self.config.cache.redis_url).port or 0,
@@ -355,9 +468,8 @@ class Runner:
                 "prometheus": self.prometheus_port or 0,
             },
         }
-        tmp = self.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, self.ready_file)
+        # It holds the API key.
+        write_private(self.ready_file, json.dumps(info, indent=2))
 
     async def run(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -369,7 +481,8 @@ class Runner:
         try:
             await self._launch_kafka()
             self._place_local_state()
-            config_file.write_text(dump_config(self.config))
+            # Mode 0600: a Redis or Kafka URL in the configuration may carry a password.
+            write_private(config_file, dump_config(self.config))
             await self._launch_cache(config_file)
             if self.config.worker.models:
                 await self.supervisor.launch(self._service_child("worker", self.config.worker.grpc_port, config_file))
@@ -393,7 +506,8 @@ class Runner:
         print(
             f"\nClawdbot is up: {self.url}  (gRPC: {self.config.gateway.host}:{self.config.gateway.port})", flush=True
         )
-        print(f"API key: {self.api_key}", flush=True)
+        # Where the key is, not the key: this output ends up in logs (docker logs, CI).
+        print(f"API key: {self.secrets.api_key.where()}", flush=True)
         if self.prometheus_port:
             print(f"Prometheus: http://127.0.0.1:{self.prometheus_port}", flush=True)
         print("Ctrl-C stops everything.\n", flush=True)
@@ -425,11 +539,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.ephemeral_ports:
         config = with_ephemeral_ports(config)
     state_dir = args.state_dir.resolve()
-    api_key, created = ensure_api_key(state_dir)
-    if created:
-        print(f"Generated an API key and stored it in {state_dir / 'api_key'} (mode 0600).", flush=True)
+    try:
+        secrets = RunnerSecrets.load(config, state_dir)
+    except (ConfigError, OSError) as exc:
+        print(f"clawdbot: {exc}", file=sys.stderr)
+        return 2
+    if secrets.api_key.source == "generated":
+        # Once, on the first run: afterwards only where it is stored is printed.
+        print(
+            f"Generated an API key and stored it in {secrets.api_key.path} (mode 0600): {secrets.api_key.value}",
+            flush=True,
+        )
+    log.info(
+        "secrets",
+        extra={
+            "api_key": secrets.api_key.where(),
+            "internal_token": secrets.internal_token.where(),
+            "callback_secret": secrets.callback_secret.where(),
+        },
+    )
     source = (args.config or config_path()).resolve()
-    runner = Runner(config, source, state_dir, api_key, args.ready_file.resolve() if args.ready_file else None)
+    runner = Runner(config, source, state_dir, secrets, args.ready_file.resolve() if args.ready_file else None)
     if args.prometheus:
         runner.prometheus_port = free_port() if args.ephemeral_ports else prometheus.DEFAULT_PORT
     result = 1

@@ -26,6 +26,17 @@ DEFAULT_DESCRIPTOR = REPO_ROOT / "envoy" / "clawdbot.pb"
 _DETAIL = "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"
 # For statuses not listed in local_reply_errors().
 _FALLBACK_ERROR = ("api_error", "%RESPONSE_CODE_DETAILS%", f"Gateway error: {_DETAIL}")
+# How Envoy marks a request it refused for load: response flag UO, a circuit breaker on
+# the adapter cluster overflowed; OM, the overload manager reset a stream; and code
+# details "overload", the overload manager's stop_accepting_requests (which sets no flag,
+# checked with Envoy 1.40). Their 503 is `overloaded`, with Retry-After, like the
+# services' own.
+OVERLOAD_FLAGS = ("UO", "OM")
+OVERLOAD_DETAILS = "overload"
+OVERLOAD_ERROR = ("service_unavailable", "overloaded", f"The gateway is overloaded, retry later: {_DETAIL}")
+# New streams Envoy starts per connection per event-loop pass (HTTP/2 rapid-reset and
+# pipelining floods): the rest wait a pass, so one connection cannot starve the others.
+MAX_REQUESTS_PER_IO_CYCLE = 10
 
 
 def local_reply_errors(max_request_bytes: int) -> dict[int, tuple[str, str, str]]:
@@ -71,6 +82,15 @@ class EnvoyParams:
     ws_idle_timeout_s: float = 3600
     enable_rest: bool = True  # False: no transcoder; REST paths get an OpenAI-shaped 404
     enable_ws: bool = True  # False: no /v1/ws route
+    # Overload manager and circuit breakers (see GatewayConfig for what each bounds).
+    max_heap_size_bytes: int = 1024 * 1024 * 1024
+    max_connections: int = 50_000
+    max_upstream_requests: int = 10_000
+    max_pending_requests: int = 1_000
+    overload_retry_after_s: int = 1
+    # TLS on the public listener when both are set (absolute paths of PEM files).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     # A second listener on listen_host serving only GET /stats/prometheus and /ready from
     # the admin API, for Prometheus and Kubernetes probes; 0: none (the local runner's
     # Prometheus reads the admin port on loopback). Left out of the rendered header, which
@@ -92,8 +112,24 @@ class EnvoyParams:
             request_timeout_s=config.gateway.request_timeout_s,
             enable_rest="rest" in config.adapter.types,
             enable_ws="ws" in config.adapter.types,
+            max_heap_size_bytes=config.gateway.max_heap_size_bytes,
+            max_connections=config.gateway.max_connections,
+            max_upstream_requests=config.gateway.max_upstream_requests,
+            max_pending_requests=config.gateway.max_pending_requests,
+            overload_retry_after_s=config.gateway.overload_retry_after_s,
+            tls_cert_file=config.gateway.tls.cert_file,
+            tls_key_file=config.gateway.tls.key_file,
             **overrides,
         )
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    @property
+    def scheme(self) -> str:
+        """How clients reach the public listener: https with TLS, else http."""
+        return "https" if self.tls else "http"
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "admin_port", "adapter_grpc_port", "adapter_http_port"):
@@ -109,9 +145,18 @@ class EnvoyParams:
         for name in ("request_timeout_s", "ws_idle_timeout_s"):
             if getattr(self, name) < 0.001:
                 raise ValueError(f"{name} must be at least 1 ms")
-        if not Path(self.descriptor_path).is_absolute():
-            # Envoy resolves relative paths against its working directory, not this repo.
-            raise ValueError(f"descriptor_path must be absolute, got {self.descriptor_path}")
+        for name in ("max_heap_size_bytes", "max_connections", "max_upstream_requests", "max_pending_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.overload_retry_after_s < 1:
+            raise ValueError(f"overload_retry_after_s must be at least 1, got {self.overload_retry_after_s}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        # Envoy resolves relative paths against its working directory, not this repo.
+        for name in ("descriptor_path", "tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            if (path or name == "descriptor_path") and not Path(path).is_absolute():
+                raise ValueError(f"{name} must be absolute, got {path}")
 
 
 def _duration(seconds: float) -> str:
@@ -166,29 +211,56 @@ def _status_is(status: int) -> list[str]:
     ]
 
 
-def _mapper(filter_lines: list[str], body_format: list[str]) -> list[str]:
-    return [
+def _mapper(filter_lines: list[str], body_format: list[str], headers_to_add: dict[str, str] | None = None) -> list[str]:
+    lines = [
         "- filter:",
         *("    " + line for line in filter_lines),
         "  body_format_override:",
         *("    " + line for line in body_format),
     ]
+    if headers_to_add:
+        lines.append("  headers_to_add:")
+        for key, value in headers_to_add.items():
+            lines += [
+                "    - header:",
+                f"        key: {_yaml_str(key)}",
+                f"        value: {_yaml_str(value)}",
+                "      append_action: OVERWRITE_IF_EXISTS_OR_ADD",
+            ]
+    return lines
+
+
+def _and(*filters: list[str]) -> list[str]:
+    lines = ["and_filter:", "  filters:"]
+    for filter_lines in filters:
+        lines += ["    - " + filter_lines[0], *("      " + line for line in filter_lines[1:])]
+    return lines
 
 
 def _local_reply_mappers(params: EnvoyParams, indent: int) -> str:
-    # Envoy refuses an upgrade anywhere but /v1/ws with a bare 403 "upgrade_failed"; say
-    # what is actually wrong. Mappers are tried in order, so this one goes first.
-    status_403 = _status_is(403)
-    upgrade_filter = [
-        "and_filter:",
+    # Mappers are tried in order: the specific ones before the one per status.
+    # A 503 for load (not, say, an adapter that is down) says so and when to come back.
+    for_load = [
+        "or_filter:",
         "  filters:",
-        "    - " + status_403[0],
-        *("      " + line for line in status_403[1:]),
-        "    - header_filter:",
-        "        header: { name: upgrade, present_match: true }",
+        f"    - response_flag_filter: {{ flags: [{', '.join(OVERLOAD_FLAGS)}] }}",
+        "    - extension_filter:",
+        "        name: envoy.access_loggers.extension_filters.cel",
+        "        typed_config:",
+        '          "@type": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter',
+        f"          expression: {_yaml_str(f'response.code_details == {_yaml_str(OVERLOAD_DETAILS)}')}",
     ]
-    where = "only served on /v1/ws" if params.enable_ws else "disabled on this gateway"
+    overload_filter = _and(_status_is(503), for_load)
     lines = _mapper(
+        overload_filter,
+        _openai_error_format(*OVERLOAD_ERROR),
+        {"retry-after": str(params.overload_retry_after_s)},
+    )
+    # Envoy refuses an upgrade anywhere but /v1/ws with a bare 403 "upgrade_failed"; say
+    # what is actually wrong.
+    upgrade_filter = _and(_status_is(403), ["header_filter:", "  header: { name: upgrade, present_match: true }"])
+    where = "only served on /v1/ws" if params.enable_ws else "disabled on this gateway"
+    lines += _mapper(
         upgrade_filter,
         _openai_error_format(
             "invalid_request_error",
@@ -225,7 +297,7 @@ def _select_features(text: str, enabled: dict[str, bool]) -> str:
 def render(params: EnvoyParams) -> str:
     """The bootstrap YAML for params."""
     template = TEMPLATE_PATH.read_text()
-    features = {"rest": params.enable_rest, "ws": params.enable_ws, "stats": params.stats_port > 0}
+    features = {"rest": params.enable_rest, "ws": params.enable_ws, "stats": params.stats_port > 0, "tls": params.tls}
     selected = _select_features(template, features)
     header = f"# Generated from envoy/envoy.yaml.tmpl by clawdbot.runner.envoy_config: edit those.\n# {params}\n\n"
     return header + Template(selected).substitute(
@@ -240,6 +312,13 @@ def render(params: EnvoyParams) -> str:
         adapter_cluster_type="STATIC" if _is_ip(params.adapter_host) else "STRICT_DNS",
         descriptor_path=_yaml_str(params.descriptor_path),
         max_request_bytes=params.max_request_bytes,
+        max_heap_size_bytes=params.max_heap_size_bytes,
+        max_connections=params.max_connections,
+        max_upstream_requests=params.max_upstream_requests,
+        max_pending_requests=params.max_pending_requests,
+        max_requests_per_io_cycle=MAX_REQUESTS_PER_IO_CYCLE,
+        tls_cert_file=_yaml_str(params.tls_cert_file),
+        tls_key_file=_yaml_str(params.tls_key_file),
         request_timeout=_duration(params.request_timeout_s),
         ws_idle_timeout=_duration(params.ws_idle_timeout_s),
         local_reply_mappers=_local_reply_mappers(params, indent=20),

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -31,6 +31,7 @@ def _die_with_parent() -> None:
 
 
 def grpc_serving(target: str) -> ReadyCheck:
+    # grpc.health.v1 is exempt from the internal credential: a plain channel will do.
     async def check() -> bool:
         async with grpc.aio.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -43,12 +44,16 @@ def grpc_serving(target: str) -> ReadyCheck:
     return check
 
 
-def http_ok(url: str) -> ReadyCheck:
+def http_ok(url: str, verify_tls: bool = True) -> ReadyCheck:
+    """Ready when GET url answers 200. verify_tls=False: for a child of ours serving HTTPS
+    with a certificate made for its public name (or a private CA), which the address we
+    probe it on would not match; whether it serves is all this asks."""
+
     async def check() -> bool:
         try:
             async with (
                 aiohttp.ClientSession() as session,
-                session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as resp,
+                session.get(url, ssl=verify_tls, timeout=aiohttp.ClientTimeout(total=2.0)) as resp,
             ):
                 return resp.status == 200
         except (TimeoutError, aiohttp.ClientError):
@@ -57,8 +62,18 @@ def http_ok(url: str) -> ReadyCheck:
     return check
 
 
-def redis_pong(host: str, port: int) -> ReadyCheck:
-    """Ready when the server answers PING (inline command, so no client library needed)."""
+def _resp(*parts: str) -> bytes:
+    """One command in Redis's protocol: arguments may hold any byte (a password's spaces)."""
+    encoded = [part.encode() for part in parts]
+    return f"*{len(encoded)}\r\n".encode() + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in encoded)
+
+
+def redis_pong(host: str, port: int, password: str | None = None, username: str | None = None) -> ReadyCheck:
+    """Ready when the server answers PING (no client library needed); with a password,
+    after AUTH succeeds, so a Redis refusing our credentials is never taken for ready."""
+    auth = b""
+    if password:
+        auth = _resp("AUTH", username, password) if username else _resp("AUTH", password)
 
     async def check() -> bool:
         try:
@@ -66,8 +81,10 @@ def redis_pong(host: str, port: int) -> ReadyCheck:
         except (OSError, TimeoutError):
             return False
         try:
-            writer.write(b"PING\r\n")
+            writer.write(auth + _resp("PING"))
             await writer.drain()
+            if auth and not (await asyncio.wait_for(reader.readline(), 2.0)).startswith(b"+OK"):
+                return False
             return (await asyncio.wait_for(reader.readline(), 2.0)).startswith(b"+PONG")
         except (OSError, TimeoutError):
             return False
@@ -96,8 +113,11 @@ class Child:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    async def start(self) -> None:
-        env = {**os.environ, **self.env}
+    async def start(self, withhold: Collection[str] = ()) -> None:
+        """Start with the runner's environment, less the variables in withhold (secrets
+        this child is not meant to have), plus its own env."""
+        env = {name: value for name, value in os.environ.items() if name not in withhold}
+        env.update(self.env)
         # Children inherit stdout/stderr: their JSON logs go where the runner's go.
         # A session of its own: Ctrl-C reaches only the runner, which stops children in order.
         self.process = await asyncio.create_subprocess_exec(
@@ -155,15 +175,18 @@ class Supervisor:
     BACKOFF_MAX_S = 30.0
     STABLE_AFTER_S = 60.0
 
-    def __init__(self, on_change: Callable[[], None]) -> None:
+    def __init__(self, on_change: Callable[[], None], withhold: Collection[str] = ()) -> None:
         self.children: list[Child] = []
+        # Secret variables no child inherits from the runner: each gets the ones it needs
+        # in its own env.
+        self._withhold = frozenset(withhold)
         self._on_change = on_change
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
 
     async def launch(self, child: Child) -> None:
         self.children.append(child)
-        await child.start()
+        await child.start(self._withhold)
         await child.wait_ready()
         self._on_change()
         self._watchers.append(asyncio.create_task(self._watch(child)))
@@ -187,7 +210,7 @@ class Supervisor:
             if self._stopping:
                 return
             child.restarts += 1
-            await child.start()
+            await child.start(self._withhold)
             try:
                 await child.wait_ready()
             except RuntimeError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Final
 
+from clawdbot.common.audio_bounds import MIN_SECONDS
 from clawdbot.common.errors import GatewayError
 from clawdbot.worker.audio import AudioError, AudioTooLong, decode_wav, resample
 from clawdbot.worker.runtimes.sphinx import Sphinx
@@ -52,5 +53,11 @@ class TranscriptionTask:
                 f"The audio file could not be decoded: {exc}", "file", "invalid_audio"
             ) from exc
         duration = round(len(samples) / rate, 3)
+        if len(samples) / rate < MIN_SECONDS:
+            raise GatewayError.bad_request(
+                f"The audio is {len(samples) / rate:.4f} seconds long; at least {MIN_SECONDS:g} seconds are needed.",
+                "file",
+                "invalid_audio",
+            )
         text = self._runtime.transcribe(resample(samples, rate, self._runtime.sample_rate))
         return text, duration

@@ -37,6 +37,7 @@ from clawdbot.adapter.protocols.base import (
     routing_headers,
 )
 from clawdbot.adapter.transcripts import render_transcription
+from clawdbot.common.bounded import off_loop_if_large
 from clawdbot.common.errors import GatewayError, internal_error
 from clawdbot.gen.v1 import gateway_pb2, router_pb2
 
@@ -77,6 +78,7 @@ class RestProtocol:
 
     def install(self, ctx: ProtocolContext) -> None:
         self._gateway = ctx.gateway
+        self._max_audio_seconds = ctx.config.gateway.max_audio_seconds
         servicer = ctx.servicer
         # The generated add_GatewayServicer_to_server reads these attributes by name.
         servicer.ChatCompletionsHttp = self.chat_completions  # type: ignore[method-assign]
@@ -96,6 +98,18 @@ class RestProtocol:
         servicer.ReloadHttp = self.reload  # type: ignore[method-assign]
         servicer.HealthHttp = self.health  # type: ignore[method-assign]
         servicer.InstancesHttp = self.instances  # type: ignore[method-assign]
+        # Calls refused by admission control are answered here too, or the transcoder
+        # would turn them into its own error shape instead of OpenAI's.
+        ctx.host.admission.refusal = self._refused
+
+    async def _refused(
+        self, method: str, context: grpc.aio.ServicerContext, err: GatewayError
+    ) -> httpbody_pb2.HttpBody | None:
+        # Only the REST (*Http) methods answer errors as a body; typed gRPC callers get
+        # the gRPC status (and the error in trailing metadata).
+        if not method.endswith("Http"):
+            return None
+        return await self._error(context, err)
 
     async def _error(self, context: grpc.aio.ServicerContext, err: GatewayError) -> httpbody_pb2.HttpBody:
         headers = [(STATUS_HEADER, str(err.status))]
@@ -160,15 +174,16 @@ class RestProtocol:
         context: grpc.aio.ServicerContext,
         work: Callable[[router_pb2.RequestMeta], Awaitable[httpbody_pb2.HttpBody]],
         public: bool = False,
+        admin: bool = False,
     ) -> httpbody_pb2.HttpBody:
-        """Auth (unless public), span, metrics and OpenAI-shaped errors around one unary
-        REST call."""
+        """Auth (unless public; the admin role when `admin`), span, metrics and
+        OpenAI-shaped errors around one unary REST call."""
         started = time.perf_counter()
         headers = metadata_dict(context)
         status = 200
         with self._gateway.span(route, headers, "rest"):
             try:
-                return await work(self._gateway.accept(headers, "rest", context.peer(), public=public))
+                return await work(self._gateway.accept(headers, "rest", context.peer(), public=public, admin=admin))
             except GatewayError as err:
                 status = err.status
                 return await self._error(context, err)
@@ -201,7 +216,10 @@ class RestProtocol:
         self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
     ) -> httpbody_pb2.HttpBody:
         async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
-            parsed, response_format = parse_transcription(request.content_type, request.data)
+            # A large upload's MIME parsing runs in a thread, so it holds up no other request.
+            parsed, response_format = await off_loop_if_large(
+                len(request.data), parse_transcription, request.content_type, request.data, self._max_audio_seconds
+            )
             response = await self._routed(context, parsed, meta, None)
             data, content_type = render_transcription(orjson.loads(response.openai_json), response_format)
             return httpbody_pb2.HttpBody(content_type=content_type, data=data)
@@ -348,7 +366,7 @@ class RestProtocol:
         async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
             return httpbody_pb2.HttpBody(content_type=JSON, data=message_json(await self._gateway.reload(meta)))
 
-        return await self._unary("reload", "POST /v1/admin/reload", context, work)
+        return await self._unary("reload", "POST /v1/admin/reload", context, work, admin=True)
 
     async def health(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
         async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
@@ -360,7 +378,7 @@ class RestProtocol:
         async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
             return httpbody_pb2.HttpBody(content_type=JSON, data=await self._gateway.instances(meta))
 
-        return await self._unary("instances", "GET /v1/admin/instances", context, work)
+        return await self._unary("instances", "GET /v1/admin/instances", context, work, admin=True)
 
 
 def create_protocol() -> RestProtocol:

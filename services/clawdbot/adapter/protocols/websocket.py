@@ -18,7 +18,13 @@ Frames, server -> client (always text JSON; `id` echoes the request's):
     {"type": "done", "id", "request_id"}                         end of one workflow run
     {"type": "error", "id", "status", "error": {<OpenAI error>}} the request failed;
                                                                   the socket stays open
-Several requests may be in flight on one socket; their frames interleave by id.
+Several requests may be in flight on one socket; their frames interleave by id. At most
+adapter.ws_max_in_flight (16) at once: one more is answered with an error frame of status
+429 (too_many_in_flight), and the socket stays open.
+A frame may be at most gateway.max_request_bytes, and so may what a gzip-compressed one
+inflates to: past that it is answered with an error frame of status 413
+(request_too_large) and the socket stays open. (permessage-deflate is bounded the same
+way by aiohttp's max_msg_size, which closes the socket with 1009 instead.)
 Auth: Authorization: Bearer <key> on the upgrade, or ?api_key= for browsers, which
 cannot set headers on a WebSocket.
 """
@@ -27,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import logging
 import time
 import uuid
@@ -40,6 +45,7 @@ from aiohttp import WSMsgType, web
 
 from clawdbot.adapter.openai_requests import parse_chat
 from clawdbot.adapter.protocols.base import ProtocolContext
+from clawdbot.common.bounded import gunzip, is_gzip, off_loop_if_large
 from clawdbot.common.errors import GatewayError, internal_error
 from clawdbot.common.logging import request_id_var
 from clawdbot.gen.v1 import router_pb2
@@ -62,16 +68,12 @@ class Frame:
     input: Any = None
 
 
-def load_frame(data: str | bytes) -> dict[str, Any]:
-    """The frame's JSON object; GatewayError(400) if it is not one."""
+def load_frame(data: str | bytes, max_bytes: int) -> dict[str, Any]:
+    """The frame's JSON object; GatewayError(400) if it is not one, 413 if it inflates
+    past `max_bytes` (gateway.max_request_bytes, the limit of an uncompressed frame too)."""
     if isinstance(data, bytes):
-        if data[:2] == b"\x1f\x8b":
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError) as exc:
-                raise GatewayError.bad_request(
-                    f"Binary frame is not valid gzip: {exc}", None, "invalid_frame"
-                ) from None
+        if is_gzip(data):
+            data = gunzip(data, max_bytes, what="The gzip-compressed frame", code="invalid_frame")
         try:
             data = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -122,9 +124,9 @@ def read_frame(frame: dict[str, Any]) -> Frame:
     return Frame("chat", frame_id, body)
 
 
-def decode_frame(data: str | bytes) -> Frame:
-    """The request a raw frame holds; GatewayError(400) if it is broken."""
-    return read_frame(load_frame(data))
+def decode_frame(data: str | bytes, max_bytes: int) -> Frame:
+    """The request a raw frame holds; GatewayError(400) if it is broken, 413 if too large."""
+    return read_frame(load_frame(data, max_bytes))
 
 
 class WebSocketProtocol:
@@ -134,6 +136,7 @@ class WebSocketProtocol:
         self._gateway = ctx.gateway
         self._max_frame = ctx.config.gateway.max_request_bytes
         self._grace = ctx.config.adapter.shutdown_grace_s
+        self._max_in_flight = ctx.config.adapter.ws_max_in_flight
         self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[None]] = set()
         ctx.host.http_app.router.add_get(WS_PATH, self.handle)
@@ -161,6 +164,9 @@ class WebSocketProtocol:
         try:
             async for msg in ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    if len(mine) >= self._max_in_flight:
+                        await self._too_many(ws, msg.data)
+                        continue
                     task = asyncio.create_task(self._serve_frame(ws, msg.data, meta, headers))
                     for group in (mine, self._tasks):
                         group.add(task)
@@ -172,6 +178,26 @@ class WebSocketProtocol:
             for task in mine:
                 task.cancel()
         return ws
+
+    async def _too_many(self, ws: web.WebSocketResponse, data: str | bytes) -> None:
+        """Past the socket's cap on requests in flight: this one gets a 429 error frame
+        and the socket stays open. Answered inline, so a client that floods waits for
+        its refusals instead of piling up tasks."""
+        started = time.perf_counter()
+        frame_id: Any = None
+        # The id is worth echoing, not worth a decompression: compressed frames get none.
+        if isinstance(data, str) or not is_gzip(data):
+            with contextlib.suppress(GatewayError):
+                frame_id = correlation_id(await off_loop_if_large(len(data), load_frame, data, self._max_frame))
+        err = GatewayError(
+            429,
+            f"Too many requests in flight on this WebSocket (at most {self._max_in_flight}); "
+            "wait for an answer before sending more.",
+            "rate_limit_error",
+            "too_many_in_flight",
+        )
+        await self._send(ws, {"type": "error", "id": frame_id, "status": err.status, **err.to_dict()})
+        self._gateway.record("chat", "ws", err.status, started)
 
     async def _send(self, ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
         if not ws.closed:
@@ -192,7 +218,9 @@ class WebSocketProtocol:
         gateway = self._gateway
         with gateway.span("ws chat.completions", headers, "ws") as span:
             try:
-                raw = load_frame(data)
+                # A large frame is inflated and parsed in a thread: up to max_request_bytes
+                # of JSON would otherwise hold up every other socket and request meanwhile.
+                raw = await off_loop_if_large(len(data), load_frame, data, self._max_frame)
                 frame_id = correlation_id(raw)
                 frame = read_frame(raw)
                 if frame.kind == "workflow":
