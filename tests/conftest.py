@@ -213,6 +213,21 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
     }
 
 
+def core_mesh_config(mock_url: str, tmp: Path, **sections: Any) -> dict[str, Any]:
+    """Envoy, adapter, router and cache (memory and a local object store: no Redis, Kafka,
+    orchestrator, health service or local models), one chat model at the mock provider:
+    the smallest mesh an attack can be tried on. `sections` replace whole sections."""
+    base: dict[str, Any] = {
+        "cache": {"redis_url": "", "run_redis": False, "object_dir": str(tmp / "objects")},
+        "jobs": {"kafka_bootstrap": "", "run_kafka": False},
+        "orchestrator": {"enabled": False},
+        "health": {"enabled": False},
+        "worker": {"models": []},
+        "models": [{"name": "mock-1", "task": "chat", "base_url": mock_url}],
+    }
+    return {**base, **sections}
+
+
 @contextlib.contextmanager
 def running_mesh(tmp: Path, config: dict[str, Any], mock_url: str, runner_args: Sequence[str] = ()) -> Iterator[Mesh]:
     """A mesh started by the runner exactly as `make run` does, on free ports (runner_args:

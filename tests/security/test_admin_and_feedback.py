@@ -21,7 +21,7 @@ from google.protobuf import empty_pb2
 
 from clawdbot.common.errors import GatewayError
 from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.conftest import Mesh, running_mesh
+from tests.conftest import Mesh, core_mesh_config, running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -33,15 +33,7 @@ USER_KEY = "sk-phone-user-not-admin"
 
 def config(mock_url: str, tmp: Path) -> dict[str, Any]:
     """Envoy, adapter, router and cache; one chat model; one user key beside the admin's."""
-    return {
-        "cache": {"redis_url": "", "run_redis": False, "object_dir": str(tmp / "objects")},
-        "jobs": {"kafka_bootstrap": "", "run_kafka": False},
-        "orchestrator": {"enabled": False},
-        "health": {"enabled": False},
-        "worker": {"models": []},
-        "models": [{"name": "mock-1", "task": "chat", "base_url": mock_url}],
-        "auth": {"keys": [{"name": "phone", "key_env": USER_KEY_ENV, "role": "user"}]},
-    }
+    return core_mesh_config(mock_url, tmp, auth={"keys": [{"name": "phone", "key_env": USER_KEY_ENV, "role": "user"}]})
 
 
 @pytest.fixture(scope="module")

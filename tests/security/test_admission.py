@@ -21,7 +21,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import Mesh, running_mesh
+from tests.conftest import Mesh, core_mesh_config, running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -37,15 +37,7 @@ ROUTER_LIMIT = 2
 
 def config(mock_url: str, tmp: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """Envoy, adapter, router and cache; one chat model at the mock provider."""
-    base: dict[str, Any] = {
-        "cache": {"redis_url": "", "run_redis": False, "object_dir": str(tmp / "objects")},
-        "jobs": {"kafka_bootstrap": "", "run_kafka": False},
-        "orchestrator": {"enabled": False},
-        "health": {"enabled": False},
-        "worker": {"models": []},
-        "models": [{"name": "mock-1", "task": "chat", "base_url": mock_url}],
-    }
-    return {**base, **sections}
+    return core_mesh_config(mock_url, tmp, **sections)
 
 
 @pytest.fixture(scope="module")

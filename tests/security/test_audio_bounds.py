@@ -26,7 +26,7 @@ import pytest
 from clawdbot.common.errors import ERROR_METADATA_KEY
 from clawdbot.common.service import internal_channel
 from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.conftest import Mesh, running_mesh
+from tests.conftest import Mesh, core_mesh_config, running_mesh
 from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -212,15 +212,12 @@ def short_audio(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) ->
     """Envoy, adapter, router and cache with gateway.max_audio_seconds of 2 and a hosted
     transcription model: the session mesh's body limit cannot hold a file past the default."""
     tmp = tmp_path_factory.mktemp("short_audio")
-    config = {
-        "gateway": {"max_audio_seconds": MAX_AUDIO_SECONDS},
-        "cache": {"redis_url": "", "run_redis": False, "object_dir": str(tmp / "objects")},
-        "jobs": {"kafka_bootstrap": "", "run_kafka": False},
-        "orchestrator": {"enabled": False},
-        "health": {"enabled": False},
-        "worker": {"models": []},
-        "models": [{"name": "mock-whisper", "task": "transcription", "base_url": mock_upstream}],
-    }
+    config = core_mesh_config(
+        mock_upstream,
+        tmp,
+        gateway={"max_audio_seconds": MAX_AUDIO_SECONDS},
+        models=[{"name": "mock-whisper", "task": "transcription", "base_url": mock_upstream}],
+    )
     with running_mesh(tmp, config, mock_upstream) as mesh:
         yield mesh
 

@@ -32,7 +32,7 @@ import yaml
 from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc
 from clawdbot.runner.__main__ import envoy_binary, free_port
 from clawdbot.runner.envoy_config import EnvoyParams, write
-from tests.conftest import Mesh, running_mesh
+from tests.conftest import Mesh, core_mesh_config, running_mesh
 from tests.support import Proc, unused_port, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -46,15 +46,7 @@ ANSWERED_WITHIN_S = 5.0
 
 def lite_config(mock_url: str, tmp: Path) -> dict[str, Any]:
     """Envoy, adapter, router and cache; one chat model at the mock provider."""
-    return {
-        "gateway": {"max_request_bytes": MAX_BODY},
-        "cache": {"redis_url": "", "run_redis": False, "object_dir": str(tmp / "objects")},
-        "jobs": {"kafka_bootstrap": "", "run_kafka": False},
-        "orchestrator": {"enabled": False},
-        "health": {"enabled": False},
-        "worker": {"models": []},
-        "models": [{"name": "mock-1", "task": "chat", "base_url": mock_url}],
-    }
+    return core_mesh_config(mock_url, tmp, gateway={"max_request_bytes": MAX_BODY})
 
 
 @pytest.fixture(scope="module")

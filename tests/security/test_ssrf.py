@@ -36,7 +36,7 @@ from clawdbot.common.url_policy import AddressPolicy, UrlRefused
 from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc
 from clawdbot.jobs.callbacks import SIGNATURE_HEADER, CallbackDelivery, callback_secret, sign
 from clawdbot.jobs.records import Job
-from tests.conftest import CALLBACK_SECRET, Mesh, running_mesh
+from tests.conftest import CALLBACK_SECRET, Mesh, core_mesh_config, running_mesh
 from tests.support import wait_for_async
 
 REFUSED_WITHIN_S = 1.0
@@ -372,14 +372,9 @@ async def _true(value: bool) -> bool | None:
 def ssrf_config(mock_url: str, tmp: Path) -> dict[str, Any]:
     """The lite mesh (jobs on the adapter's in-process queue) allowing callbacks to one
     loopback address, 127.0.0.2 — so every spelling of 127.0.0.1 must still be refused."""
-    return {
-        "cache": {"redis_url": "", "run_redis": False, "object_dir": str(tmp / "objects")},
-        "jobs": {"kafka_bootstrap": "", "run_kafka": False, "callback_allow": [ALLOWED_HOST]},
-        "orchestrator": {"enabled": False},
-        "health": {"enabled": False},
-        "worker": {"models": []},
-        "models": [{"name": "mock-1", "task": "chat", "base_url": mock_url}],
-    }
+    return core_mesh_config(
+        mock_url, tmp, jobs={"kafka_bootstrap": "", "run_kafka": False, "callback_allow": [ALLOWED_HOST]}
+    )
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 import redis
 from redis.exceptions import AuthenticationError
 
-from tests.conftest import Mesh, running_mesh
+from tests.conftest import Mesh, core_mesh_config, running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -34,15 +34,9 @@ ANSWERED_WITHIN_S = 5.0
 
 def config(mock_url: str, tmp: Path) -> dict[str, Any]:
     """Envoy, adapter, router and the cache with the runner's Redis; one chat model."""
-    return {
-        "cache": {"object_dir": str(tmp / "objects")},
-        "jobs": {"kafka_bootstrap": "", "run_kafka": False},
-        "orchestrator": {"enabled": False},
-        "health": {"enabled": False},
-        "worker": {"models": []},
-        "models": [{"name": "mock-1", "task": "chat", "base_url": mock_url}],
-        "redis": {"password_env": PASSWORD_ENV},
-    }
+    return core_mesh_config(
+        mock_url, tmp, cache={"object_dir": str(tmp / "objects")}, redis={"password_env": PASSWORD_ENV}
+    )
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
@@ -27,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.conftest import Mesh, running_mesh
+from tests.conftest import Mesh, core_mesh_config, running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -119,16 +118,9 @@ class TlsMesh:
 def tls(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Iterator[TlsMesh]:
     tmp = tmp_path_factory.mktemp("tls")
     pki = make_pki(tmp / "pki")
-    config: dict[str, Any] = {
-        "gateway": {"tls": {"cert_file": str(pki.cert_file), "key_file": str(pki.key_file)}},
-        # Envoy, adapter, router and cache; one chat model at the mock provider.
-        "cache": {"redis_url": "", "run_redis": False, "object_dir": str(tmp / "objects")},
-        "jobs": {"kafka_bootstrap": "", "run_kafka": False},
-        "orchestrator": {"enabled": False},
-        "health": {"enabled": False},
-        "worker": {"models": []},
-        "models": [{"name": "mock-1", "task": "chat", "base_url": mock_upstream}],
-    }
+    config = core_mesh_config(
+        mock_upstream, tmp, gateway={"tls": {"cert_file": str(pki.cert_file), "key_file": str(pki.key_file)}}
+    )
     with running_mesh(tmp, config, mock_upstream) as mesh:
         yield TlsMesh(mesh, pki)
 

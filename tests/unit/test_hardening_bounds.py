@@ -27,6 +27,8 @@ from clawdbot.common.admission import AdmissionControl
 from clawdbot.common.config import ConfigError, StaticKey
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.metrics import Metrics
+from clawdbot.common.server_gate import GatedServer, ServerGate
+from clawdbot.common.service import internal_channel
 from clawdbot.jobs.queue import InProcessJobQueue
 from clawdbot.jobs.records import Job
 from clawdbot.jobs.store import MemoryJobStore
@@ -151,12 +153,15 @@ class _Slow:
         yield b"last"
 
 
+_GATE_TOKEN = "unit-test-internal-token"
+
+
 async def _serve(admission: AdmissionControl, slow: _Slow) -> tuple[grpc.aio.Server, int]:
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(slow.unary),
         "Stream": grpc.unary_stream_rpc_method_handler(slow.stream),
     }
-    server = grpc.aio.server(interceptors=[admission])
+    server = GatedServer(grpc.aio.server(), ServerGate(_GATE_TOKEN, admission))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Slow", handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -169,7 +174,7 @@ async def test_calls_past_the_limit_are_refused_at_once_with_overloaded() -> Non
     admission = AdmissionControl("test", 2)
     server, port = await _serve(admission, slow)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with internal_channel(f"127.0.0.1:{port}", _GATE_TOKEN) as channel:
             unary = channel.unary_unary("/test.Slow/Unary", request_serializer=None, response_deserializer=None)
             stream = channel.unary_stream("/test.Slow/Stream", request_serializer=None, response_deserializer=None)
             held = asyncio.ensure_future(unary(b""))
@@ -189,6 +194,30 @@ async def test_calls_past_the_limit_are_refused_at_once_with_overloaded() -> Non
             slow.release = asyncio.Event()
             slow.release.set()
             assert await unary(b"", timeout=5) == b"ok"  # served again once drained
+    finally:
+        await server.stop(None)
+
+
+@pytest.mark.asyncio
+async def test_the_gate_refuses_callers_without_the_credential_before_any_handler_runs() -> None:
+    slow = _Slow()
+    slow.release.set()
+    admission = AdmissionControl("test", 2)
+    server, port = await _serve(admission, slow)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for method in ("/test.Slow/Unary", "/test.Slow/Stream", "/test.Nobody/Serves"):
+                call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+                for metadata in ((), (("x-clawdbot-internal-token", "wrong"),)):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call(b"", metadata=metadata, timeout=5)
+                    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (method, metadata)
+        assert slow.started == 0 and admission.refused == 0
+        async with internal_channel(f"127.0.0.1:{port}", _GATE_TOKEN) as channel:
+            unknown = channel.unary_unary("/test.Nobody/Serves", request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await unknown(b"", timeout=5)
+            assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop(None)
 

@@ -4,8 +4,8 @@ Services trust no caller by network position (a pod, a container, a local user c
 reach their ports), so each call between services carries a shared secret, read from
 CLAWDBOT_INTERNAL_TOKEN, in the `x-clawdbot-internal-token` metadata entry:
 
-- servers: ServiceHost installs InternalAuthInterceptor on every service, and checks the
-  same header on its HTTP side (the adapter's WebSocket endpoint) except for the open
+- servers: ServiceHost puts every servicer behind ServerGate (common/server_gate.py), and
+  checks the same header on its HTTP side (the adapter's WebSocket endpoint) except for the open
   probes (/healthz, /metrics);
 - clients: `clawdbot.common.service.internal_channel` attaches it to every call;
 - Envoy adds it (overwriting any client's) to everything it sends to the adapter.
@@ -17,20 +17,13 @@ health checks cannot send metadata, and a serving status reveals nothing.
 from __future__ import annotations
 
 import hmac
-import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
-
-import grpc
+from collections.abc import Iterable, Mapping
 
 from clawdbot.common.config import ConfigError
 
-log = logging.getLogger(__name__)
-
 TOKEN_ENV = "CLAWDBOT_INTERNAL_TOKEN"
 TOKEN_METADATA_KEY = "x-clawdbot-internal-token"
-EXEMPT_METHOD_PREFIX = "/grpc.health.v1.Health/"
 REFUSAL = "missing or invalid internal credential"
 
 
@@ -65,33 +58,3 @@ def credential_matches(values: Iterable[str | bytes], expected: bytes) -> bool:
 
 def metadata_values(metadata: Iterable[tuple[str, str | bytes]] | None) -> list[str | bytes]:
     return [value for key, value in metadata or () if key == TOKEN_METADATA_KEY]
-
-
-async def _refuse(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
-
-
-class InternalAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every call without the internal credential, except grpc.health.v1.
-
-    It runs once per call, at method lookup, before any request message is read. The
-    refusal is a stream-stream handler, which fits any kind of method on the wire and
-    aborts before reading a message, so a caller streaming requests is not waited on."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = token.encode("ascii")
-        self._refusal = grpc.stream_stream_rpc_method_handler(_refuse)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        if method.startswith(EXEMPT_METHOD_PREFIX) or credential_matches(
-            metadata_values(handler_call_details.invocation_metadata), self._expected
-        ):
-            return await continuation(handler_call_details)
-        # Debug only: a caller hammering a port without the secret must not flood the logs.
-        log.debug("refused an unauthenticated call", extra={"method": method})
-        return self._refusal

@@ -24,8 +24,9 @@ from clawdbot.common import internal_auth
 from clawdbot.common.admission import AdmissionControl
 from clawdbot.common.config import ServiceEndpoint
 from clawdbot.common.errors import GatewayError
-from clawdbot.common.internal_auth import REFUSAL, TOKEN_METADATA_KEY, InternalAuthInterceptor, credential_matches
+from clawdbot.common.internal_auth import REFUSAL, TOKEN_METADATA_KEY, credential_matches
 from clawdbot.common.metrics import Metrics
+from clawdbot.common.server_gate import GatedServer, ServerGate
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,8 @@ class ServiceHost:
         token = internal_auth.internal_token() if internal_token is None else internal_token
         # Admission after authentication: a call without the credential takes no slot.
         self.admission = AdmissionControl(name, endpoint.max_in_flight)
-        self.grpc_server = grpc.aio.server(
-            interceptors=[InternalAuthInterceptor(token), self.admission], options=list(_GRPC_OPTIONS)
+        self.grpc_server: grpc.aio.Server = GatedServer(
+            grpc.aio.server(options=list(_GRPC_OPTIONS)), ServerGate(token, self.admission)
         )
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
@@ -186,6 +187,8 @@ class ServiceHost:
         self._cleanups: list[Cleanup] = []
         self._background: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._background_stops: list[Callable[[], None]] = []
+        self._stoppable: list[bool] = []  # per background job: whether it has a stop()
+        self._stoppable_tasks: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._serving = False
         self.grpc_port = 0
@@ -202,6 +205,7 @@ class ServiceHost:
         Kafka consumer commits its batch and leaves its group); what has not finished
         within BACKGROUND_STOP_S is cancelled, and waited for as long again."""
         self._background.append(job)
+        self._stoppable.append(stop is not None)
         if stop is not None:
             self._background_stops.append(stop)
 
@@ -233,6 +237,7 @@ class ServiceHost:
         sockets = server.sockets if server else ()
         self.http_port = sockets[0].getsockname()[1] if sockets else self.endpoint.http_port
         self._tasks = [asyncio.create_task(job()) for job in self._background]
+        self._stoppable_tasks = {t for t, can_stop in zip(self._tasks, self._stoppable, strict=True) if can_stop}
         await self._set_serving(True)
         log.info(
             "serving",
@@ -268,22 +273,25 @@ class ServiceHost:
     async def _stop_background(self) -> None:
         # Cancelling a Kafka consumer in the middle of a fetch or a rebalance left its
         # group-leave to the interpreter's exit, which waited on it past the runner's
-        # patience; asked to stop, it leaves at once. Nothing is left to asyncio.run.
+        # patience; asked to stop, it leaves at once. Work with no way to be asked is
+        # cancelled at once. Nothing is left for asyncio.run to wait on.
         for stop in self._background_stops:
             stop()
+        asked = [task for task in self._tasks if task in self._stoppable_tasks]
+        if asked:
+            await asyncio.wait(asked, timeout=BACKGROUND_STOP_S)
         pending = [task for task in self._tasks if not task.done()]
+        for task in pending:
+            task.cancel()
         if pending:
-            _done, pending_set = await asyncio.wait(pending, timeout=BACKGROUND_STOP_S)
-            for task in pending_set:
-                task.cancel()
-            if pending_set:
-                _done, stuck = await asyncio.wait(pending_set, timeout=BACKGROUND_STOP_S)
-                if stuck:
-                    log.error("background work did not stop", extra={"tasks": [t.get_name() for t in stuck]})
+            _done, stuck = await asyncio.wait(pending, timeout=BACKGROUND_STOP_S)
+            if stuck:
+                log.error("background work did not stop", extra={"tasks": [t.get_name() for t in stuck]})
         for task in self._tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.error("background work failed", exc_info=task.exception())
         self._tasks = []
+        self._stoppable_tasks = set()
 
 
 async def run_until_signalled(host: ServiceHost) -> None:

@@ -1,24 +1,19 @@
-"""What the internal credential costs per gRPC call, and which way of sending it is cheapest.
+"""What the internal credential and admission cost per gRPC call, and why they are applied
+as wrapped handlers (common/server_gate.py) rather than as grpc.aio server interceptors.
 
 `python -m clawdbot.devtools.bench_internal_auth [--calls 2000] [--rounds 3]`: sequential
 unary calls (a few bytes each way) over loopback to a grpc.aio server in this process:
 
-  plain         no interceptor, no credential (the floor)
-  wrapper       InternalAuthInterceptor + internal_channel's multi-callable wrapper
-  interceptor   InternalAuthInterceptor + a grpc.aio client interceptor adding metadata
-  explicit      InternalAuthInterceptor + metadata= passed by hand at the call site
-  metadata_only no interceptor, metadata= passed by hand (explicit minus this: the
-                server's check)
+  plain         no check, no credential (the floor)
+  gated         the product's way: a GatedServer (credential check and admission around
+                each handler) called through internal_channel (the credential on every call)
+  interceptor   the same check as a grpc.aio server interceptor, through internal_channel
+  client_interceptor
+                the gate, with the credential added by a grpc.aio client interceptor
 
 The best round of each is reported, in CPU time of this process per call (client, server
-and gRPC's threads together). On the 2-core dev machine, three runs of 5 rounds of 2000:
-
-  plain 222-228 µs, metadata_only 241-271, wrapper 251-259, explicit 254-274,
-  interceptor 284-287
-
-so the wrapper costs what passing metadata by hand costs: ~17 µs to send the entry and
-~10 µs for the server's check, together ~12% of the cheapest possible call. A client
-interceptor costs ~30 µs more than the wrapper: internal_channel uses the wrapper.
+and gRPC's threads together): on a machine shared with other work, wall-clock figures
+swing by more than the differences measured.
 """
 
 from __future__ import annotations
@@ -32,7 +27,9 @@ from typing import Any
 
 import grpc
 
-from clawdbot.common.internal_auth import TOKEN_METADATA_KEY, InternalAuthInterceptor
+from clawdbot.common.admission import AdmissionControl
+from clawdbot.common.internal_auth import REFUSAL, TOKEN_METADATA_KEY, credential_matches, metadata_values
+from clawdbot.common.server_gate import GatedServer, ServerGate
 from clawdbot.common.service import internal_channel
 
 _METHOD = "/bench.Echo/Echo"
@@ -43,8 +40,33 @@ async def _echo(request: bytes, _context: grpc.aio.ServicerContext[bytes, bytes]
     return request
 
 
-async def _server(interceptors: list[grpc.aio.ServerInterceptor]) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(interceptors=interceptors)
+async def _refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
+
+
+class _CheckToken(grpc.aio.ServerInterceptor):
+    """The credential check as an interceptor: what the gate replaced."""
+
+    def __init__(self) -> None:
+        self._expected = _TOKEN.encode()
+        self._refusal = grpc.unary_unary_rpc_method_handler(_refuse)
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        if credential_matches(metadata_values(details.invocation_metadata), self._expected):
+            return await continuation(details)
+        return self._refusal
+
+
+async def _server(kind: str) -> tuple[grpc.aio.Server, int]:
+    server: grpc.aio.Server
+    if kind == "gate":
+        server = GatedServer(grpc.aio.server(), ServerGate(_TOKEN, AdmissionControl("bench", 1024)))
+    elif kind == "interceptor":
+        server = grpc.aio.server(interceptors=[_CheckToken()])
+    else:
+        server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)})
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -72,20 +94,16 @@ async def _time(call: Callable[[], Awaitable[Any]], calls: int) -> float:
 
 
 async def _variant(name: str, calls: int) -> float:
-    secured = name not in ("plain", "metadata_only")
-    server, port = await _server([InternalAuthInterceptor(_TOKEN)] if secured else [])
+    server, port = await _server({"plain": "plain", "interceptor": "interceptor"}.get(name, "gate"))
     target = f"127.0.0.1:{port}"
-    if name == "wrapper":
-        channel = internal_channel(target, _TOKEN)
-    elif name == "interceptor":
+    if name == "plain":
+        channel = grpc.aio.insecure_channel(target)
+    elif name == "client_interceptor":
         channel = grpc.aio.insecure_channel(target, interceptors=[_AddToken()])  # type: ignore[list-item]
     else:
-        channel = grpc.aio.insecure_channel(target)
+        channel = internal_channel(target, _TOKEN)
     echo = channel.unary_unary(_METHOD, None, None)
-    metadata = ((TOKEN_METADATA_KEY, _TOKEN),)
     try:
-        if name in ("explicit", "metadata_only"):
-            return await _time(lambda: echo(b"ping", metadata=metadata), calls)
         return await _time(lambda: echo(b"ping"), calls)
     finally:
         await channel.close(None)
@@ -95,7 +113,7 @@ async def _variant(name: str, calls: int) -> float:
 async def _main(calls: int, rounds: int) -> dict[str, dict[str, float]]:
     best: dict[str, float] = {}
     for _ in range(rounds):
-        for name in ("plain", "metadata_only", "wrapper", "interceptor", "explicit"):
+        for name in ("plain", "gated", "interceptor", "client_interceptor"):
             seconds = await _variant(name, calls)
             best[name] = min(best.get(name, seconds), seconds)
     return {

@@ -103,7 +103,7 @@ def _describe(span: trace.Span, meta: router_pb2.RequestMeta) -> None:
 class RouterServicer(router_pb2_grpc.RouterServicer):
     """Trust: `meta.api_key_id` (and the rest of RequestMeta) is taken as the caller says,
     for rules, spend, cost metrics and feedback. That is sound only because every call
-    reaching this servicer has passed ServiceHost's InternalAuthInterceptor: the caller is a
+    reaching this servicer has passed ServiceHost's ServerGate: the caller is a
     service of the mesh holding the internal credential: the adapter, which sets the key id
     from the API key it authenticated, or jobs and the orchestrator, which pass on the key
     id the adapter recorded. A caller without the credential is refused before any method
