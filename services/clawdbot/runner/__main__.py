@@ -217,11 +217,7 @@ def write_redis_auth(path: Path, username: str | None, password: str) -> Path:
         lines = ["user default off", f"user {_redis_quoted(username)} on {_redis_quoted('>' + password)} ~* &* +@all"]
     else:
         lines = [f"requirepass {_redis_quoted(password)}"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    write_private(path, "\n".join(lines) + "\n")
     return path
 
 
