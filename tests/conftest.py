@@ -65,6 +65,14 @@ class Mesh:
         return info
 
     @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def service_pids(self) -> dict[str, Any]:
+        """Each service's pid: unchanged after an attack means nothing crashed or restarted."""
+        return {name: service.get("pid") for name, service in self.info()["services"].items()}
+
+    @property
     def v1(self) -> str:
         return f"{self.url}/v1"
 

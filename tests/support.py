@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -295,3 +296,32 @@ def service_packages() -> dict[str, Path]:
         if main.exists() and ((package / "server.py").exists() or "clawdbot.common.entrypoint" in main.read_text()):
             found[package.name] = package
     return found
+
+
+async def timed(awaitable: Awaitable[T]) -> tuple[T, float]:
+    """What awaitable gives, and the seconds it took."""
+    started = time.perf_counter()
+    result = await awaitable
+    return result, time.perf_counter() - started
+
+
+def handmade_wav(
+    payload: bytes,
+    *,
+    rate: int = 16000,
+    channels: int = 1,
+    bits: int = 16,
+    block_align: int | None = None,
+    data_size: int | None = None,
+    before_data: bytes = b"",
+    fmt_size: int | None = None,
+) -> bytes:
+    """A PCM RIFF/WAVE file assembled by hand, so every header field can lie: the format's
+    fields, the 'fmt ' and 'data' chunk sizes (the RIFF size follows a given data size),
+    and chunks before the data."""
+    align = channels * bits // 8 if block_align is None else block_align
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, (rate * align) & 0xFFFFFFFF, align & 0xFFFF, bits)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt) if fmt_size is None else fmt_size) + fmt + before_data
+    body += b"data" + struct.pack("<I", len(payload) if data_size is None else data_size) + payload
+    riff_size = len(body) if data_size is None else min(data_size + 36, 0xFFFFFFFF)
+    return b"RIFF" + struct.pack("<I", riff_size) + body

@@ -55,10 +55,6 @@ def chat(mesh: Mesh, key: str, text: str = "hello") -> httpx.Response:
     return httpx.post(f"{mesh.v1}/chat/completions", headers=headers(key), json=body, timeout=30)
 
 
-def pids(mesh: Mesh) -> dict[str, Any]:
-    return {name: service.get("pid") for name, service in mesh.info()["services"].items()}
-
-
 def timed(call: Any) -> tuple[Any, float]:
     started = time.perf_counter()
     result = call()
@@ -66,7 +62,7 @@ def timed(call: Any) -> tuple[Any, float]:
 
 
 def test_a_user_key_gets_403_on_every_admin_route(roles: Mesh) -> None:
-    before = pids(roles)
+    before = roles.service_pids()
     for method, path in (("POST", "/admin/reload"), ("GET", "/admin/instances")):
         reply, took = timed(
             lambda m=method, p=path: httpx.request(m, f"{roles.v1}{p}", headers=headers(USER_KEY), json=None)
@@ -83,7 +79,7 @@ def test_a_user_key_gets_403_on_every_admin_route(roles: Mesh) -> None:
     assert httpx.get(f"{roles.v1}/admin/instances", headers=headers(roles.api_key), timeout=30).status_code == 200
     reloaded = httpx.post(f"{roles.v1}/admin/reload", headers=headers(roles.api_key), json={}, timeout=60)
     assert reloaded.status_code == 200, reloaded.text
-    assert pids(roles) == before
+    assert roles.service_pids() == before
 
 
 def test_a_user_key_gets_permission_denied_on_the_grpc_twins(roles: Mesh) -> None:
@@ -114,7 +110,7 @@ def test_a_user_key_gets_permission_denied_on_the_grpc_twins(roles: Mesh) -> Non
 
 
 def test_feedback_only_from_the_asking_key_and_only_once(roles: Mesh) -> None:
-    before = pids(roles)
+    before = roles.service_pids()
     mine = chat(roles, roles.api_key, "rate me once")
     assert mine.status_code == 200, mine.text
     request_id = mine.headers["x-request-id"]
@@ -156,4 +152,4 @@ def test_feedback_only_from_the_asking_key_and_only_once(roles: Mesh) -> None:
     answered, took = timed(lambda: chat(roles, USER_KEY))
     print(f"chat afterwards: {answered.status_code} in {took * 1000:.1f} ms")
     assert answered.status_code == 200 and took < ANSWERED_WITHIN_S
-    assert pids(roles) == before
+    assert roles.service_pids() == before

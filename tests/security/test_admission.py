@@ -55,10 +55,6 @@ def tight(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Itera
         yield mesh
 
 
-def pids(mesh: Mesh) -> dict[str, Any]:
-    return {name: service.get("pid") for name, service in mesh.info()["services"].items()}
-
-
 def slow_chat(text: str, stream: bool = False) -> dict[str, Any]:
     return {
         "model": "mock-1",
@@ -70,7 +66,7 @@ def slow_chat(text: str, stream: bool = False) -> dict[str, Any]:
 
 @pytest.mark.asyncio
 async def test_one_websocket_past_its_cap_gets_429_frames_and_stays_open(capped: Mesh) -> None:
-    before = pids(capped)
+    before = capped.service_pids()
     headers = {"Authorization": f"Bearer {capped.api_key}"}
     url = capped.url.replace("http://", "ws://") + "/v1/ws"
     excess = 3
@@ -119,12 +115,12 @@ async def test_one_websocket_past_its_cap_gets_429_frames_and_stays_open(capped:
         after = time.perf_counter() - started
         print(f"request on the same socket afterwards: done in {after * 1000:.1f} ms")
         assert after < ANSWERED_WITHIN_S
-    assert pids(capped) == before
+    assert capped.service_pids() == before
 
 
 @pytest.mark.asyncio
 async def test_a_burst_past_the_in_flight_limit_is_shed_with_503_overloaded(tight: Mesh) -> None:
-    before = pids(tight)
+    before = tight.service_pids()
     headers = {"Authorization": f"Bearer {tight.api_key}"}
     burst = 8
     limits = httpx.Limits(max_connections=burst + 2)
@@ -162,4 +158,4 @@ async def test_a_burst_past_the_in_flight_limit_is_shed_with_503_overloaded(tigh
         took = time.perf_counter() - started
         print(f"normal request after the burst: {after.status_code} in {took * 1000:.1f} ms")
         assert after.status_code == 200 and took < ANSWERED_WITHIN_S
-    assert pids(tight) == before
+    assert tight.service_pids() == before

@@ -15,7 +15,6 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
@@ -27,31 +26,13 @@ from clawdbot.common.errors import ERROR_METADATA_KEY
 from clawdbot.common.service import internal_channel
 from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.conftest import Mesh, core_mesh_config, running_mesh
-from tests.support import wait_for
+from tests.support import handmade_wav as wav
+from tests.support import timed, wait_for
 
 pytestmark = pytest.mark.e2e
 
 REFUSED_WITHIN_S = 1.0
 ANSWERED_WITHIN_S = 5.0
-
-
-def wav(
-    payload: bytes,
-    *,
-    rate: int = 16000,
-    channels: int = 1,
-    bits: int = 16,
-    data_size: int | None = None,
-    before_data: bytes = b"",
-    fmt_size: int | None = None,
-) -> bytes:
-    """A PCM RIFF/WAVE file assembled by hand, so every header field can lie."""
-    align = channels * bits // 8
-    fmt = struct.pack("<HHIIHH", 1, channels, rate, (rate * align) & 0xFFFFFFFF, align & 0xFFFF, bits)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt) if fmt_size is None else fmt_size) + fmt + before_data
-    body += b"data" + struct.pack("<I", len(payload) if data_size is None else data_size) + payload
-    riff_size = len(body) if data_size is None else min(data_size + 36, 0xFFFFFFFF)
-    return b"RIFF" + struct.pack("<I", riff_size) + body
 
 
 HALF_SECOND = bytes(16000)  # 16-bit mono silence at 16 kHz
@@ -74,14 +55,6 @@ HOSTILE = [
 ]
 
 
-def pids(mesh: Mesh) -> dict[str, Any]:
-    return {name: service.get("pid") for name, service in mesh.info()["services"].items()}
-
-
-def auth(mesh: Mesh) -> dict[str, str]:
-    return {"Authorization": f"Bearer {mesh.api_key}"}
-
-
 def uploads_since(mesh: Mesh, since: float) -> int:
     """Transcriptions the mock provider has been sent since the time `since`."""
     recorded = httpx.get(mesh.mock_url.removesuffix("/v1") + "/_mock/requests", timeout=10).json()
@@ -90,13 +63,7 @@ def uploads_since(mesh: Mesh, since: float) -> int:
 
 async def transcribe_meanwhile(mesh: Mesh, model: str, audio: bytes) -> tuple[httpx.Response, float, float]:
     """The upload's response and time, and the time of a GET /v1/models sent with it."""
-    async with httpx.AsyncClient(timeout=30, headers=auth(mesh)) as client:
-
-        async def timed(request: Any) -> tuple[httpx.Response, float]:
-            started = time.perf_counter()
-            reply = await request
-            return reply, time.perf_counter() - started
-
+    async with httpx.AsyncClient(timeout=30, headers=mesh.auth_headers) as client:
         (reply, elapsed), (models, models_s) = await asyncio.gather(
             timed(
                 client.post(
@@ -117,7 +84,7 @@ async def transcribe_meanwhile(mesh: Mesh, model: str, audio: bytes) -> tuple[ht
 async def test_a_hostile_wav_header_is_a_400_naming_file_within_a_second(
     mesh: Mesh, model: str, case: str, audio: bytes, needle: str
 ) -> None:
-    before, started = pids(mesh), time.time()
+    before, started = mesh.service_pids(), time.time()
     reply, elapsed, models_s = await transcribe_meanwhile(mesh, model, audio)
     print(
         f"\n{case} ({len(audio)} bytes) to {model}: {reply.status_code} in {elapsed * 1000:.1f} ms; "
@@ -129,7 +96,7 @@ async def test_a_hostile_wav_header_is_a_400_naming_file_within_a_second(
     assert needle in error["message"]
     assert elapsed < REFUSED_WITHIN_S and models_s < ANSWERED_WITHIN_S
     assert uploads_since(mesh, started) == 0  # refused before any provider saw it
-    assert pids(mesh) == before
+    assert mesh.service_pids() == before
 
 
 def test_the_openai_sdk_sees_a_bad_request_naming_the_file(mesh: Mesh) -> None:
@@ -225,7 +192,7 @@ def short_audio(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) ->
 @pytest.mark.asyncio
 async def test_audio_longer_than_the_cap_counted_on_its_samples_is_a_400(short_audio: Mesh) -> None:
     mesh = short_audio
-    before = pids(mesh)
+    before = mesh.service_pids()
     three_seconds = wav(bytes(8000 * 3), rate=8000, bits=8)
     reply, elapsed, models_s = await transcribe_meanwhile(mesh, "mock-whisper", three_seconds)
     print(
@@ -241,7 +208,7 @@ async def test_audio_longer_than_the_cap_counted_on_its_samples_is_a_400(short_a
     claims_hours = wav(bytes(8000), rate=8000, bits=8, data_size=0xFFFFFFFF)
     reply, _, _ = await transcribe_meanwhile(mesh, "mock-whisper", claims_hours)
     assert reply.status_code == 200, reply.text
-    assert pids(mesh) == before
+    assert mesh.service_pids() == before
 
 
 def test_the_config_key_is_checked(tmp_path: Path) -> None:

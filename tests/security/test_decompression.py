@@ -14,20 +14,18 @@ import functools
 import gzip
 import json
 import struct
-import time
 import zlib
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 import websockets
 
 from tests.conftest import Mesh
+from tests.support import timed
 
 pytestmark = pytest.mark.e2e
 
-T = TypeVar("T")
 
 # The session mesh's gateway.max_request_bytes (tests/conftest.py).
 MAX_BODY = 1024 * 1024
@@ -51,28 +49,14 @@ def wav(rate: int = 16000, seconds: float = 0.5) -> bytes:
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
-def auth(mesh: Mesh) -> dict[str, str]:
-    return {"Authorization": f"Bearer {mesh.api_key}"}
-
-
 def ws_url(mesh: Mesh) -> str:
     return mesh.url.replace("http://", "ws://") + "/v1/ws"
-
-
-def pids(mesh: Mesh) -> dict[str, Any]:
-    return {name: service.get("pid") for name, service in mesh.info()["services"].items()}
-
-
-async def timed(awaitable: Awaitable[T]) -> tuple[T, float]:
-    started = time.perf_counter()
-    result = await awaitable
-    return result, time.perf_counter() - started
 
 
 async def models_meanwhile(mesh: Mesh, attacking: asyncio.Event) -> list[float]:
     """GET /v1/models over and over while the attack lasts (and at least once): their times."""
     times: list[float] = []
-    async with httpx.AsyncClient(timeout=30, headers=auth(mesh)) as client:
+    async with httpx.AsyncClient(timeout=30, headers=mesh.auth_headers) as client:
         while not times or attacking.is_set():
             reply, elapsed = await timed(client.get(f"{mesh.v1}/models"))
             assert reply.status_code == 200, reply.text
@@ -97,10 +81,10 @@ async def send_and_wait(ws: websockets.ClientConnection, data: bytes, frame_id: 
 async def test_a_gzip_bomb_frame_is_a_413_frame_fast_and_the_socket_stays_open(mesh: Mesh) -> None:
     bomb = gzip_bomb()
     assert len(bomb) < 256 * 1024  # 255 KiB that inflates to 256 MiB
-    before = pids(mesh)
+    before = mesh.service_pids()
     attacking = asyncio.Event()
     attacking.set()
-    async with websockets.connect(ws_url(mesh), additional_headers=auth(mesh), max_size=None) as ws:
+    async with websockets.connect(ws_url(mesh), additional_headers=mesh.auth_headers, max_size=None) as ws:
         normal = asyncio.create_task(models_meanwhile(mesh, attacking))
         refusals: list[float] = []
         try:
@@ -131,12 +115,12 @@ async def test_a_gzip_bomb_frame_is_a_413_frame_fast_and_the_socket_stays_open(m
     )
     assert max(refusals) < REFUSED_WITHIN_S
     assert max(models_times) < ANSWERED_WITHIN_S
-    assert pids(mesh) == before
+    assert mesh.service_pids() == before
 
 
 @pytest.mark.asyncio
 async def test_broken_and_many_member_gzip_frames_are_400_frames(mesh: Mesh) -> None:
-    async with websockets.connect(ws_url(mesh), additional_headers=auth(mesh)) as ws:
+    async with websockets.connect(ws_url(mesh), additional_headers=mesh.auth_headers) as ws:
         for data, needle in (
             (gzip.compress(b'{"model": "mock-1"}')[:-10], "truncated"),
             (gzip.compress(b"") * 50_000, "members"),
@@ -154,7 +138,7 @@ async def refused_meanwhile(mesh: Mesh, method: str, path: str, body: Any) -> tu
     attacking.set()
     normal = asyncio.create_task(models_meanwhile(mesh, attacking))
     try:
-        async with httpx.AsyncClient(timeout=30, headers=auth(mesh)) as client:
+        async with httpx.AsyncClient(timeout=30, headers=mesh.auth_headers) as client:
             reply, elapsed = await timed(client.request(method, f"{mesh.v1}{path}", json=body))
     finally:
         attacking.clear()
@@ -179,7 +163,7 @@ JOB_AUDIO = [
 async def test_bad_base64_audio_in_a_job_is_refused_at_submit(
     mesh: Mesh, what: str, encoded: str, status: int, code: str
 ) -> None:
-    before = pids(mesh)
+    before = mesh.service_pids()
     body = {"kind": "transcription", "request": {"model": "pocketsphinx-en", "file": encoded}}
     reply, elapsed, normal_s = await refused_meanwhile(mesh, "POST", "/jobs", body)
     print(f"\njob with {what}: {reply.status_code} in {elapsed * 1000:.1f} ms; GET /v1/models {normal_s * 1000:.1f} ms")
@@ -189,7 +173,7 @@ async def test_bad_base64_audio_in_a_job_is_refused_at_submit(
     if status == 400:
         assert error["param"] == "request.file"
     assert elapsed < REFUSED_WITHIN_S and normal_s < ANSWERED_WITHIN_S
-    assert pids(mesh) == before
+    assert mesh.service_pids() == before
 
 
 WORKFLOW_AUDIO = [
@@ -204,7 +188,7 @@ WORKFLOW_AUDIO = [
 async def test_bad_base64_audio_in_a_workflow_run_is_refused_before_it_runs(
     mesh: Mesh, what: str, encoded: str, status: int, code: str
 ) -> None:
-    before = pids(mesh)
+    before = mesh.service_pids()
     body = {"input": {"audio": encoded}}
     reply, elapsed, normal_s = await refused_meanwhile(mesh, "POST", "/workflows/smart_assistant:run", body)
     print(f"\nrun with {what}: {reply.status_code} in {elapsed * 1000:.1f} ms; GET /v1/models {normal_s * 1000:.1f} ms")
@@ -214,12 +198,12 @@ async def test_bad_base64_audio_in_a_workflow_run_is_refused_before_it_runs(
     if status == 400:
         assert error["param"] == "input.audio"
     assert elapsed < REFUSED_WITHIN_S and normal_s < ANSWERED_WITHIN_S
-    assert pids(mesh) == before
+    assert mesh.service_pids() == before
 
 
 @pytest.mark.asyncio
 async def test_bad_base64_audio_in_a_workflow_over_the_websocket_is_an_error_frame(mesh: Mesh) -> None:
-    async with websockets.connect(ws_url(mesh), additional_headers=auth(mesh)) as ws:
+    async with websockets.connect(ws_url(mesh), additional_headers=mesh.auth_headers) as ws:
         run = {"type": "workflow.run", "id": "w", "name": "smart_assistant", "input": {"audio": "junk!"}}
         frame, elapsed = await timed(send_and_wait(ws, json.dumps(run).encode(), "w"))
         assert frame["type"] == "error" and frame["status"] == 400, frame

@@ -56,10 +56,6 @@ def edge(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Iterat
         yield mesh
 
 
-def auth(mesh: Mesh) -> dict[str, str]:
-    return {"Authorization": f"Bearer {mesh.api_key}"}
-
-
 def chat_body(content: str, **extra: Any) -> dict[str, Any]:
     return {"model": "mock-1", "messages": [{"role": "user", "content": content}], **extra}
 
@@ -68,7 +64,7 @@ def timed_models(mesh: Mesh, http2: bool = False) -> float:
     """Seconds a normal GET /v1/models takes (asserting it succeeds)."""
     with httpx.Client(http1=not http2, http2=http2, timeout=30) as client:
         start = time.perf_counter()
-        reply = client.get(f"{mesh.v1}/models", headers=auth(mesh))
+        reply = client.get(f"{mesh.v1}/models", headers=mesh.auth_headers)
         elapsed = time.perf_counter() - start
     assert reply.status_code == 200, reply.text
     return elapsed
@@ -279,7 +275,7 @@ def premature_reset_closes(mesh: Mesh) -> int:
 
 
 def test_header_names_with_underscores_are_refused(edge: Mesh) -> None:
-    headers = {**auth(edge), "x_api_key": "smuggled"}
+    headers = {**edge.auth_headers, "x_api_key": "smuggled"}
     with httpx.Client(timeout=30) as client:
         start = time.perf_counter()
         reply = client.get(f"{edge.v1}/models", headers=headers)
@@ -298,7 +294,7 @@ def test_header_names_with_underscores_are_refused(edge: Mesh) -> None:
     assert elapsed < REFUSED_WITHIN_S
     # The same header spelled with a dash is nothing special.
     with httpx.Client(timeout=30) as client:
-        assert client.get(f"{edge.v1}/models", headers={**auth(edge), "x-api-key-note": "x"}).status_code == 200
+        assert client.get(f"{edge.v1}/models", headers={**edge.auth_headers, "x-api-key-note": "x"}).status_code == 200
 
 
 def test_slow_headers_are_cut_off(edge: Mesh) -> None:
@@ -328,7 +324,9 @@ def test_body_past_the_limit_is_413_at_once(edge: Mesh, http2: bool) -> None:
     with httpx.Client(http1=not http2, http2=http2, timeout=30) as client:
         start = time.perf_counter()
         reply = client.post(
-            f"{edge.v1}/chat/completions", content=body, headers={**auth(edge), "content-type": "application/json"}
+            f"{edge.v1}/chat/completions",
+            content=body,
+            headers={**edge.auth_headers, "content-type": "application/json"},
         )
         elapsed = time.perf_counter() - start
     print(f"{len(body)} bytes: {reply.status_code} in {elapsed * 1000:.1f} ms")
@@ -347,7 +345,9 @@ def test_body_just_under_the_limit_is_served(edge: Mesh, http2: bool) -> None:
     with httpx.Client(http1=not http2, http2=http2, timeout=60) as client:
         start = time.perf_counter()
         reply = client.post(
-            f"{edge.v1}/chat/completions", content=body, headers={**auth(edge), "content-type": "application/json"}
+            f"{edge.v1}/chat/completions",
+            content=body,
+            headers={**edge.auth_headers, "content-type": "application/json"},
         )
         elapsed = time.perf_counter() - start
     print(f"{len(body)} bytes up, {len(reply.content)} down over {reply.http_version}: {elapsed * 1000:.1f} ms")
@@ -361,7 +361,7 @@ async def test_large_websocket_message_passes_the_buffers(edge: Mesh) -> None:
     both ways (flow control, not truncation) and is answered whole."""
     content = "w" * (MAX_BODY - 64 * 1024)
     url = edge.url.replace("http://", "ws://") + "/v1/ws"
-    async with websockets.connect(url, additional_headers=auth(edge), max_size=2 * MAX_BODY) as ws:
+    async with websockets.connect(url, additional_headers=edge.auth_headers, max_size=2 * MAX_BODY) as ws:
         start = time.perf_counter()
         await ws.send(json.dumps({"id": "big", "body": chat_body(content, stream=False)}))
         frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
@@ -385,11 +385,11 @@ async def test_a_burst_does_not_starve_a_normal_request(edge: Mesh) -> None:
     ):
         burst_started = time.perf_counter()
         replies_future = asyncio.gather(
-            *(burst.post(f"{edge.v1}/chat/completions", json=body, headers=auth(edge)) for _ in range(400))
+            *(burst.post(f"{edge.v1}/chat/completions", json=body, headers=edge.auth_headers) for _ in range(400))
         )
         while not replies_future.done():
             start = time.perf_counter()
-            normal = await single.get(f"{edge.v1}/models", headers=auth(edge))
+            normal = await single.get(f"{edge.v1}/models", headers=edge.auth_headers)
             during.append(time.perf_counter() - start)
             assert normal.status_code == 200, normal.text
         replies = await replies_future
@@ -496,10 +496,12 @@ def test_circuit_breaker_sheds_with_503_overloaded(edge: Mesh, tmp_path: Path) -
         async def scenario() -> tuple[list[httpx.Response], httpx.Response, float]:
             async with httpx.AsyncClient(timeout=60) as client:
                 # The connection to the adapter is up before the breaker is put to the test.
-                warm = await client.post(f"{url}/v1/chat/completions", json=chat_body("warm"), headers=auth(edge))
+                warm = await client.post(
+                    f"{url}/v1/chat/completions", json=chat_body("warm"), headers=edge.auth_headers
+                )
                 assert warm.status_code == 200, warm.text
                 running = [
-                    asyncio.create_task(client.post(f"{url}/v1/chat/completions", json=slow, headers=auth(edge)))
+                    asyncio.create_task(client.post(f"{url}/v1/chat/completions", json=slow, headers=edge.auth_headers))
                     for _ in range(2)
                 ]
 
@@ -518,7 +520,9 @@ def test_circuit_breaker_sheds_with_503_overloaded(edge: Mesh, tmp_path: Path) -
 
                 await asyncio.wait_for(both_in_flight(), 10)
                 start = time.perf_counter()
-                shed = await client.post(f"{url}/v1/chat/completions", json=chat_body("third"), headers=auth(edge))
+                shed = await client.post(
+                    f"{url}/v1/chat/completions", json=chat_body("third"), headers=edge.auth_headers
+                )
                 elapsed = time.perf_counter() - start
                 return list(await asyncio.gather(*running)), shed, elapsed
 
@@ -530,5 +534,5 @@ def test_circuit_breaker_sheds_with_503_overloaded(edge: Mesh, tmp_path: Path) -
         assert shed.json()["error"]["code"] == "overloaded"
         assert shed.json()["error"]["type"] == "service_unavailable"
         assert elapsed < REFUSED_WITHIN_S
-        again = httpx.post(f"{url}/v1/chat/completions", json=chat_body("after"), headers=auth(edge), timeout=30)
+        again = httpx.post(f"{url}/v1/chat/completions", json=chat_body("after"), headers=edge.auth_headers, timeout=30)
         assert again.status_code == 200, again.text

@@ -55,10 +55,6 @@ def redis_port(mesh: Mesh) -> int:
     return int(port)
 
 
-def pids(mesh: Mesh) -> dict[str, Any]:
-    return {name: service.get("pid") for name, service in mesh.info()["services"].items()}
-
-
 def chat(mesh: Mesh, text: str) -> httpx.Response:
     body = {"model": "mock-1", "messages": [{"role": "user", "content": text}], "temperature": 0}
     headers = {"Authorization": f"Bearer {mesh.api_key}"}
@@ -80,7 +76,7 @@ def cache_keys(port: int) -> int:
 
 
 def test_redis_refuses_clients_without_the_password(guarded: Mesh) -> None:
-    before = pids(guarded)
+    before = guarded.service_pids()
     port = redis_port(guarded)
     attempts = {
         "PING": b"*1\r\n$4\r\nPING\r\n",
@@ -114,7 +110,7 @@ def test_redis_refuses_clients_without_the_password(guarded: Mesh) -> None:
     took = time.perf_counter() - started
     print(f"a normal chat meanwhile: {reply.status_code} in {took * 1000:.1f} ms")
     assert reply.status_code == 200 and took < ANSWERED_WITHIN_S
-    assert pids(guarded) == before
+    assert guarded.service_pids() == before
 
 
 def test_the_cache_writes_to_redis_with_the_password(guarded: Mesh) -> None:

@@ -18,20 +18,12 @@ from google.protobuf import struct_pb2
 
 from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import Mesh
-from tests.support import wait_for_async
+from tests.support import timed, wait_for_async
 
 pytestmark = pytest.mark.e2e
 
 REFUSED_WITHIN_S = 1.0
 ANSWERED_WITHIN_S = 5.0
-
-
-def auth(mesh: Mesh) -> dict[str, str]:
-    return {"Authorization": f"Bearer {mesh.api_key}"}
-
-
-def pids(mesh: Mesh) -> dict[str, Any]:
-    return {name: service.get("pid") for name, service in mesh.info()["services"].items()}
 
 
 # (workflow, the wrong input, what the message says it takes): smart_assistant declares an
@@ -52,14 +44,8 @@ WRONG = [
 async def test_a_wrong_typed_input_is_a_400_over_rest(
     mesh: Mesh, workflow: str, wrong: Any, takes: str, got: str, stream: bool
 ) -> None:
-    before = pids(mesh)
-    async with httpx.AsyncClient(timeout=30, headers=auth(mesh)) as client:
-
-        async def timed(request: Any) -> tuple[httpx.Response, float]:
-            started = time.perf_counter()
-            reply = await request
-            return reply, time.perf_counter() - started
-
+    before = mesh.service_pids()
+    async with httpx.AsyncClient(timeout=30, headers=mesh.auth_headers) as client:
         (reply, elapsed), (models, models_s) = await asyncio.gather(
             timed(client.post(f"{mesh.v1}/workflows/{workflow}:run", json={"input": wrong, "stream": stream})),
             timed(client.get(f"{mesh.v1}/models")),
@@ -73,12 +59,12 @@ async def test_a_wrong_typed_input_is_a_400_over_rest(
     assert f"takes {takes}, but got {got} instead" in error["message"]
     assert models.status_code == 200
     assert elapsed < REFUSED_WITHIN_S and models_s < ANSWERED_WITHIN_S
-    assert pids(mesh) == before
+    assert mesh.service_pids() == before
 
 
 @pytest.mark.asyncio
 async def test_a_required_field_missing_is_a_400_naming_it(mesh: Mesh) -> None:
-    async with httpx.AsyncClient(timeout=30, headers=auth(mesh)) as client:
+    async with httpx.AsyncClient(timeout=30, headers=mesh.auth_headers) as client:
         reply = await client.post(f"{mesh.v1}/workflows/smart_assistant:run", json={"input": {"text": "hi"}})
         assert reply.status_code == 400, reply.text
         assert reply.json()["error"]["param"] == "input.audio"
@@ -101,7 +87,7 @@ async def test_a_wrong_typed_input_over_grpc_and_the_websocket(mesh: Mesh) -> No
         assert "'input'" in (caught.value.details() or "")
         assert time.perf_counter() - started < REFUSED_WITHIN_S
     url = mesh.url.replace("http://", "ws://") + "/v1/ws"
-    async with websockets.connect(url, additional_headers=auth(mesh)) as ws:
+    async with websockets.connect(url, additional_headers=mesh.auth_headers) as ws:
         await ws.send(json.dumps({"type": "workflow.run", "id": "w", "name": "parallel_demo", "input": 5}))
         frame = json.loads(await asyncio.wait_for(ws.recv(), 30))
         assert frame["id"] == "w" and frame["type"] == "error" and frame["status"] == 400, frame
@@ -114,7 +100,7 @@ async def test_a_wrong_typed_input_over_grpc_and_the_websocket(mesh: Mesh) -> No
 
 @pytest.mark.asyncio
 async def test_a_workflow_job_with_a_wrong_input_fails_once_and_is_not_retried(mesh: Mesh) -> None:
-    async with httpx.AsyncClient(timeout=30, headers=auth(mesh)) as client:
+    async with httpx.AsyncClient(timeout=30, headers=mesh.auth_headers) as client:
         reply = await client.post(
             f"{mesh.v1}/jobs", json={"kind": "workflow", "request": {"name": "parallel_demo", "input": 5}}
         )

@@ -12,25 +12,7 @@ import pytest
 from clawdbot.common.audio_bounds import RATES, AudioError, AudioTooLong, check_upload, read_wav
 from clawdbot.common.errors import GatewayError
 from clawdbot.worker.audio import MAX_RESAMPLE_TAPS, decode_wav, resample
-
-
-def wav_bytes(
-    payload: bytes,
-    *,
-    rate: int = 16000,
-    channels: int = 1,
-    bits: int = 16,
-    block_align: int | None = None,
-    data_size: int | None = None,
-    before_data: bytes = b"",
-) -> bytes:
-    """A PCM RIFF/WAVE file assembled by hand, every header field settable (and wrong)."""
-    align = channels * bits // 8 if block_align is None else block_align
-    fmt = struct.pack("<HHIIHH", 1, channels, rate, (rate * align) & 0xFFFFFFFF, align & 0xFFFF, bits)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + before_data
-    body += b"data" + struct.pack("<I", len(payload) if data_size is None else data_size) + payload
-    return b"RIFF" + struct.pack("<I", len(body)) + body
-
+from tests.support import handmade_wav as wav_bytes
 
 SECOND_16K = bytes(32000)  # one second of 16-bit mono silence at 16 kHz
 
