@@ -2,8 +2,8 @@
 #
 #   docker build -t clawdbot:latest .                          every Python service and Envoy
 #   docker build --target worker -t clawdbot-worker:latest .   the same, with the local models
-#   docker build --target lite -t clawdbot:lite .              Envoy, adapter, router and cache
-#                                                              in one container, under 200 MB
+#   docker build --target lite -t clawdbot:lite .              Envoy, adapter, router, cache and
+#                                                              jobs in one container, under 200 MB
 #
 # The layout deploy/k8s/ and docker-compose.yml assume: services/, config/ and envoy/ of
 # this repository at /app (the code finds config/ and the descriptor set from there), a
@@ -89,7 +89,7 @@ COPY config /app/config
 COPY envoy /app/envoy
 RUN python -m compileall -q /app/services
 
-# -- lite: Envoy, adapter, router and cache in one container, run by the runner --------------
+# -- lite: Envoy, adapter, router, cache and jobs in one container, run by the runner -------
 # docker run -d -e ADAPTER_TYPES="rest,ws" -e MODEL_ROUTER_STRATEGY="cost_optimized" -p 8080:8080 clawdbot:lite
 # No Redis, Kafka or local models (config/lite.yaml). It runs from the state directory as
 # `make run` runs from a checkout: the API key (CLAWDBOT_API_KEY, or one the runner makes and

@@ -16,6 +16,7 @@ run: setup
 lint: setup
 	$(VENV)/bin/ruff check services tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 test: setup lint
 	$(PY) -m pytest
@@ -25,12 +26,13 @@ proto: setup
 	$(PY) -m clawdbot.runner.envoy_config
 	$(PY) -m clawdbot.devtools.k8s
 	$(PY) -m clawdbot.devtools.compose
+	$(PY) -m clawdbot.devtools.service_map --write
 
 bench: setup
 	@bash scripts/setup.sh wrk
 	$(PY) -m clawdbot.devtools.bench
-	$(PY) -m clawdbot.devtools.bench_embeddings
-	$(PY) -m clawdbot.devtools.bench_local_models
+	$(PY) -m clawdbot.worker.bench_embeddings
+	$(PY) -m clawdbot.worker.bench_local_models
 	$(PY) -m clawdbot.devtools.bench_jobs
 
 # Retrain the intent classifier from config/intents.yaml (a running worker picks the new

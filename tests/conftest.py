@@ -167,10 +167,11 @@ def mesh_config(mock_url: str, traces_dir: Path, dead_port: int) -> dict[str, An
                 "base_url": mock_url,
                 "upstream_model": "mock-1",
             },
-            # Fault injection goes to these, one breaker each, so that mock-1's stays closed.
+            # Fault injection goes to these, one breaker each, so that mock-1's stays closed
+            # (mock-job-500: the job retry count's own, whatever other tests did to mock-500).
             *(
                 {"name": name, "task": "chat", "base_url": mock_url, "upstream_model": "mock-1"}
-                for name in ("mock-429", "mock-500", "mock-drop")
+                for name in ("mock-429", "mock-500", "mock-drop", "mock-job-500")
             ),
             # Short timeout, for the 504 test.
             {

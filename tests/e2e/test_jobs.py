@@ -1,5 +1,6 @@
-"""Async jobs over a real Kafka broker: submit through Envoy, consumers in a group run them
-through the router, results in Redis and on clawdbot.results, failures in the DLQ."""
+"""Async jobs over a real Kafka broker: submitted through Envoy to the jobs service, which
+produces them to Kafka; its processes, one consumer group, run them through the router;
+results in Redis and on clawdbot.results, failures in the DLQ."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from clawdbot.common import topics
+from clawdbot.common.config import load_config
 from tests.conftest import CALLBACK_SECRET, Mesh
 from tests.support import wait_for, wait_for_async
 
@@ -111,16 +113,47 @@ async def test_bad_jobs_are_refused_before_they_are_queued(mesh: Mesh, body: dic
 
 
 @pytest.mark.asyncio
-async def test_a_job_that_always_fails_ends_in_the_dlq_after_its_retries(mesh: Mesh) -> None:
+async def test_a_job_that_always_fails_ends_in_the_dlq(mesh: Mesh) -> None:
     async with client(mesh) as http:
         body = chat_job("doomed", model="mock-500")
         body["request"]["mock"] = {"status": 500}
         job = (await http.post(f"{mesh.v1}/jobs", json=body)).json()
         done = await finished(http, mesh, job["id"])
-    assert done["status"] == "failed" and done["attempts"] == 3
+    # The router retried the upstream; the job does not retry around it (common/retry.py).
+    assert done["status"] == "failed" and done["attempts"] == 1
     assert done["error"]["type"] and done["error"]["message"]
     dead = await topic_values(mesh, topics.DLQ)
     assert any(v.get("job", {}).get("id") == job["id"] for v in dead)
+
+
+async def upstream_calls(http: httpx.AsyncClient, mesh: Mesh, marker: str) -> int:
+    """Chat calls the mock provider received carrying the marker."""
+    recorded = (await http.get(f"{mesh.mock_url.removesuffix('/v1')}/_mock/requests")).json()
+    return sum(1 for r in recorded if r["path"].endswith("/chat/completions") and marker in json.dumps(r["body"]))
+
+
+@pytest.mark.asyncio
+async def test_retries_do_not_multiply_one_job_calls_a_failing_upstream_at_most_the_routers_attempts(
+    mesh: Mesh,
+) -> None:
+    """One async job against an upstream that always fails, through Envoy, Kafka, a jobs
+    consumer and the router: the router makes its model_router.retry.max_attempts calls and
+    the job ends there, rather than jobs.max_attempts times that (9 with these settings)."""
+    config = load_config(mesh.config_file)
+    router_attempts, job_attempts = config.model_router.retry.max_attempts, config.jobs.max_attempts
+    assert job_attempts > 1 and router_attempts > 1  # else the product could not tell
+    marker = f"count-{uuid.uuid4().hex}"
+    async with client(mesh) as http:
+        body = chat_job(marker, model="mock-job-500")
+        body["request"]["mock"] = {"status": 500}
+        job = (await http.post(f"{mesh.v1}/jobs", json=body)).json()
+        done = await finished(http, mesh, job["id"])
+        calls = await upstream_calls(http, mesh, marker)
+    assert done["status"] == "failed" and done["attempts"] == 1, done
+    assert done["error"]["code"] == "upstream_error", done["error"]
+    # Each call went out: the router retried the 500s (at most its attempts; fewer only if
+    # the instance's breaker opened meanwhile), and never more across the job's attempts.
+    assert 1 <= calls <= router_attempts < router_attempts * job_attempts, calls
 
 
 @pytest.mark.asyncio

@@ -1,16 +1,18 @@
 """The lite configuration (what the lite image runs) through the runner, as the image runs
-it: Envoy, adapter, router and cache only, configured by the seed's variables."""
+it: Envoy, adapter, router, cache and the jobs service only, configured by the seed's
+variables."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
 from tests.conftest import Mesh, running_mesh
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +35,8 @@ def lite(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str) -> Iterat
 
 
 def test_only_the_core_services_run(lite: Mesh) -> None:
-    assert set(lite.info()["services"]) == {"envoy", "adapter", "router", "cache"}
+    # The jobs service too: without Kafka, one process with its in-process queue.
+    assert set(lite.info()["services"]) == {"envoy", "adapter", "router", "cache", "jobs-1"}
 
 
 def test_chat_through_the_lite_mesh(lite: Mesh) -> None:
@@ -54,6 +57,14 @@ def test_jobs_run_in_process(lite: Mesh) -> None:
     reply = httpx.post(f"{lite.v1}/jobs", headers=headers, json=body, timeout=30)
     assert reply.status_code == 202, reply.text
     assert reply.json()["durable"] is False
+    location = reply.headers["location"]
+
+    def finished() -> dict[str, Any] | None:
+        job: dict[str, Any] = httpx.get(f"{lite.url}{location}", headers=headers, timeout=30).json()
+        return job if job["status"] in ("succeeded", "failed") else None
+
+    done = wait_for(finished, 60, "the in-process job to finish")
+    assert done["status"] == "succeeded" and done["result"]["choices"][0]["message"]["content"], done
 
 
 def test_health_says_ok_with_no_health_service(lite: Mesh) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from clawdbot.cache.client import CachePlan, ResponseCache
 from clawdbot.cache.server import create_server
+from clawdbot.common.clients.cache import CachePlan, ResponseCache
 from clawdbot.common.config import CacheConfig, Config, S3Config
 from clawdbot.common.service import ServiceHost, internal_channel
 from clawdbot.gen.v1 import cache_pb2, cache_pb2_grpc, router_pb2

@@ -1,6 +1,6 @@
 """The `kafka` config section against a real broker (deploy/kafka) whose client listener is
 SASL_PLAINTEXT with the PLAIN mechanism: the mesh's clients, built from KafkaEndpoint,
-create topics, queue a job (the adapter's KafkaJobQueue) and read it back with the right
+create topics, queue a job (the jobs service's KafkaJobQueue) and read it back with the right
 credentials; a wrong password or no SASL at all gets nowhere, and says so quickly."""
 
 from __future__ import annotations

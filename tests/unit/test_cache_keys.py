@@ -6,8 +6,8 @@ from __future__ import annotations
 import orjson
 
 from clawdbot.adapter.chat_streams import assemble_chat, replay_chat
-from clawdbot.cache.client import ResponseCache
-from clawdbot.cache.keys import cache_key
+from clawdbot.common.clients.cache import ResponseCache
+from clawdbot.common.clients.cache_keys import cache_key
 from clawdbot.common.config import CacheConfig, ModelEntry
 from clawdbot.gen.v1 import router_pb2
 

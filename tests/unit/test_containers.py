@@ -244,9 +244,6 @@ def variables_read(service: str) -> set[str]:
     wanted |= named_env_fields(getattr(config, service))
     if service == "router":
         wanted |= {m.api_key_env for m in config.models if m.api_key_env}
-    if service == "adapter":
-        # Without Kafka the adapter runs the jobs itself, signing their callbacks.
-        wanted |= named_env_fields(config.jobs)
     if service in k8s.redis_clients(config):
         wanted |= named_env_fields(config.redis)
     if service in k8s.kafka_clients(config) and config.kafka.sasl:
@@ -417,7 +414,7 @@ def test_secrets_are_required_and_reach_only_their_containers() -> None:
     wanted = {
         TOKEN_ENV: set(service_packages()) | {"envoy"},
         config.redis.password_env: set(k8s.redis_clients(config)) | {"redis"},
-        config.jobs.callback_secret_env: {"adapter", "jobs"},
+        config.jobs.callback_secret_env: {"jobs"},
     }
     for variable, containers in wanted.items():
         having = {name for name, service in services().items() if variable in service.get("environment", {})}
@@ -498,7 +495,7 @@ def test_start_order_waits_for_healthy_dependencies() -> None:
     config = compose_config()
     needs = {
         "envoy": {"adapter"},
-        "adapter": {"router", "cache", "orchestrator", "health", "kafka", "redis"},
+        "adapter": {"router", "cache", "orchestrator", "health", "jobs"},
         "router": {"worker", "health"},
         "cache": {"redis"},
         "jobs": {"kafka", "redis", "router"},
@@ -779,7 +776,8 @@ def test_lite_image_runs_the_lite_configuration() -> None:
     # The seed's variables, as `docker run -e` passes them.
     config = load_config(LITE_CONFIG, env={"ADAPTER_TYPES": "rest,ws", "MODEL_ROUTER_STRATEGY": "cost_optimized"})
     assert config.adapter.types == ("rest", "ws") and config.model_router.strategy == "cost_optimized"
-    # Envoy, adapter, router and cache only, nothing the runner would have to start beside them.
+    # Envoy, adapter, router, cache and jobs (its in-process queue) only: no Redis, Kafka,
+    # worker, orchestrator or health service for the runner to start beside them.
     assert not config.worker.models and not config.orchestrator.enabled and not config.health.enabled
     assert config.cache.enabled and not config.cache.redis_url and not config.jobs.kafka_bootstrap
     assert local_redis(config) is None and local_kafka(config) is None

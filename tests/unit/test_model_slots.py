@@ -22,6 +22,12 @@ class FakeModel:
         if not self.warm_ok:
             raise LoadFailed("warm-up answer was wrong")
 
+    def interrupt(self) -> None:
+        pass  # nothing computes here (shutdown: tests/unit/test_worker_shutdown.py)
+
+    async def settle(self, timeout_s: float) -> bool:
+        return True
+
     def close(self) -> None:
         self.closed.set()
 

@@ -56,7 +56,7 @@ def test_every_job_consumer_is_a_target_of_its_own() -> None:
 def test_services_the_config_does_not_run_are_left_out() -> None:
     config = Config.model_validate(
         {
-            "jobs": {"kafka_bootstrap": ""},  # no Kafka: no consumer processes
+            "jobs": {"enabled": False},
             "cache": {"enabled": False},
             "orchestrator": {"enabled": False},
             "health": {"enabled": False},
@@ -64,6 +64,13 @@ def test_services_the_config_does_not_run_are_left_out() -> None:
         }
     )
     assert [t.job for t in mesh_targets(config)] == ["adapter", "router", "envoy"]
+
+
+def test_without_kafka_one_jobs_process_is_a_target() -> None:
+    # Its in-process queue runs the jobs: the one jobs process, whatever jobs.consumers says.
+    config = Config.model_validate({"jobs": {"kafka_bootstrap": "", "consumers": 3}})
+    targets = [(t.process, t.address) for t in mesh_targets(config, [7042]) if t.job == "jobs"]
+    assert targets == [("jobs-1", "127.0.0.1:7042")]
 
 
 def test_runner_rendering_is_accepted_by_prometheus(tmp_path: Path) -> None:

@@ -97,7 +97,8 @@ def test_each_child_gets_only_the_secrets_it_needs(tmp_path: Path, clean_env: py
     def given(role: str) -> set[str]:
         return set(child_secrets(config, secrets, role))
 
-    assert {API_KEY_ENV, TOKEN_ENV, callback} <= given("adapter")
+    # The jobs service delivers (and signs) callbacks; the adapter only submits jobs to it.
+    assert {API_KEY_ENV, TOKEN_ENV} <= given("adapter") and callback not in given("adapter")
     assert "PROVIDER_KEY_FOR_TEST" not in given("adapter")
     assert {TOKEN_ENV, "PROVIDER_KEY_FOR_TEST"} <= given("router")
     assert API_KEY_ENV not in given("router") and callback not in given("router")

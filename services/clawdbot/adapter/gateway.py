@@ -21,13 +21,14 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from clawdbot.adapter.auth import ANONYMOUS, Authenticator, forbidden
 from clawdbot.adapter.chat_streams import assemble_chat, replay_chat
+from clawdbot.adapter.jobs import JobsFront
 from clawdbot.adapter.metadata import build_meta
 from clawdbot.adapter.openai_requests import ParsedRequest
-from clawdbot.cache.client import CacheLookup, ResponseCache
+from clawdbot.common.clients.cache import CacheLookup, ResponseCache
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
-from clawdbot.common.telemetry import extract_context, inject_headers
+from clawdbot.common.telemetry import extract_context
 from clawdbot.gen.v1 import (
     monitor_pb2,
     monitor_pb2_grpc,
@@ -36,7 +37,6 @@ from clawdbot.gen.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
-from clawdbot.jobs.api import JobsApi
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Gateway:
         metrics: Metrics,
         router_timeout_s: float,
         cache: ResponseCache | None = None,
-        jobs: JobsApi | None = None,
+        jobs: JobsFront | None = None,
         orchestrator: orchestrator_pb2_grpc.OrchestratorStub | None = None,
         health: monitor_pb2_grpc.HealthMonitorStub | None = None,
     ) -> None:
@@ -105,7 +105,16 @@ class Gateway:
 
     @contextlib.contextmanager
     def span(self, name: str, headers: Mapping[str, str], protocol: str) -> Iterator[Span]:
-        """The request's server span; also counts it as in flight while it lasts."""
+        """The request's server span, described. A request that came as a gRPC call (REST
+        transcoded by Envoy, typed gRPC) has one already: the call's, which the gate
+        started from the caller's trace context and counts as in flight. A WebSocket
+        frame, served on the HTTP side, gets one of its own here, counted the same way."""
+        current = trace.get_current_span()
+        if current.get_span_context().is_valid:
+            current.set_attribute("clawdbot.protocol", protocol)
+            current.set_attribute("clawdbot.operation", name)
+            yield current
+            return
         in_flight = self._metrics.in_flight.labels("adapter")
         in_flight.inc()
         try:
@@ -122,7 +131,7 @@ class Gateway:
         self._metrics.request_duration.labels("adapter", operation, protocol).observe(time.perf_counter() - started)
 
     @property
-    def jobs(self) -> JobsApi:
+    def jobs(self) -> JobsFront:
         if self._jobs is None:
             raise GatewayError(
                 503, "Async jobs are turned off here (jobs.enabled).", "service_unavailable", "jobs_disabled"
@@ -131,14 +140,11 @@ class Gateway:
 
     # --- calls to the router -------------------------------------------------------------
 
-    def _call_metadata(self) -> list[tuple[str, str]]:
-        return list(inject_headers().items())
-
     async def _unary(
         self, method: Callable[..., Awaitable[Reply]], request: Message, deadline_s: float, peer: str = "router"
     ) -> Reply:
         try:
-            return await method(request, timeout=deadline_s, metadata=self._call_metadata())
+            return await method(request, timeout=deadline_s)
         except grpc.aio.AioRpcError as err:
             raise self._failure(err, peer) from None
 
@@ -191,7 +197,7 @@ class Gateway:
                     await self._cache.write(plan, found, response)
 
     async def _stream(self, request: router_pb2.ModelRequest) -> AsyncGenerator[router_pb2.StreamEvent, None]:
-        call = self._router.CompleteStream(request, timeout=self._timeout, metadata=self._call_metadata())
+        call = self._router.CompleteStream(request, timeout=self._timeout)
         try:
             async for event in call:
                 yield event
@@ -220,7 +226,7 @@ class Gateway:
         (carrying the whole run) last. GatewayError before the first event (unknown
         workflow, bad input) or during the run (the orchestrator failed or went away)."""
         request = orchestrator_pb2.RunWorkflowRequest(meta=meta, name=name, input_json=run_input)
-        call = self._workflows().RunStream(request, timeout=self._timeout, metadata=self._call_metadata())
+        call = self._workflows().RunStream(request, timeout=self._timeout)
         completed = False
         try:
             async for event in call:
@@ -259,7 +265,7 @@ class Gateway:
         if self._health is not None:
             request = monitor_pb2.HealthStatusRequest(meta=meta, detailed=detailed)
             try:
-                reply = await self._health.Status(request, timeout=10, metadata=self._call_metadata())
+                reply = await self._health.Status(request, timeout=10)
                 status: dict[str, Any] = orjson.loads(reply.json)
                 return status
             except grpc.aio.AioRpcError as err:

@@ -2,7 +2,7 @@
 
 It serves the public clawdbot.v1.Gateway (behind Envoy), turns every protocol's request
 into one internal ModelRequest with metadata, consults the cache service, and calls the
-router.
+router. Async jobs it checks and hands to the jobs service, which runs them.
 """
 
 from __future__ import annotations
@@ -11,18 +11,21 @@ import os
 
 from clawdbot.adapter.auth import Authenticator
 from clawdbot.adapter.gateway import Gateway
+from clawdbot.adapter.jobs import JobsFront
 from clawdbot.adapter.protocols.base import ProtocolContext, load_protocols
-from clawdbot.cache.client import ResponseCache
+from clawdbot.common.clients.cache import ResponseCache
+from clawdbot.common.clients.jobs import JobsClient
 from clawdbot.common.config import Config
-from clawdbot.common.kafka import KafkaEndpoint
 from clawdbot.common.metrics import Metrics
-from clawdbot.common.service import ServiceHost, internal_channel
-from clawdbot.gen.v1 import cache_pb2_grpc, gateway_pb2_grpc, monitor_pb2_grpc, orchestrator_pb2_grpc, router_pb2_grpc
-from clawdbot.jobs.api import JobsApi
-from clawdbot.jobs.execution import JobExecutor
-from clawdbot.jobs.processing import JobProcessor
-from clawdbot.jobs.queue import InProcessJobQueue, KafkaJobQueue
-from clawdbot.jobs.store import MemoryJobStore, RedisJobStore, store_url
+from clawdbot.common.service import ServiceHost, mesh_channel
+from clawdbot.gen.v1 import (
+    cache_pb2_grpc,
+    gateway_pb2_grpc,
+    jobs_pb2_grpc,
+    monitor_pb2_grpc,
+    orchestrator_pb2_grpc,
+    router_pb2_grpc,
+)
 
 GATEWAY_SERVICE = "clawdbot.v1.Gateway"
 
@@ -30,29 +33,6 @@ GATEWAY_SERVICE = "clawdbot.v1.Gateway"
 def api_keys_from_env(env: dict[str, str] | None = None) -> list[str]:
     value = (env if env is not None else dict(os.environ)).get("CLAWDBOT_API_KEY", "")
     return [k.strip() for k in value.split(",") if k.strip()]
-
-
-def jobs_api(
-    config: Config, router: router_pb2_grpc.RouterStub, orchestrator: orchestrator_pb2_grpc.OrchestratorStub | None
-) -> JobsApi:
-    """Jobs through Kafka with records in Redis; without Kafka, in this process and memory."""
-    if config.jobs.kafka_bootstrap:
-        records = RedisJobStore(store_url(config), config.jobs.retention_s, config.redis)
-        return JobsApi(
-            records,
-            KafkaJobQueue(KafkaEndpoint.from_config(config)),
-            config.jobs.callback_allow,
-            gateway=config.gateway,
-        )
-    store = MemoryJobStore(config.jobs.local_max_jobs, config.jobs.local_retention_s)
-    executor = JobExecutor(router, store, config.jobs, orchestrator, max_request_bytes=config.gateway.max_request_bytes)
-    processor = JobProcessor(executor, store, config.jobs)
-    return JobsApi(
-        store,
-        InProcessJobQueue(processor, max_queued=config.jobs.local_max_queued),
-        config.jobs.callback_allow,
-        gateway=config.gateway,
-    )
 
 
 def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceHost:
@@ -64,37 +44,40 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
         reflection_services=(GATEWAY_SERVICE,),
         http_client_max_size=config.gateway.max_request_bytes,
     )
-    router_channel = internal_channel(f"{config.router.host}:{config.router.grpc_port}")
+    router_channel = mesh_channel(config.router)
     router = router_pb2_grpc.RouterStub(router_channel)
     channels = [router_channel]
     cache: ResponseCache | None = None
     if config.cache.enabled:
-        cache_channel = internal_channel(f"{config.cache.host}:{config.cache.grpc_port}")
+        cache_channel = mesh_channel(config.cache)
         channels.append(cache_channel)
         cache = ResponseCache(cache_pb2_grpc.CacheServiceStub(cache_channel), config.cache, config.models, router)
     auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env(), config.auth.keys)
     orchestrator = None
     if config.orchestrator.enabled:
-        orchestrator_channel = internal_channel(f"{config.orchestrator.host}:{config.orchestrator.grpc_port}")
+        orchestrator_channel = mesh_channel(config.orchestrator)
         channels.append(orchestrator_channel)
         orchestrator = orchestrator_pb2_grpc.OrchestratorStub(orchestrator_channel)
     health = None
     if config.health.enabled:
-        health_channel = internal_channel(f"{config.health.host}:{config.health.grpc_port}")
+        health_channel = mesh_channel(config.health)
         channels.append(health_channel)
         health = monitor_pb2_grpc.HealthMonitorStub(health_channel)
-    jobs = jobs_api(config, router, orchestrator) if config.jobs.enabled else None
+    jobs = None
+    if config.jobs.enabled:
+        # The jobs service at jobs.host:grpc_port, with Kafka or without: the first of the
+        # runner's jobs processes (any of them answers any call; a k8s Service, all of them).
+        jobs_channel = mesh_channel(config.jobs)
+        channels.append(jobs_channel)
+        jobs = JobsFront(JobsClient(jobs_pb2_grpc.JobsStub(jobs_channel)), config.gateway)
     gateway = Gateway(router, auth, metrics, config.adapter.router_timeout_s, cache, jobs, orchestrator, health)
-    servicer = gateway_pb2_grpc.GatewayServicer()
-    ctx = ProtocolContext(config=config, gateway=gateway, servicer=servicer, host=host)
+    ctx = ProtocolContext(config=config, gateway=gateway, host=host)
     for plugin in load_protocols(config):
         plugin.install(ctx)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, host.grpc_server)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(ctx.rpcs.servicer(), host.grpc_server)
     host.add_service_name(GATEWAY_SERVICE)
 
     async def close_channels() -> None:
-        if jobs is not None:
-            await jobs.close()
         for channel in channels:
             await channel.close(grace=None)
 

@@ -126,6 +126,9 @@ class ServiceEndpoint(_Strict):
     # refused at once with 503 `overloaded` and Retry-After instead of queueing without
     # bound. Far above what 64 benchmark connections need.
     max_in_flight: int = Field(1024, gt=0)
+    # A unary call to this service that sets no deadline of its own gets this one (the
+    # mesh channel applies it; streams set their own or, like the health watch, last).
+    call_timeout_s: float = Field(300.0, gt=0)
 
     @property
     def listen_host(self) -> str:
@@ -215,32 +218,36 @@ class CacheConfig(ServiceEndpoint):
 
 
 class JobsConfig(ServiceEndpoint):
-    """Async jobs over Kafka: the adapter produces, `python -m clawdbot.jobs` consumes."""
+    """Async jobs: `python -m clawdbot.jobs` records, queues and runs them (over Kafka, or on
+    its in-process queue without); the adapter submits them to it over gRPC."""
 
     grpc_port: int = 7041
     http_port: int = 7042
     enabled: bool = True
     # The Kafka bootstrap server. The runner starts a local broker (deploy/kafka) for a
     # 127.0.0.1 address when `run_kafka` is on and Java is there; without Kafka, jobs run
-    # on an in-process queue and say `"durable": false`.
+    # on the jobs service's in-process queue and say `"durable": false`.
     kafka_bootstrap: str = "127.0.0.1:9092"
     run_kafka: bool = True
     kafka_controller_port: int = Field(9093, ge=0, le=65535)
     partitions: int = Field(6, gt=0)
-    # Consumer processes the runner starts (one consumer group).
+    # Jobs processes the runner starts over Kafka (one consumer group; at least one).
+    # Without Kafka it starts one.
     consumers: int = Field(1, ge=0)
     # Where job records live (queued, running, results, errors). Empty: the cache's Redis.
     redis_url: str = ""
     retention_s: float = Field(7 * 24 * 3600.0, gt=0)
-    # Retryable failures (upstream 5xx, 429, timeouts) are retried this often in all...
+    # Attempts in all at a job whose call the router (or orchestrator) could not take:
+    # unreachable, draining, overloaded, no instance. An upstream failure is not retried
+    # here: the router retried it already (model_router.retry; common/retry.py)...
     max_attempts: int = Field(3, ge=1)
-    # ...waiting backoff_s, 2*backoff_s, ... between attempts.
+    # ...waiting up to backoff_s, 2*backoff_s, ... between them (full jitter).
     backoff_s: float = Field(0.5, ge=0)
     # Each job's model call may take this long.
     job_timeout_s: float = Field(300.0, gt=0)
     # Callbacks are signed with the secret in this variable (HMAC-SHA256 of the body).
     callback_secret_env: str = "CLAWDBOT_CALLBACK_SECRET"
-    # Without Kafka (jobs in the adapter's memory): jobs waiting to run, and job records
+    # Without Kafka (jobs in the jobs service's memory): jobs waiting to run, and job records
     # kept (finished ones for at most local_retention_s); past either, a submit is 503.
     local_max_queued: int = Field(1000, gt=0)
     local_max_jobs: int = Field(10_000, gt=0)
@@ -257,8 +264,8 @@ class JobsConfig(ServiceEndpoint):
 
     @property
     def over_kafka(self) -> bool:
-        """Jobs (and telemetry) travel through Kafka; otherwise jobs run in the adapter
-        and telemetry goes to the health service over gRPC."""
+        """Jobs (and telemetry) travel through Kafka; otherwise jobs run on the jobs
+        service's in-process queue and telemetry goes to the health service over gRPC."""
         return self.enabled and bool(self.kafka_bootstrap)
 
 
@@ -760,6 +767,15 @@ def repo_path(path: str) -> Path:
     service finds config/ and its datasets whatever its working directory."""
     candidate = Path(path)
     return candidate if candidate.is_absolute() else REPO_ROOT / candidate
+
+
+# Set by the runner for the router: {model name: base_url} for the local models it
+# started, whose ports may differ from the file's (tests and benchmarks take ports from
+# the OS).
+MODEL_URLS_ENV = "CLAWDBOT_MODEL_URLS"
+# Set by the runner for the router: the user's file, which reloads read (the services
+# start from the runner's effective copy of it).
+SOURCE_CONFIG_ENV = "CLAWDBOT_SOURCE_CONFIG"
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path:

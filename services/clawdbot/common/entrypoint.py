@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from clawdbot.common.config import Config, ConfigError, load_config
+from clawdbot.common.lifeline import Lifeline
 from clawdbot.common.logging import setup_logging
 from clawdbot.common.service import ServiceHost, run_service, run_until_signalled
 from clawdbot.common.telemetry import setup_tracing
@@ -28,8 +31,17 @@ def main(service: str, create_server: Callable[[Config], ServiceHost], argv: lis
     log = logging.getLogger(f"clawdbot.{service}")
 
     async def _serve() -> None:
+        # The default executor (asyncio.to_thread) is one we can shut down without waiting:
+        # asyncio.run would wait for a thread stuck in a computation for as long as it runs.
+        executor = ThreadPoolExecutor(thread_name_prefix=f"{service}-to-thread")
+        asyncio.get_running_loop().set_default_executor(executor)
         host = create_server(config)
-        await run_until_signalled(host)
+        lifeline = Lifeline.from_environment(service, host.endpoint.shutdown_grace_s)
+        lifeline.watch_parent()
+        await run_until_signalled(host, on_signal=lifeline.arm)
+        executor.shutdown(wait=False, cancel_futures=True)
+        # Threads still computing now have nobody to answer: leave without them.
+        lifeline.finish(flush=provider.shutdown)
 
     try:
         run_service(_serve)

@@ -10,9 +10,12 @@ Elasticsearch read the dots as nesting. Whatever a call passes in `extra=` is ou
 ECS: it goes under one `clawdbot` object ({"clawdbot": {"job": "..."}}), so it can never
 collide with an ECS field (ECS `labels` would do only for flat strings).
 
-The request id lives in a ContextVar set by whoever accepted the request, so every log
-line written while serving it carries the id without passing it around; the trace id is
-read from the current OpenTelemetry span.
+The request id lives in a ContextVar, so every log line written while serving a request
+carries the id without passing it around: the adapter sets it when it accepts a request
+(Envoy's `x-request-id`, or one it makes), every mesh channel sends it on as `x-request-id`
+metadata (common/service.py), and every service's gate sets it from there for the call
+(common/server_gate.py). The trace id is read from the current OpenTelemetry span, which
+the gate makes current for each call.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ ENVOY_LOG_FORMAT = (
 EXTRA_FIELDS_KEY = "clawdbot"
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("clawdbot_request_id", default="")
+# The metadata entry (and HTTP header) the request id travels in between services.
+REQUEST_ID_METADATA_KEY = "x-request-id"
 
 # Attributes every LogRecord has; anything else passed via `extra=` is a field of ours.
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}

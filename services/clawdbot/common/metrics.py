@@ -32,10 +32,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # Both kept by the gate around every gRPC handler (common/server_gate.py), for
+        # every service alike; no handler counts them itself.
         self.in_flight = Gauge(
             "clawdbot_requests_in_flight",
             "Requests being served right now.",
             ["service"],
+            registry=self.registry,
+        )
+        self.rpc_duration = Histogram(
+            "rpc_server_duration_seconds",
+            "Time to serve a gRPC call (to its last message for streams), by method and status"
+            " (OTel semconv rpc.server.duration).",
+            ["service", "rpc_method", "rpc_grpc_status_code"],
+            buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.upstream_errors = Counter(

@@ -25,8 +25,10 @@ from clawdbot.common.admission import AdmissionControl
 from clawdbot.common.config import ServiceEndpoint
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.internal_auth import REFUSAL, TOKEN_METADATA_KEY, credential_matches
+from clawdbot.common.logging import REQUEST_ID_METADATA_KEY, request_id_var
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.server_gate import GatedServer, ServerGate
+from clawdbot.common.telemetry import TRACEPARENT, trace_metadata
 
 log = logging.getLogger(__name__)
 
@@ -56,31 +58,59 @@ Metadata = tuple[tuple[str, str], ...]
 
 
 class _WithCredential:
-    """A multi-callable that adds the internal credential to every call's metadata.
+    """A multi-callable that adds to every call's metadata the internal credential, the
+    current trace context (W3C traceparent, so the callee's span is a child of the
+    caller's) and the request id being served (x-request-id, so the callee's logs carry
+    it), and gives a call without a deadline the channel's default.
 
-    Chosen over a grpc.aio client interceptor, which wraps every call in an extra
-    Python call object and task: this costs one function call and a tuple per call
-    (measured with devtools/bench_internal_auth.py; figures in its docstring)."""
+    Chosen over grpc.aio client interceptors (the credential one, and the
+    opentelemetry-instrumentation-grpc ones for the trace context), which wrap every call
+    in an extra Python call object and task: this costs one function call and a few
+    tuples per call (measured with devtools/bench_internal_auth.py and
+    devtools/bench_rpc_telemetry.py; figures in their docstrings). A call site never adds
+    any of these itself; metadata it passes (say, a caller's own traceparent) comes first
+    and is kept."""
 
-    __slots__ = ("_call", "_metadata")
+    __slots__ = ("_call", "_default_timeout", "_metadata")
 
-    def __init__(self, call: Any, metadata: Metadata) -> None:
+    def __init__(self, call: Any, metadata: Metadata, default_timeout: float | None) -> None:
         self._call = call
         self._metadata = metadata
+        self._default_timeout = default_timeout
 
-    def __call__(self, *args: Any, metadata: Any = None, **kwargs: Any) -> Any:
-        return self._call(
-            *args, metadata=self._metadata if metadata is None else (*metadata, *self._metadata), **kwargs
-        )
+    def __call__(self, *args: Any, metadata: Any = None, timeout: float | None = None, **kwargs: Any) -> Any:
+        sent = self._metadata + trace_metadata()
+        request_id = request_id_var.get()
+        if request_id:
+            sent += ((REQUEST_ID_METADATA_KEY, request_id),)
+        if metadata is not None:
+            sent = _merged(metadata, sent)
+        return self._call(*args, metadata=sent, timeout=self._default_timeout if timeout is None else timeout, **kwargs)
+
+
+def _merged(given: Any, ours: Metadata) -> Metadata:
+    """The call site's metadata first, then ours less the trace context and request id it
+    set itself (one of each: a server reads the last)."""
+    keys = {key for key, _value in given}
+    if TRACEPARENT in keys or REQUEST_ID_METADATA_KEY in keys:
+        ours = tuple((key, value) for key, value in ours if key == TOKEN_METADATA_KEY or key not in keys)
+    return (*given, *ours)
 
 
 class InternalChannel(grpc.aio.Channel):
-    """A grpc.aio channel whose calls all carry the internal credential. Call credentials
-    would need TLS (grpc refuses them on an insecure aio channel), so it is metadata."""
+    """A grpc.aio channel whose calls all carry the internal credential, the trace context
+    and the request id (see _WithCredential). Call credentials would need TLS (grpc
+    refuses them on an insecure aio channel), so it is metadata.
 
-    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+    default_deadline_s bounds unary calls made without a timeout of their own. Streams
+    are left to their call sites: some are meant to last (the router's watch of the health
+    service's verdicts, its telemetry report stream), and each bounded one passes its own.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, token: str, default_deadline_s: float | None = None) -> None:
         self._channel = channel
         self._metadata: Metadata = ((TOKEN_METADATA_KEY, token),)
+        self._default_deadline_s = default_deadline_s
 
     async def __aenter__(self) -> InternalChannel:
         return self
@@ -101,23 +131,43 @@ class InternalChannel(grpc.aio.Channel):
         await self._channel.channel_ready()
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _WithCredential(self._channel.unary_unary(method, *args, **kwargs), self._metadata)
+        return _WithCredential(
+            self._channel.unary_unary(method, *args, **kwargs), self._metadata, self._default_deadline_s
+        )
 
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _WithCredential(self._channel.unary_stream(method, *args, **kwargs), self._metadata)
+        return _WithCredential(self._channel.unary_stream(method, *args, **kwargs), self._metadata, None)
 
     def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _WithCredential(self._channel.stream_unary(method, *args, **kwargs), self._metadata)
+        return _WithCredential(self._channel.stream_unary(method, *args, **kwargs), self._metadata, None)
 
     def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _WithCredential(self._channel.stream_stream(method, *args, **kwargs), self._metadata)
+        return _WithCredential(self._channel.stream_stream(method, *args, **kwargs), self._metadata, None)
 
 
-def internal_channel(target: str, token: str | None = None) -> grpc.aio.Channel:
-    """A channel to another service of the mesh: every call carries the internal
-    credential (token, default CLAWDBOT_INTERNAL_TOKEN: a ConfigError when unset), room for
-    audio-sized messages both ways, and quick reconnects after the peer restarts instead
-    of backing off for seconds."""
+def grpc_target(endpoint: ServiceEndpoint) -> str:
+    """host:port of a service, as other services dial it (an IPv6 address in brackets)."""
+    host = endpoint.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{endpoint.grpc_port}"
+
+
+def mesh_channel(endpoint: ServiceEndpoint, token: str | None = None) -> grpc.aio.Channel:
+    """The channel to a service of the mesh, from its config section: see internal_channel;
+    unary calls without a timeout get the service's call_timeout_s."""
+    return internal_channel(grpc_target(endpoint), token, default_deadline_s=endpoint.call_timeout_s)
+
+
+def internal_channel(
+    target: str, token: str | None = None, *, default_deadline_s: float | None = None
+) -> grpc.aio.Channel:
+    """A channel to a gRPC server of the mesh (mesh_channel, for a service named in the
+    config; this, for a target known otherwise, like a worker instance's URL): every call
+    carries the internal credential (token, default CLAWDBOT_INTERNAL_TOKEN: a ConfigError
+    when unset), the trace context and the request id; room for audio-sized messages both
+    ways, and quick reconnects after the peer restarts instead of backing off for
+    seconds."""
     token = internal_auth.internal_token() if token is None else token
     channel = grpc.aio.insecure_channel(
         target,
@@ -128,7 +178,7 @@ def internal_channel(target: str, token: str | None = None) -> grpc.aio.Channel:
             ("grpc.max_reconnect_backoff_ms", 1000),
         ],
     )
-    return InternalChannel(channel, token)
+    return InternalChannel(channel, token, default_deadline_s)
 
 
 def _internal_only(token: str) -> Any:
@@ -167,8 +217,11 @@ class ServiceHost:
         token = internal_auth.internal_token() if internal_token is None else internal_token
         # Admission after authentication: a call without the credential takes no slot.
         self.admission = AdmissionControl(name, endpoint.max_in_flight)
+        # Every handler behind one gate: credential, admission, trace context, request id,
+        # error mapping and per-call metrics (common/server_gate.py).
         self.grpc_server: grpc.aio.Server = GatedServer(
-            grpc.aio.server(options=list(_GRPC_OPTIONS)), ServerGate(token, self.admission)
+            grpc.aio.server(options=list(_GRPC_OPTIONS)),
+            ServerGate(token, self.admission, metrics=metrics, service=name),
         )
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
@@ -294,8 +347,9 @@ class ServiceHost:
         self._stoppable_tasks = set()
 
 
-async def run_until_signalled(host: ServiceHost) -> None:
-    """Start, serve until SIGTERM or SIGINT, then stop gracefully."""
+async def run_until_signalled(host: ServiceHost, on_signal: Callable[[], None] | None = None) -> None:
+    """Start, serve until SIGTERM or SIGINT, then stop gracefully. on_signal runs first
+    (the entry point's: the shutdown's hard deadline starts there, common/lifeline.py)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -303,6 +357,8 @@ async def run_until_signalled(host: ServiceHost) -> None:
     await host.start()
     await stop.wait()
     log.info("shutdown requested")
+    if on_signal is not None:
+        on_signal()
     await host.stop()
 
 

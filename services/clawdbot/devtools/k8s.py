@@ -72,8 +72,9 @@ GRPC_CALLERS: dict[str, tuple[str, ...]] = {
     "worker": ("router", "health"),
     "orchestrator": ("adapter", "jobs", "health"),
     "health": ("adapter", "router"),
-    # Nobody calls the job consumers: they take their work from Kafka.
-    "jobs": (),
+    # The adapter submits jobs (and looks them up) over gRPC; the jobs service queues
+    # them on Kafka and runs them itself.
+    "jobs": ("adapter",),
 }
 
 # Addresses a webhook (job callbacks, alerts) or a hosted model provider may not be:
@@ -184,18 +185,19 @@ def redis_clients(config: Config) -> tuple[str, ...]:
     if config.cache.enabled and config.cache.redis_url:
         clients.append("cache")
     if config.jobs.over_kafka:
-        # Job records (jobs/store.py): written by the adapter, updated by the consumers.
-        clients += ["adapter", "jobs"]
+        # Job records (jobs/store.py): the jobs service's alone.
+        clients.append("jobs")
     if config.orchestrator.enabled and (config.orchestrator.redis_url or config.jobs.over_kafka):
         clients.append("orchestrator")
     return tuple(sorted(clients))
 
 
 def kafka_clients(config: Config) -> tuple[str, ...]:
-    """The pods that talk to Kafka: jobs in and out, the routers' telemetry to health."""
+    """The pods that talk to Kafka: jobs in and out (the jobs service alone), the routers'
+    telemetry to health."""
     if not config.jobs.over_kafka:
         return ()
-    clients = ["adapter", "jobs", "router"]
+    clients = ["jobs", "router"]
     if config.health.enabled:
         clients.append("health")
     return tuple(sorted(clients))
@@ -203,11 +205,9 @@ def kafka_clients(config: Config) -> tuple[str, ...]:
 
 def public_egress(config: Config) -> tuple[str, ...]:
     """The pods that reach out of the cluster: hosted model providers (router), job
-    callbacks (jobs; the adapter too when it runs jobs itself, without Kafka), alert
-    webhooks (health), an S3 bucket (cache), a Qdrant server (orchestrator)."""
+    callbacks (jobs), alert webhooks (health), an S3 bucket (cache), a Qdrant server
+    (orchestrator)."""
     pods = {"router", "jobs", "health"}
-    if not config.jobs.over_kafka:
-        pods.add("adapter")
     if config.cache.s3 is not None:
         pods.add("cache")
     if config.orchestrator.qdrant_url:
@@ -333,7 +333,7 @@ def network_policies(config: Config) -> list[dict[str, Any]]:
         ingress.append({"from": [_prometheus()], "ports": _tcp(endpoint.http_port)})
         if name == "adapter":
             ingress.append({"from": [_pods("envoy")], "ports": _tcp(endpoint.http_port)})
-        who = ", ".join(GRPC_CALLERS[name]) or "nobody (it reads Kafka)"
+        who = ", ".join(GRPC_CALLERS[name]) or "nobody"
         why = f"gRPC {endpoint.grpc_port} from {who}; metrics {endpoint.http_port} from Prometheus."
         policies.append(_policy(name, why, _pods(name)["podSelector"], ingress, egress_of(name)))
     if redis:

@@ -20,11 +20,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from clawdbot.common.guarded_http import GuardedHttpClient, OutboundFailed, OutboundRefused
+from clawdbot.common.retry import RetryPolicy
 from clawdbot.common.url_policy import AddressPolicy, redact_url
 
 log = logging.getLogger(__name__)
 
-DELIVERY_ATTEMPTS = 3
+# A webhook that is restarting gets three tries over about two seconds.
+DELIVERY_RETRY = RetryPolicy(max_attempts=3, base_s=0.5)
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Alerter:
         # json, as aiohttp's json= did: the detector's values may be numpy float subclasses.
         body = json.dumps(asdict(alert)).encode()
         headers = {"content-type": "application/json"}
-        for attempt in range(1, DELIVERY_ATTEMPTS + 1):
+        for attempt in range(1, DELIVERY_RETRY.max_attempts + 1):
             try:
                 response = await self._client.post(self._webhook, body, headers)
             except OutboundRefused as exc:
@@ -97,8 +99,8 @@ class Alerter:
                 if response.status < 300:
                     return
                 problem = f"HTTP {response.status}"
-            if attempt < DELIVERY_ATTEMPTS:
-                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+            if DELIVERY_RETRY.may_retry(attempt):
+                await asyncio.sleep(DELIVERY_RETRY.backoff(attempt))
         self.failed_deliveries.inc()
         log.error("alert webhook delivery failed", extra={"webhook": redact_url(self._webhook), "error": problem})
 

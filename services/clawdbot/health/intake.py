@@ -20,7 +20,6 @@ from aiokafka.errors import KafkaError
 from clawdbot.common import topics
 from clawdbot.common.kafka import KafkaEndpoint, ensure_topics
 from clawdbot.health.monitor import Monitor
-from clawdbot.router.observations import PARTITIONS
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ async def consume_telemetry(kafka: str | KafkaEndpoint, monitor: Monitor) -> Non
     while True:
         consumer = AIOKafkaConsumer(topics.TELEMETRY, **endpoint.options(group_id=group, auto_offset_reset="latest"))
         try:
-            await ensure_topics(endpoint, {topics.TELEMETRY: PARTITIONS})
+            await ensure_topics(endpoint, {topics.TELEMETRY: topics.TELEMETRY_PARTITIONS})
             await consumer.start()
             log.info("consuming telemetry", extra={"topic": topics.TELEMETRY, "group": group})
             complained = False

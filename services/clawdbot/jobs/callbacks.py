@@ -8,6 +8,10 @@ checked at connect time; no redirects; each attempt bounded in time). A destinat
 (scheme://host:port) has at most `per_destination` deliveries in flight, so a receiver
 that hangs holds that many workers for one attempt's timeout, never all of them; retries
 wait outside the workers. A full queue drops the callback, loudly, rather than grow.
+
+A callback is retried here (nothing sits under a webhook to retry it): a failed connection,
+a timeout or a retryable status (common/retry.py), `attempts` times in all, with the mesh's
+one backoff (exponential, full jitter) between them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import orjson
 
 from clawdbot.common.config import ConfigError, JobsConfig
 from clawdbot.common.guarded_http import GuardedHttpClient, OutboundFailed, OutboundRefused
+from clawdbot.common.retry import RetryPolicy, retryable_http
 from clawdbot.common.url_policy import AddressPolicy, redact_url
 from clawdbot.jobs.records import Job
 
@@ -85,8 +90,7 @@ class CallbackDelivery:
         self._workers_wanted = workers
         self._per_destination = per_destination
         self._max_pending = max_pending
-        self._attempts = attempts
-        self._backoff_s = backoff_s
+        self._policy = RetryPolicy(attempts, backoff_s)
         self._queue: asyncio.Queue[_Delivery] = asyncio.Queue()
         self._parked: defaultdict[str, deque[_Delivery]] = defaultdict(deque)
         self._busy: defaultdict[str, int] = defaultdict(int)
@@ -169,13 +173,13 @@ class CallbackDelivery:
                 return
             reason = f"HTTP {response.status}"
             # The receiver's own fault or overload may pass; a 4xx says it will not take it.
-            retryable = response.status >= 500 or response.status in (408, 425, 429)
-        if retryable and delivery.attempt < self._attempts:
+            retryable = retryable_http(response.status)
+        if retryable and self._policy.may_retry(delivery.attempt):
             log.warning(
                 "job callback attempt failed; retrying",
                 extra={**delivery.fields(), "attempt": delivery.attempt, "error": reason},
             )
-            delay = self._backoff_s * 2 ** (delivery.attempt - 1)
+            delay = self._policy.backoff(delivery.attempt)
             self._retries[id(delivery)] = asyncio.get_running_loop().call_later(delay, self._retry, delivery)
             return
         log.error(

@@ -22,11 +22,12 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from clawdbot.common import topics
 from clawdbot.common.config import JobsConfig
+from clawdbot.common.jobs import KINDS, TERMINAL
 from clawdbot.common.kafka import KafkaEndpoint
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.telemetry import extract_context
 from clawdbot.jobs.processing import JobProcessor
-from clawdbot.jobs.records import KINDS, TERMINAL, Job
+from clawdbot.jobs.records import Job
 
 log = logging.getLogger(__name__)
 

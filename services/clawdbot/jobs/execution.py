@@ -1,26 +1,42 @@
-"""Running one job through the router: attempts with backoff for what may succeed on a
-retry (upstream 5xx, 429, timeouts, no instance available), none for what cannot (a bad
-request). The job record says how it went after every step."""
+"""Running one job through the router (or a workflow through the orchestrator), and when a
+job tries again.
+
+Retries do not multiply (common/retry.py says which layer retries what): the router
+already retries a model call across instances, model_router.retry.max_attempts calls in
+all, so a job tries again only when the router (or the orchestrator) could not take the
+call at all: unreachable, draining, over its in-flight limit, or with no instance to send
+it to. No model was called then. Any answer from an upstream, success or failure, ends
+the job. So one job makes at most model_router.retry.max_attempts upstream calls; only a
+router that dies in the middle of a call (its calls lost with it) can make a job call
+upstream again, and then at most jobs.max_attempts times that.
+
+The job record says how it went after every step.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Final, cast
 
 import grpc
 import orjson
 
 from clawdbot.common.bounded import off_loop_if_large
+from clawdbot.common.clients.router import BadAudio, model_request
 from clawdbot.common.config import JobsConfig
-from clawdbot.common.errors import GatewayError
-from clawdbot.common.telemetry import inject_headers
+from clawdbot.common.errors import ERROR_METADATA_KEY, GatewayError
+from clawdbot.common.retry import RetryPolicy
 from clawdbot.gen.v1 import orchestrator_pb2, orchestrator_pb2_grpc, router_pb2, router_pb2_grpc
 from clawdbot.jobs.records import Job
 from clawdbot.jobs.store import JobStore
-from clawdbot.router.requests import BadAudio, model_request
 
 log = logging.getLogger(__name__)
+
+# What a service of the mesh answers when it did not take a call: over its in-flight
+# limit (common/admission.py), or, the router, no instance to send it to.
+REFUSAL_CODES: Final = frozenset({"overloaded", "no_available_instance"})
 
 
 class JobFailure(Exception):
@@ -28,6 +44,17 @@ class JobFailure(Exception):
         super().__init__(error.get("message", "job failed"))
         self.error = error
         self.retryable = retryable
+
+
+def not_taken(err: grpc.aio.AioRpcError, failure: GatewayError) -> bool:
+    """Whether the callee could not take the call at all (so nothing ran): the call never
+    reached it (UNAVAILABLE from the transport, no error of ours in the trailers: down,
+    restarting, or draining and refusing new calls), or it refused it with a refusal code.
+    An error it reports on an upstream's behalf is no refusal, whatever its status."""
+    trailers = cast("Iterable[tuple[str, str | bytes]]", err.trailing_metadata() or ())
+    if not any(key == ERROR_METADATA_KEY for key, _ in trailers):
+        return err.code() == grpc.StatusCode.UNAVAILABLE
+    return failure.code in REFUSAL_CODES
 
 
 def job_request(job: Job, max_request_bytes: int) -> router_pb2.ModelRequest:
@@ -57,6 +84,7 @@ class JobExecutor:
         self._orchestrator = orchestrator
         # gateway.max_request_bytes: what a transcription job's base64 audio may decode to.
         self._max_request_bytes = max_request_bytes
+        self._retry = RetryPolicy(config.max_attempts, config.backoff_s)
 
     async def _run_workflow(self, job: Job) -> dict[str, Any]:
         if self._orchestrator is None:
@@ -69,16 +97,13 @@ class JobExecutor:
         )
         try:
             # wait_for_ready: an orchestrator that is restarting is waited for, not failed on.
-            reply = await self._orchestrator.Run(
-                request,
-                timeout=self._config.job_timeout_s,
-                metadata=list(inject_headers().items()),
-                wait_for_ready=True,
-            )
+            reply = await self._orchestrator.Run(request, timeout=self._config.job_timeout_s, wait_for_ready=True)
         except grpc.aio.AioRpcError as err:
             failure = GatewayError.from_rpc_error(err, "orchestrator")
-            # run_busy: another copy of this run still holds it (a call that timed out here).
-            retryable = failure.status >= 500 or failure.code == "run_busy"
+            # run_busy: another copy of this run still holds it (a call that timed out here);
+            # trying again later resumes it. A step's failure is the run's (its own retries,
+            # as its definition asks, are spent).
+            retryable = not_taken(err, failure) or failure.code == "run_busy"
             raise JobFailure(failure.to_dict()["error"], retryable) from None
         run: dict[str, Any] = orjson.loads(reply.json)
         if run.get("status") != "succeeded":
@@ -93,13 +118,10 @@ class JobExecutor:
         size = len(file) if isinstance(file, str) else 0
         request = await off_loop_if_large(size, job_request, job, self._max_request_bytes)
         try:
-            reply = await self._router.Complete(
-                request, timeout=self._config.job_timeout_s, metadata=list(inject_headers().items())
-            )
+            reply = await self._router.Complete(request, timeout=self._config.job_timeout_s)
         except grpc.aio.AioRpcError as err:
             failure = GatewayError.from_rpc_error(err, "router")
-            retryable = failure.status >= 500 or failure.status == 429
-            raise JobFailure(failure.to_dict()["error"], retryable) from None
+            raise JobFailure(failure.to_dict()["error"], not_taken(err, failure)) from None
         result: dict[str, Any] = orjson.loads(reply.openai_json) if reply.openai_json else {}
         return result
 
@@ -115,11 +137,16 @@ class JobExecutor:
                 job.status, job.error = "succeeded", None
                 return job
             except JobFailure as failure:
-                if failure.retryable and job.attempts < self._config.max_attempts:
-                    delay = self._config.backoff_s * 2 ** (job.attempts - 1)
+                if failure.retryable and self._retry.may_retry(job.attempts):
+                    delay = self._retry.backoff(job.attempts)
                     log.info(
-                        "job attempt failed; retrying",
-                        extra={"job": job.id, "attempt": job.attempts, "error": str(failure)},
+                        "job attempt not taken; retrying",
+                        extra={
+                            "job": job.id,
+                            "attempt": job.attempts,
+                            "delay_s": round(delay, 3),
+                            "error": str(failure),
+                        },
                     )
                     await asyncio.sleep(delay)
                     continue

@@ -1,19 +1,29 @@
 """Getting a job to a consumer: Kafka (durable; answered only once the broker has it), or
-an in-process queue when there is no Kafka (the jobs die with the process)."""
+this process's own queue when there is no Kafka (the jobs die with the process).
+
+Why in-process rather than a Redis-backed queue without Kafka: the mesh runs without
+Kafka where it runs small (the lite image: no Redis either), and a second durable queue
+would have to re-build what Kafka's consumer group gives (delivery at least once,
+another member taking over a dead one's work) for a mode that says "not durable" anyway.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from clawdbot.common import topics
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.kafka import KafkaEndpoint
-from clawdbot.common.telemetry import inject_headers
+from clawdbot.common.logging import request_id_var
+from clawdbot.common.telemetry import extract_context, inject_headers
 from clawdbot.jobs.processing import JobProcessor
 from clawdbot.jobs.records import Job
 
@@ -88,21 +98,27 @@ class KafkaJobQueue:
 class InProcessJobQueue:
     """Without Kafka: jobs run in this process, `concurrency` at a time, and say they are
     not durable (a restart loses those not finished). At most `max_queued` wait; past
-    that a job is refused with 503 `overloaded` at submit rather than queued without bound."""
+    that a job is refused with 503 `overloaded` at submit rather than queued without bound.
+    Each job carries its submitter's trace context, as a Kafka record does in its headers:
+    its run is a CONSUMER span of the submitter's trace either way."""
 
     durable = False
 
     def __init__(self, processor: JobProcessor, concurrency: int = 8, max_queued: int = 1000) -> None:
         self._processor = processor
         self._concurrency = concurrency
-        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queued)
+        self._queue: asyncio.Queue[tuple[Job, dict[str, str]]] = asyncio.Queue(maxsize=max_queued)
         self._workers: list[asyncio.Task[None]] = []
+        self._tracer = trace.get_tracer("clawdbot.jobs")
 
     async def send(self, job: Job) -> None:
         if not self._workers:
-            self._workers = [asyncio.create_task(self._work()) for _ in range(self._concurrency)]
+            # In a context of their own: not the first submitter's (its span, its request id).
+            self._workers = [
+                asyncio.create_task(self._work(), context=contextvars.Context()) for _ in range(self._concurrency)
+            ]
         try:
-            self._queue.put_nowait(job)
+            self._queue.put_nowait((job, inject_headers()))
         except asyncio.QueueFull:
             raise GatewayError(
                 503,
@@ -115,9 +131,14 @@ class InProcessJobQueue:
 
     async def _work(self) -> None:
         while True:
-            job = await self._queue.get()
+            job, headers = await self._queue.get()
+            request_id_var.set(job.id)
             try:
-                await self._processor.process(job)
+                with self._tracer.start_as_current_span(
+                    f"job {job.kind}", context=extract_context(headers), kind=SpanKind.CONSUMER
+                ) as span:
+                    span.set_attribute("clawdbot.job_id", job.id)
+                    await self._processor.process(job)
             except Exception:
                 log.exception("in-process job failed unexpectedly", extra={"job": job.id})
             finally:
@@ -127,4 +148,4 @@ class InProcessJobQueue:
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
-        await self._processor.close()
+        self._workers = []

@@ -1,17 +1,17 @@
-"""A job: what was asked, by whom, and how it stands. Stored as JSON; shown to its owner."""
+"""A job's record: what was asked, by whom, and how it stands. Stored as JSON (Redis, or
+memory) and sent as JSON through Kafka; its owner is shown public() (common/clients/jobs.py
+is what the adapter reads that with)."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final, Literal
+from typing import Any
 
 import orjson
 
-Status = Literal["queued", "running", "succeeded", "failed"]
-TERMINAL: Final = ("succeeded", "failed")
-KINDS: Final = ("chat", "embeddings", "transcription", "workflow")
+from clawdbot.common.jobs import Status
 
 
 def new_job_id() -> str:

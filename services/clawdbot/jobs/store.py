@@ -1,5 +1,7 @@
-"""Where jobs are recorded: Redis (durable, shared by every process), or memory when the
-mesh runs without Kafka. Terminal states are written once: a redelivered job finds its
+"""Where jobs are recorded: Redis (durable, shared by every jobs process) with Kafka, or
+this process's memory without (then the one jobs process runs them all, and a restart
+loses them as it loses its in-process queue: a record outliving its queue would say
+"queued" forever). Terminal states are written once: a redelivered job finds its
 result already stored and is not run again."""
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from typing import Final, Protocol
 
 import redis.asyncio as redis
 
-from clawdbot.common.config import Config, RedisConfig
+from clawdbot.common.config import RedisConfig
 from clawdbot.common.errors import GatewayError, redis_available
+from clawdbot.common.jobs import TERMINAL
 from clawdbot.common.redis_client import redis_blocking_pool
-from clawdbot.jobs.records import TERMINAL, Job
+from clawdbot.jobs.records import Job
 
 _PREFIX: Final = "clawdbot:job:"
 _BY_KEY: Final = "clawdbot:jobs:"
@@ -30,11 +33,6 @@ redis.call('HINCRBY', KEYS[2], 'stored', 1)
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
-
-
-def store_url(config: Config) -> str:
-    """Job records go to the jobs' own Redis, or else to the cache's."""
-    return config.jobs.redis_url or config.cache.redis_url
 
 
 class JobStore(Protocol):
@@ -112,7 +110,7 @@ class RedisJobStore:
 
 
 class MemoryJobStore:
-    """For a mesh without Kafka: jobs live in the adapter process, at most `max_jobs` of
+    """For a mesh without Kafka: jobs live in the jobs process, at most `max_jobs` of
     them; a finished one is kept for `retention_s` after it finished. Full (of jobs not
     finished or not yet expired): a new job is refused with 503 `overloaded`."""
 
@@ -150,7 +148,7 @@ class MemoryJobStore:
         if len(self._jobs) >= self._max:
             raise GatewayError(
                 503,
-                f"This gateway holds its limit of {self._max} jobs in memory (no Kafka); retry later.",
+                f"The jobs service holds its limit of {self._max} jobs in memory (no Kafka); retry later.",
                 "service_unavailable",
                 "overloaded",
                 None,

@@ -25,18 +25,19 @@ from typing import Any, Protocol
 
 import grpc
 import orjson
+from opentelemetry import trace
 
-from clawdbot.cache.client import OPT_HEADER, ResponseCache
 from clawdbot.common.bounded import off_loop_if_large
+from clawdbot.common.clients.cache import OPT_HEADER, ResponseCache
+from clawdbot.common.clients.router import BadAudio, model_request
 from clawdbot.common.config import GatewayConfig
 from clawdbot.common.errors import GatewayError
-from clawdbot.common.telemetry import inject_headers
+from clawdbot.common.retry import RetryPolicy
 from clawdbot.gen.v1 import router_pb2, router_pb2_grpc
 from clawdbot.orchestrator.definitions import Catalog, Step, Workflow
 from clawdbot.orchestrator.expressions import ExpressionError, render, truthy
 from clawdbot.orchestrator.inputs import check_input
 from clawdbot.orchestrator.run_state import MemoryRunStore, RunStore
-from clawdbot.router.requests import BadAudio, model_request
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,7 @@ class ModelCaller:
 
     async def _complete(self, request: router_pb2.ModelRequest, timeout_s: float) -> router_pb2.ModelResponse:
         try:
-            reply: router_pb2.ModelResponse = await self._router.Complete(
-                request, timeout=timeout_s, metadata=list(inject_headers().items())
-            )
+            reply: router_pb2.ModelResponse = await self._router.Complete(request, timeout=timeout_s)
             return reply
         except grpc.aio.AioRpcError as err:
             raise StepFailed(GatewayError.from_rpc_error(err, "router").to_dict()["error"]) from None
@@ -159,6 +158,7 @@ class Engine:
         self._runs: RunStore = runs or MemoryRunStore()
         # The body and audio limits a run's input is held to, as on the model routes.
         self._limits = limits or GatewayConfig()
+        self._tracer = trace.get_tracer("clawdbot.orchestrator")
 
     async def run(
         self,
@@ -320,7 +320,7 @@ class Engine:
                             "error": last_error,
                         }
                     )
-                    await asyncio.sleep(step.retry.backoff_s * 2 ** (attempt - 1))
+                    await asyncio.sleep(RetryPolicy(step.retry.max_attempts, step.retry.backoff_s).backoff(attempt))
             record.status, record.error = "failed", {**last_error, "step": step.id}
             log.warning(
                 "workflow step failed", extra={"workflow": run.workflow.name, "step": step.id, "error": last_error}
@@ -359,6 +359,19 @@ class Engine:
         record.done.set()
 
     async def _execute(self, run: _Run, step: Step, record: StepRecord) -> Any:
+        """One attempt at a step, in a span of its own: a child of the run's call, and the
+        parent of the calls the step makes (cache, router, knowledge base). A failure
+        marks the span as failed."""
+        attributes: dict[str, str | int] = {
+            "clawdbot.workflow": run.workflow.name,
+            "clawdbot.step": step.id,
+            "clawdbot.step_type": step.type,
+            "clawdbot.attempt": record.attempts,
+        }
+        with self._tracer.start_as_current_span(f"workflow step {step.id}", attributes=attributes):
+            return await self._attempt(run, step, record)
+
+    async def _attempt(self, run: _Run, step: Step, record: StepRecord) -> Any:
         params = render(step.params, run.context)
         given = render(step.input, run.context)
         if step.type == "transform":

@@ -15,22 +15,25 @@ from typing import Any
 import grpc
 import orjson
 
-from clawdbot.cache.client import ResponseCache
+from clawdbot.common.clients.cache import ResponseCache
+from clawdbot.common.clients.router import embed
 from clawdbot.common.config import Config, OrchestratorConfig, repo_path
-from clawdbot.common.errors import GatewayError, internal_error
+from clawdbot.common.errors import GatewayError
+from clawdbot.common.jobs import store_url
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
-from clawdbot.common.service import ServiceHost, internal_channel
+from clawdbot.common.service import ServiceHost, mesh_channel
 from clawdbot.gen.v1 import cache_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc, router_pb2, router_pb2_grpc
-from clawdbot.jobs.store import store_url
 from clawdbot.orchestrator.catalog_watch import CatalogWatch
 from clawdbot.orchestrator.definitions import Catalog
 from clawdbot.orchestrator.engine import Engine, ModelCaller, StepFailed
 from clawdbot.orchestrator.retrieval import KnowledgeBase, RetrievalUnavailable
 from clawdbot.orchestrator.run_state import LeaseLost, MemoryRunStore, RedisRunStore, RunStore
-from clawdbot.router.requests import embed
 
 log = logging.getLogger(__name__)
+
+# The request id of the knowledge base's own embedding calls, made while it fills.
+KNOWLEDGE_BASE_REQUEST_ID = "knowledge-base"
 
 
 class Knowledge:
@@ -52,10 +55,12 @@ class Knowledge:
         )
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
-        meta = router_pb2.RequestMeta(request_id="knowledge-base", protocol="internal")
+        meta = router_pb2.RequestMeta(request_id=KNOWLEDGE_BASE_REQUEST_ID, protocol="internal")
         return await embed(self._router, meta, self._config.embeddings_model, texts, 120)
 
     async def fill(self) -> None:
+        # Background work, no request's: its calls (and their logs downstream) say so.
+        request_id_var.set(KNOWLEDGE_BASE_REQUEST_ID)
         folder = repo_path(self._config.knowledge_dir)
         while True:
             try:
@@ -89,6 +94,24 @@ def run_store(config: Config) -> RunStore:
     return RedisRunStore(url, config.orchestrator.run_retention_s, config.orchestrator.run_lease_s, config.redis)
 
 
+def run_busy() -> GatewayError:
+    return GatewayError(409, "The run was taken over elsewhere.", "conflict", "run_busy")
+
+
+def _ended(run: dict[str, Any]) -> None:
+    """One line per run (with the request and trace id, like every line written while
+    serving it): what an operator searches for first."""
+    log.info(
+        "workflow run ended",
+        extra={
+            "workflow": run.get("workflow"),
+            "run_id": run.get("run_id"),
+            "status": run.get("status"),
+            "duration_ms": run.get("duration_ms"),
+        },
+    )
+
+
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, watch: CatalogWatch, engine: Engine) -> None:
         self.watch = watch
@@ -108,45 +131,33 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     async def Run(  # noqa: N802 - gRPC method name
         self, request: orchestrator_pb2.RunWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.WorkflowReply:
-        request_id_var.set(request.meta.request_id)
         try:
             run = await self.engine.run(request.name, self._input(request), request.meta, run_id=request.run_id)
-            return orchestrator_pb2.WorkflowReply(json=orjson.dumps(run))
-        except GatewayError as err:
-            await err.abort(context)
         except LeaseLost:
-            await GatewayError(409, "The run was taken over elsewhere.", "conflict", "run_busy").abort(context)
-        except Exception:
-            log.exception("workflow run failed", extra={"workflow": request.name})
-            await internal_error().abort(context)
-        raise AssertionError("unreachable: abort raises")
+            raise run_busy() from None
+        _ended(run)
+        return orchestrator_pb2.WorkflowReply(json=orjson.dumps(run))
 
     async def RunStream(  # noqa: N802 - gRPC method name
         self, request: orchestrator_pb2.RunWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[orchestrator_pb2.WorkflowEvent]:
         """The run's events as they happen; an error before the first is the call's status."""
-        request_id_var.set(request.meta.request_id)
         # The run's events, then None once it ended (however it ended).
         events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        run_input = self._input(request)
+        # The task copies this call's context: the run's spans are children of the call's.
+        running = asyncio.create_task(
+            self.engine.run(request.name, run_input, request.meta, run_id=request.run_id, emit=events.put_nowait)
+        )
+        running.add_done_callback(lambda _: events.put_nowait(None))
         try:
-            run_input = self._input(request)
-            running = asyncio.create_task(
-                self.engine.run(request.name, run_input, request.meta, run_id=request.run_id, emit=events.put_nowait)
-            )
-            running.add_done_callback(lambda _: events.put_nowait(None))
-            try:
-                while (event := await events.get()) is not None:
-                    yield orchestrator_pb2.WorkflowEvent(json=orjson.dumps(event))
-                running.result()  # what ended a run that did not complete
-            finally:
-                running.cancel()
+            while (event := await events.get()) is not None:
+                yield orchestrator_pb2.WorkflowEvent(json=orjson.dumps(event))
+            _ended(running.result())  # or raises what ended a run that did not complete
         except LeaseLost:
-            await GatewayError(409, "The run was taken over elsewhere.", "conflict", "run_busy").abort(context)
-        except GatewayError as err:
-            await err.abort(context)
-        except Exception:
-            log.exception("workflow run failed", extra={"workflow": request.name})
-            await internal_error().abort(context)
+            raise run_busy() from None
+        finally:
+            running.cancel()
 
     async def List(  # noqa: N802 - gRPC method name
         self, request: orchestrator_pb2.ListWorkflowsRequest, context: grpc.aio.ServicerContext
@@ -163,11 +174,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     ) -> orchestrator_pb2.WorkflowReply:
         workflow = self.catalog.workflows.get(request.name)
         if workflow is None:
-            error = GatewayError(
+            raise GatewayError(
                 404, f"No workflow named `{request.name}`.", "invalid_request_error", "workflow_not_found"
             )
-            await error.abort(context)
-            raise AssertionError("unreachable: abort raises")
         described = {
             **workflow.describe(),
             "steps": [s.model_dump(by_alias=True, exclude_none=True) for s in workflow.steps],
@@ -177,11 +186,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
 def create_server(config: Config) -> ServiceHost:
     host = ServiceHost("orchestrator", config.orchestrator, Metrics("orchestrator"))
-    channels = [internal_channel(f"{config.router.host}:{config.router.grpc_port}")]
+    channels = [mesh_channel(config.router)]
     router = router_pb2_grpc.RouterStub(channels[0])
     cache = None
     if config.cache.enabled:
-        channels.append(internal_channel(f"{config.cache.host}:{config.cache.grpc_port}"))
+        channels.append(mesh_channel(config.cache))
         cache = ResponseCache(cache_pb2_grpc.CacheServiceStub(channels[-1]), config.cache, config.models, router)
     knowledge = Knowledge(config.orchestrator, router) if config.orchestrator.knowledge_dir else None
     watch = CatalogWatch(repo_path(config.orchestrator.workflows_dir))

@@ -32,7 +32,6 @@ from clawdbot.router.registry import Instance
 log = logging.getLogger(__name__)
 
 QUEUE_LIMIT: Final = 10_000
-PARTITIONS: Final = 6
 
 
 @dataclass
@@ -91,7 +90,7 @@ class TelemetryPublisher:
         while True:
             producer = AIOKafkaProducer(**self._kafka.options(acks=1, linger_ms=50))
             try:
-                await ensure_topics(self._kafka, {topics.TELEMETRY: PARTITIONS})
+                await ensure_topics(self._kafka, {topics.TELEMETRY: topics.TELEMETRY_PARTITIONS})
                 await producer.start()
                 complained = False
                 await self._send_forever(producer)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
-from clawdbot.common.config import Config, ConfigError, load_config
+from clawdbot.common.config import MODEL_URLS_ENV, Config, ConfigError, load_config
 from clawdbot.common.errors import GatewayError
 from clawdbot.router.registry import Instance
 from clawdbot.router.snapshot import SnapshotOwner
@@ -33,12 +33,6 @@ log = logging.getLogger(__name__)
 # How long a changed configuration file must stay unchanged before the watcher loads it.
 _SETTLE_S = 0.3
 
-# Set by the runner: {model name: base_url} for the local models it started, whose ports
-# may differ from the file's (tests and benchmarks take ports from the OS).
-MODEL_URLS_ENV = "CLAWDBOT_MODEL_URLS"
-# Set by the runner: the user's file, which reloads read (the services start from the
-# runner's effective copy of it).
-SOURCE_CONFIG_ENV = "CLAWDBOT_SOURCE_CONFIG"
 
 
 def with_model_urls(config: Config, env: Mapping[str, str]) -> Config:

@@ -17,7 +17,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,14 @@ import orjson
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from clawdbot.common.config import Config, StrategyWeights, config_path
-from clawdbot.common.errors import GatewayError, internal_error
+from clawdbot.common.clients.router import probe_request
+from clawdbot.common.config import SOURCE_CONFIG_ENV, Config, StrategyWeights, config_path
+from clawdbot.common.errors import GatewayError
 from clawdbot.common.kafka import KafkaEndpoint
-from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
-from clawdbot.common.service import ServiceHost, internal_channel
-from clawdbot.common.telemetry import extract_context, inject_headers
+from clawdbot.common.retry import RetryBudget
+from clawdbot.common.service import ServiceHost, mesh_channel
+from clawdbot.common.telemetry import inject_headers
 from clawdbot.gen.v1 import monitor_pb2_grpc, router_pb2, router_pb2_grpc
 from clawdbot.router.attempts import Attempts
 from clawdbot.router.breaker import CircuitBreaker
@@ -45,8 +46,7 @@ from clawdbot.router.observations import Observation, ReportingPublisher, Teleme
 from clawdbot.router.prometheus_feed import PrometheusFeed
 from clawdbot.router.quality import QualityBook
 from clawdbot.router.registry import Instance, Registry
-from clawdbot.router.reload import SOURCE_CONFIG_ENV, Reloader
-from clawdbot.router.requests import probe_request
+from clawdbot.router.reload import Reloader
 from clawdbot.router.rules import Features, Routing, apply_rules, modality_of
 from clawdbot.router.scoring import Candidate, RequestShape, Scorer, explain_choice
 from clawdbot.router.snapshot import Snapshot
@@ -91,13 +91,15 @@ def _features(meta: router_pb2.RequestMeta, task: str, model: str, modality: str
     )
 
 
-def _describe(span: trace.Span, meta: router_pb2.RequestMeta) -> None:
-    """The caller's metadata on the server span: who asked, from where, on what."""
-    span.set_attribute("clawdbot.request_id", meta.request_id)
+def _describe(meta: router_pb2.RequestMeta) -> trace.Span:
+    """The caller's metadata on the call's server span (the gate's, which has the request
+    id the call came with already): who asked, from where, on what."""
+    span = trace.get_current_span()
     span.set_attribute("clawdbot.client_ip", meta.client_ip)
     span.set_attribute("clawdbot.device_type", meta.device_type)
     span.set_attribute("clawdbot.api_key_id", meta.api_key_id)
     span.set_attribute("clawdbot.protocol", meta.protocol)
+    return span
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -123,6 +125,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         # was already forgotten; it gets a fresh breaker rather than a KeyError.
         self._breaker_config = config.model_router.breaker
         self._breakers: dict[str, CircuitBreaker] = defaultdict(lambda: CircuitBreaker(self._breaker_config))
+        # One budget for all of this router's retries: an upstream that is down gets at
+        # most a fifth more calls from retries, not three times its traffic.
+        self._retry_budget = RetryBudget()
         self._versions = 0
         self.health = HealthView()
         routing = config.model_router
@@ -224,7 +229,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             budget = min(budget, remaining)
-        return Attempts(order, self._breakers, plan.snapshot.routing.retry, time.monotonic() + budget)
+        return Attempts(
+            order, self._breakers, plan.snapshot.routing.retry, time.monotonic() + budget, budget=self._retry_budget
+        )
 
     def _decided(self, plan: Plan, instance: Instance, previous: str) -> None:
         """Count where an attempt goes and why there: the scorer's pick, another instance
@@ -235,21 +242,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             reason = "retry" if instance.id == previous else "fallback"
         self._metrics.routing_decisions.labels(plan.strategy, instance.id, reason).inc()
 
-    @contextlib.contextmanager
-    def _serving(self) -> Iterator[None]:
-        """The request counts as in flight (an autoscaling signal) until it is answered."""
-        in_flight = self._metrics.in_flight.labels("router")
-        in_flight.inc()
-        try:
-            yield
-        finally:
-            in_flight.dec()
-
     # --- one call to one instance ------------------------------------------------------
 
     @contextlib.contextmanager
     def _attempt(self, task: str, instance: Instance, meta: router_pb2.RequestMeta) -> Iterator[Observation]:
-        """Its client span, in-flight count, breaker verdict, stats and metrics; the call's
+        """Its client span (a child of the call's server span, and the parent of the
+        worker's), in-flight count, breaker verdict, stats and metrics; the call's
         observation, published by _account on success and here on failure."""
         started = time.perf_counter()
         stats = self._stats.get(instance.id)
@@ -323,22 +321,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Complete(  # noqa: N802 - gRPC method name
         self, request: router_pb2.ModelRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ModelResponse:
-        request_id_var.set(request.meta.request_id)
-        parent = extract_context(context.invocation_metadata() or ())
-        with (
-            self._serving(),
-            self._tracer.start_as_current_span("router.complete", context=parent, kind=SpanKind.SERVER) as span,
-        ):
-            _describe(span, request.meta)
-            try:
-                return await self._complete(request, context, span)
-            except GatewayError as err:
-                span.set_status(Status(StatusCode.ERROR, err.message))
-                await err.abort(context)
-            except Exception:
-                log.exception("router failed")
-                await internal_error().abort(context)
-        raise AssertionError("unreachable: abort raises")
+        return await self._complete(request, context, _describe(request.meta))
 
     async def _complete(
         self, request: router_pb2.ModelRequest, context: grpc.aio.ServicerContext, span: trace.Span
@@ -390,26 +373,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def CompleteStream(  # noqa: N802 - gRPC method name
         self, request: router_pb2.ModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.StreamEvent]:
-        request_id_var.set(request.meta.request_id)
-        parent = extract_context(context.invocation_metadata() or ())
-        with (
-            self._serving(),
-            self._tracer.start_as_current_span("router.stream", context=parent, kind=SpanKind.SERVER) as span,
-        ):
-            _describe(span, request.meta)
-            try:
-                async for event in self._stream(request, context):
-                    yield event
-            except GatewayError as err:
-                span.set_status(Status(StatusCode.ERROR, err.message))
-                await err.abort(context)
-            except Exception:
-                log.exception("router stream failed")
-                await internal_error().abort(context)
+        _describe(request.meta)
+        async with contextlib.aclosing(self._stream(request, context)) as events:
+            async for event in events:
+                yield event
 
     async def _stream(
         self, request: router_pb2.ModelRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[router_pb2.StreamEvent]:
+    ) -> AsyncGenerator[router_pb2.StreamEvent, None]:
         plan = self._plan(request)
         attempts = self._attempts(plan, context)
         failure: UpstreamError | None = None
@@ -464,16 +435,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Feedback(  # noqa: N802 - gRPC method name
         self, request: router_pb2.FeedbackRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.FeedbackResponse:
-        try:
-            if not request.request_id:
-                raise GatewayError.bad_request("Missing required parameter: 'request_id'.", "request_id")
-            if not math.isfinite(request.score):
-                raise GatewayError.bad_request("'score' must be a number between 0 and 1.", "score")
-            # The key id in meta is the adapter's, from the caller's authentication.
-            instance_id, task = self._quality.rate(request.request_id, request.score, request.meta.api_key_id)
-        except GatewayError as err:
-            await err.abort(context)
-            raise
+        if not request.request_id:
+            raise GatewayError.bad_request("Missing required parameter: 'request_id'.", "request_id")
+        if not math.isfinite(request.score):
+            raise GatewayError.bad_request("'score' must be a number between 0 and 1.", "score")
+        # The key id in meta is the adapter's, from the caller's authentication.
+        instance_id, task = self._quality.rate(request.request_id, request.score, request.meta.api_key_id)
         instance = next((i for i in self.snapshot.registry.instances() if i.id == instance_id), None)
         prior = instance.quality_for(task) if instance else None
         quality = self._quality.estimate(instance_id, task, prior)
@@ -484,13 +451,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.ReloadRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ReloadResponse:
         if self.reloader is None:
-            await GatewayError(501, "Reload is not configured.", "server_error", "not_supported").abort(context)
-            raise AssertionError("unreachable: abort raises")
-        try:
-            result = await self.reloader.reload(f"requested by {request.meta.api_key_id or 'an operator'}")
-        except GatewayError as err:
-            await err.abort(context)
-            raise
+            raise GatewayError(501, "Reload is not configured.", "server_error", "not_supported")
+        result = await self.reloader.reload(f"requested by {request.meta.api_key_id or 'an operator'}")
         return router_pb2.ReloadResponse(
             version=result.version,
             added=result.added,
@@ -561,17 +523,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> router_pb2.Explanation:
         snapshot = self.snapshot
         task = request.task or "chat"
-        try:
-            if not request.model:
-                raise GatewayError.bad_request("Missing required parameter: 'model'.", "model")
-            shape = RequestShape(task, request.input_tokens or 256, request.max_tokens or None)
-            meta = request.meta
-            features = _features(meta, task, request.model, request.modality or "text", shape.input_tokens)
-            routing = apply_rules(snapshot.routing.rules, features, self._candidates(snapshot, request.model, task))
-            strategy, weights = self._strategy(snapshot, request.strategy or meta.strategy, routing)
-        except GatewayError as err:
-            await err.abort(context)
-            raise
+        if not request.model:
+            raise GatewayError.bad_request("Missing required parameter: 'model'.", "model")
+        shape = RequestShape(task, request.input_tokens or 256, request.max_tokens or None)
+        meta = request.meta
+        features = _features(meta, task, request.model, request.modality or "text", shape.input_tokens)
+        routing = apply_rules(snapshot.routing.rules, features, self._candidates(snapshot, request.model, task))
+        strategy, weights = self._strategy(snapshot, request.strategy or meta.strategy, routing)
         ranked = snapshot.scorer.score(routing.candidates, shape, weights)
         chosen = next((c for c in ranked if c.eligible), None)
         return router_pb2.Explanation(
@@ -644,7 +602,7 @@ def create_server(config: Config, config_source: Path | None = None) -> ServiceH
     host.add_service_name("clawdbot.v1.Router")
     host.in_background(servicer.reloader.watch)
     if config.health.enabled:
-        health_channel = internal_channel(f"{config.health.host}:{config.health.grpc_port}")
+        health_channel = mesh_channel(config.health)
         health = monitor_pb2_grpc.HealthMonitorStub(health_channel)
         watcher = f"router@{socket.gethostname()}:{os.getpid()}"
         host.in_background(lambda: servicer.health.watch(health, watcher))

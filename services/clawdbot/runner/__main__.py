@@ -1,9 +1,11 @@
 """`python -m clawdbot.runner` (what `make run` calls): the whole mesh in the foreground.
 
 Start order, each waiting for the one before to report ready: Kafka and Redis (when the
-jobs and the cache use local ones), the cache, the worker (local models; it serves before its models finish
-loading), router, job consumers, orchestrator, adapter, then Envoy last, so the public port only opens onto a working
-mesh. With --prometheus, a Prometheus scraping all of them comes after Envoy.
+jobs and the cache use local ones), the cache, the worker (local models; it serves before
+its models finish loading), router, the jobs service (one process; over Kafka,
+jobs.consumers of them), orchestrator, adapter, then Envoy last, so the public port only
+opens onto a working mesh. With --prometheus, a Prometheus scraping all of them comes
+after Envoy.
 Ctrl-C or SIGTERM stops everything in the reverse order.
 """
 
@@ -26,14 +28,22 @@ from urllib.parse import urlsplit
 import aiohttp
 from pydantic import BaseModel
 
-from clawdbot.common.config import REPO_ROOT, Config, ConfigError, config_path, dump_config, load_config
+from clawdbot.common.config import (
+    MODEL_URLS_ENV,
+    REPO_ROOT,
+    SOURCE_CONFIG_ENV,
+    Config,
+    ConfigError,
+    config_path,
+    dump_config,
+    load_config,
+)
 from clawdbot.common.internal_auth import TOKEN_ENV
 from clawdbot.common.kafka import broker_ready
 from clawdbot.common.logging import ENVOY_LOG_FORMAT, setup_logging
 from clawdbot.common.redis_client import redis_credentials
 from clawdbot.common.secret_files import StateSecret, env_or_state_secret, write_private
 from clawdbot.common.service import run_service
-from clawdbot.router.reload import MODEL_URLS_ENV, SOURCE_CONFIG_ENV
 from clawdbot.runner import envoy_config, kafka, prometheus
 from clawdbot.runner.supervisor import Child, Supervisor, grpc_serving, http_ok, redis_pong
 
@@ -91,7 +101,7 @@ _SECRET_READERS: dict[str, frozenset[str]] = {
     "models": frozenset({"router"}),
     "cache": frozenset({"cache"}),
     "orchestrator": frozenset({"orchestrator"}),
-    "jobs": frozenset({"jobs", "adapter"}),
+    "jobs": frozenset({"jobs"}),
     "auth": frozenset({"adapter"}),
 }
 
@@ -141,14 +151,14 @@ def secret_env_names(config: Config) -> dict[str, set[str]]:
 def child_secrets(config: Config, secrets: RunnerSecrets, role: str) -> dict[str, str]:
     """The secret variables a child of this role gets (every other one is withheld from it,
     see all_secret_names): the internal credential for every service and Envoy; the API
-    key for the adapter alone; the callback secret for the adapter and the job consumers;
+    key for the adapter alone; the callback secret for the jobs service (it delivers callbacks);
     provider keys for the router; each section's other credentials for its readers."""
     given: dict[str, str] = {}
     if role in SERVICES or role == "envoy":
         given[TOKEN_ENV] = secrets.internal_token.value
     if role == "adapter":
         given[API_KEY_ENV] = secrets.api_key.value
-    if role in ("adapter", "jobs"):
+    if role == "jobs":
         given[config.jobs.callback_secret_env] = secrets.callback_secret.value
     if role in SERVICES:
         for section, names in secret_env_names(config).items():
@@ -290,8 +300,9 @@ class Runner:
             self.config = self.config.model_copy(update={"health": placed_health})
 
     async def _launch_kafka(self) -> None:
-        """Start the local broker for the jobs; without one, say so loudly and let jobs run
-        in-process (services see an empty kafka_bootstrap in the config they are given)."""
+        """Start the local broker for the jobs; without one, say so loudly and let the jobs
+        service run them on its in-process queue (services see an empty kafka_bootstrap in
+        the config they are given)."""
         jobs = self.config.jobs
         address = local_kafka(self.config)
         if address is None:
@@ -317,17 +328,27 @@ class Runner:
             except (RuntimeError, OSError) as exc:
                 problem = f"the broker did not start: {exc}"
         log.error(
-            'NO KAFKA: async jobs run in-process and are not durable ("durable": false); %s',
+            'NO KAFKA: the jobs service runs async jobs on its in-process queue, not durable ("durable": false); %s',
             problem,
             extra={"problem": problem},
         )
         self.config = self.config.model_copy(update={"jobs": jobs.model_copy(update={"kafka_bootstrap": ""})})
 
-    async def _launch_job_consumers(self) -> None:
+    async def _launch_jobs(self) -> None:
+        """The jobs service, which the adapter submits jobs to (at jobs.grpc_port: the
+        first process). Over Kafka, jobs.consumers processes (at least one), one consumer
+        group sharing Redis records, any of which answers any call; without Kafka exactly
+        one, since its queue and records live in its memory."""
         jobs = self.config.jobs
-        if not jobs.over_kafka:
+        if not jobs.enabled:
             return
-        for index in range(1, jobs.consumers + 1):
+        processes = max(1, jobs.consumers) if jobs.over_kafka else 1
+        if not jobs.over_kafka and jobs.consumers > 1:
+            log.warning(
+                "jobs.consumers ignored without Kafka: one jobs process runs the in-process queue",
+                extra={"consumers": jobs.consumers},
+            )
+        for index in range(1, processes + 1):
             # Each consumer process needs ports of its own: a config file of its own.
             ports = {"grpc_port": free_port(), "http_port": free_port()} if index > 1 else {}
             own = self.config.model_copy(update={"jobs": jobs.model_copy(update=ports)})
@@ -455,8 +476,8 @@ class Runner:
                 "cache_grpc": self.config.cache.grpc_port,
                 "orchestrator_grpc": self.config.orchestrator.grpc_port,
                 "health_grpc": self.config.health.grpc_port,
-                # The first job consumer's (0: jobs run in the adapter, no consumer runs).
-                "jobs_grpc": self.config.jobs.grpc_port if self.config.jobs.over_kafka else 0,
+                # The first jobs process's, which the adapter calls (0: jobs are off).
+                "jobs_grpc": self.config.jobs.grpc_port if self.config.jobs.enabled else 0,
                 "health_http": self.config.health.http_port,
                 "cache_http": self.config.cache.http_port,
                 "redis": urlsplit(self.config.cache.redis_url).port or 0,
@@ -485,7 +506,7 @@ class Runner:
             if self.config.health.enabled:
                 await self.supervisor.launch(self._service_child("health", self.config.health.grpc_port, config_file))
             await self.supervisor.launch(self._service_child("router", self.config.router.grpc_port, config_file))
-            await self._launch_job_consumers()
+            await self._launch_jobs()
             if self.config.orchestrator.enabled:
                 port = self.config.orchestrator.grpc_port
                 await self.supervisor.launch(self._service_child("orchestrator", port, config_file))

@@ -55,9 +55,6 @@ def _runs(config: Config, section: str) -> bool:
     """Whether the mesh this config describes runs the service at all."""
     if section == "worker":
         return bool(config.worker.models)
-    if section == "jobs":
-        # Consumers only run against Kafka; without it jobs run inside the adapter.
-        return config.jobs.over_kafka and config.jobs.consumers > 0
     return bool(getattr(getattr(config, section), "enabled", True))
 
 

@@ -8,6 +8,7 @@ import ctypes
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clawdbot.common.lifeline import PARENT_PID_ENV
+
 log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[bool]]
@@ -23,11 +26,24 @@ ReadyCheck = Callable[[], Awaitable[bool]]
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the runner itself dies (even by SIGKILL),
-    so no service outlives it holding its ports."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with_parent(runner_pid: int) -> Callable[[], None]:
+    """What a child runs before exec: it gets SIGTERM when the runner dies (even by
+    SIGKILL), so no process of the mesh outlives it holding its ports; the Python services
+    then leave within their deadline (common/lifeline.py), the others on SIGTERM. The
+    setting survives exec (the envoy wrapper's, kafka.sh's) and is inherited by nothing.
+
+    The kernel sends it when the *thread* that forked exits, so children are forked from
+    the runner's main thread (Child.start checks). A runner that died before the prctl
+    would never signal: the child checks that the runner is still its parent, after."""
+    # Looked up here, in the runner: no dlopen in a child forked from a threaded process.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != runner_pid:
+            os._exit(1)
+
+    return in_child
 
 
 def grpc_serving(target: str) -> ReadyCheck:
@@ -116,12 +132,17 @@ class Child:
     async def start(self, withhold: Collection[str] = ()) -> None:
         """Start with the runner's environment, less the variables in withhold (secrets
         this child is not meant to have), plus its own env."""
+        if threading.current_thread() is not threading.main_thread():
+            # PR_SET_PDEATHSIG would fire when this thread ends, not when the runner does.
+            raise RuntimeError(f"{self.name}: children are started from the runner's main thread")
         env = {name: value for name, value in os.environ.items() if name not in withhold}
         env.update(self.env)
+        # The Python services watch this pid too (common/lifeline.py): their second line.
+        env[PARENT_PID_ENV] = str(os.getpid())
         # Children inherit stdout/stderr: their JSON logs go where the runner's go.
         # A session of its own: Ctrl-C reaches only the runner, which stops children in order.
         self.process = await asyncio.create_subprocess_exec(
-            *self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent
+            *self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent(os.getpid())
         )
         self.started_at = time.monotonic()
         log.info("started", extra={"child": self.name, "pid": self.process.pid})

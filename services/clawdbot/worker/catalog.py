@@ -2,14 +2,15 @@
 
 A builder runs off the event loop (it reads files and may take seconds) and returns a
 LoadedModel: the task object that answers requests, the version it serves, a warm-up that
-also validates the answer, and what to release when the model is replaced.
+also validates the answer, what to release when the model is replaced, and how to stop
+its computations at shutdown.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,30 @@ _PARAPHRASES = ("A man is playing a guitar.", "Someone is strumming a guitar.")
 _UNRELATED = "The stock market fell sharply today."
 
 
+async def _always_idle(_timeout_s: float) -> bool:
+    return True
+
+
 @dataclass
 class LoadedModel:
     task: Any  # EmbeddingsTask | ChatTask | TranscriptionTask | SpeechTask | IntentTask
     version: str
     check: Callable[[], None]
     release: Callable[[], None] = field(default=lambda: None)
+    # Only the chat model has threads of its own and long computations to stop. The other
+    # runtimes compute on the default executor, in calls bounded by their inputs, and hold
+    # nothing to free: a call still running at exit is left behind (common/lifeline.py).
+    halt: Callable[[], None] = field(default=lambda: None)
+    wait_idle: Callable[[float], Awaitable[bool]] = _always_idle
 
     def warm_up(self) -> None:
         self.check()
+
+    def interrupt(self) -> None:
+        self.halt()
+
+    def settle(self, timeout_s: float) -> Awaitable[bool]:
+        return self.wait_idle(timeout_s)
 
     def close(self) -> None:
         self.release()
@@ -86,7 +102,7 @@ def _llama(spec: WorkerModel, config: WorkerConfig, source: str) -> LoadedModel:
         path, package_version = packaged_gguf(spec.package, Path(config.model_dir))
         version = f"{spec.package}-{package_version}"
     task = ChatTask(spec.name, LlamaModel.load(path, version, spec.n_ctx, spec.threads))
-    return LoadedModel(task, version, task.warm_up, task.close)
+    return LoadedModel(task, version, task.warm_up, task.close, halt=task.interrupt, wait_idle=task.settle)
 
 
 def _sphinx(spec: WorkerModel) -> LoadedModel:

@@ -133,7 +133,11 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
 
 
 class ChatTask:
-    """One local chat model; generations run one at a time on its own thread."""
+    """One local chat model; generations run one at a time on its own thread.
+
+    A generation stops at the next token once its flag is set: when its caller goes away,
+    or at shutdown (interrupt). Evaluating the prompt is one call into llama.cpp and cannot
+    be stopped; a worker shutting down leaves such a thread behind (common/lifeline.py)."""
 
     def __init__(self, name: str, model: LlamaModel) -> None:
         self.name = name
@@ -141,6 +145,9 @@ class ChatTask:
         self.version = model.version
         self._turn = asyncio.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
+        # Generations handed to the thread and not finished, each with its stop flag.
+        self._running: dict[asyncio.Future[None], threading.Event] = {}
+        self._closing = False
 
     def warm_up(self) -> None:
         pieces = list(self._pieces_blocking("Hello", 4))
@@ -160,7 +167,24 @@ class ChatTask:
             cancelled=threading.Event(),
         )
 
+    def interrupt(self) -> None:
+        """At shutdown: each generation stops at its next token, none queued starts, no
+        new one is accepted."""
+        self._closing = True
+        for cancelled in self._running.values():
+            cancelled.set()
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    async def settle(self, timeout_s: float) -> bool:
+        """Whether no generation is left on the model thread, waiting up to timeout_s."""
+        running = list(self._running)
+        if not running:
+            return True
+        _done, pending = await asyncio.wait(running, timeout=timeout_s)
+        return not pending
+
     def close(self) -> None:
+        """Free the model, once no generation uses it (a replaced model, or after settle)."""
         self._thread.shutdown(wait=True)
         self.model.close()
 
@@ -212,7 +236,11 @@ class ChatTask:
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
         async with self._turn:
+            if self._closing:
+                raise GatewayError.unavailable(f"The local model `{self.name}` is shutting down.")
             done = loop.run_in_executor(self._thread, produce)
+            self._running[done] = cancelled
+            done.add_done_callback(self._running.pop)
             try:
                 while (item := await queue.get()) is not None:
                     if isinstance(item, BaseException):

@@ -8,6 +8,7 @@ serves.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,8 +18,7 @@ import orjson
 from prometheus_client import Counter, Histogram
 
 from clawdbot.common.config import Config, WorkerModel
-from clawdbot.common.errors import GatewayError, internal_error
-from clawdbot.common.logging import request_id_var
+from clawdbot.common.errors import GatewayError
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.service import ServiceHost
 from clawdbot.gen.v1 import worker_pb2, worker_pb2_grpc
@@ -26,6 +26,10 @@ from clawdbot.worker.catalog import LoadedModel, builder
 from clawdbot.worker.slots import LoadFailed, ModelSlot
 
 log = logging.getLogger(__name__)
+
+# At shutdown, how long a model's threads get to leave it before it is left open (below
+# the service's deadline: common/lifeline.py).
+MODEL_SETTLE_S = 2.0
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
@@ -96,44 +100,44 @@ class WorkerServicer(worker_pb2_grpc.ModelServiceServicer):
     async def Infer(  # noqa: N802 - gRPC method name
         self, request: worker_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.InferResponse:
-        request_id_var.set(request.request_id)
-        try:
-            slot = self._slot(request.model, request.task)
-            body = _json_object(request.openai_json)
-            with slot.use() as model:
-                task = model.task
-                if request.task == "speech":
-                    audio, content_type = await task.answer(body)
-                    return worker_pb2.InferResponse(
-                        openai_json=b"{}", binary=audio, content_type=content_type, model_version=model.version
-                    )
-                if request.task == "transcription":
-                    data = await task.answer(body, request.binary)
-                else:
-                    data = await task.answer(body)
-                return worker_pb2.InferResponse(openai_json=orjson.dumps(data), model_version=model.version)
-        except GatewayError as err:
-            await err.abort(context)
-        except Exception:
-            log.exception("inference failed", extra={"model": request.model})
-            await internal_error().abort(context)
-        raise AssertionError("unreachable: abort raises")
+        slot = self._slot(request.model, request.task)
+        body = _json_object(request.openai_json)
+        with slot.use() as model:
+            task = model.task
+            if request.task == "speech":
+                audio, content_type = await task.answer(body)
+                return worker_pb2.InferResponse(
+                    openai_json=b"{}", binary=audio, content_type=content_type, model_version=model.version
+                )
+            if request.task == "transcription":
+                data = await task.answer(body, request.binary)
+            else:
+                data = await task.answer(body)
+            return worker_pb2.InferResponse(openai_json=orjson.dumps(data), model_version=model.version)
 
     async def InferStream(  # noqa: N802 - gRPC method name
         self, request: worker_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.InferChunk]:
-        request_id_var.set(request.request_id)
-        try:
-            slot = self._slot(request.model, "chat")
-            body = _json_object(request.openai_json)
-            with slot.use() as model:
-                async for payload in model.task.stream(body):
-                    yield worker_pb2.InferChunk(chunk_json=payload)
-        except GatewayError as err:
-            await err.abort(context)
-        except Exception:
-            log.exception("streamed inference failed", extra={"model": request.model})
-            await internal_error().abort(context)
+        slot = self._slot(request.model, "chat")
+        body = _json_object(request.openai_json)
+        with slot.use() as model:
+            async for payload in model.task.stream(body):
+                yield worker_pb2.InferChunk(chunk_json=payload)
+
+    async def close(self) -> None:
+        """The worker's shutdown, after the gRPC server has stopped (no request arrives, and
+        those in flight have had their grace). Order, and why:
+          1. every slot closes: no request or load takes a model from here on, and a load
+             still running never swaps in what it built (the loader itself was cancelled
+             with the background work);
+          2. every model is interrupted: a generation stops at its next token, the model's
+             thread pool takes no more work and its queued generations never start;
+          3. each model is freed once its threads have left it, within MODEL_SETTLE_S; one
+             still computing (a prompt being evaluated is one C call) is left open, since
+             freeing it under the computation would crash: the entry point then leaves its
+             thread behind and exits (common/lifeline.py), which frees it.
+        All slots at once: every interrupt is sent before any wait."""
+        await asyncio.gather(*(slot.close(MODEL_SETTLE_S) for slot in self._slots.values()))
 
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: worker_pb2.WorkerListModelsRequest, context: grpc.aio.ServicerContext
@@ -149,7 +153,7 @@ class WorkerServicer(worker_pb2_grpc.ModelServiceServicer):
         self, request: worker_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.LoadModelResponse:
         if request.name not in self._slots:
-            await GatewayError.model_not_found(request.name).abort(context)
+            raise GatewayError.model_not_found(request.name)
         try:
             return await self._load(request.name, request.source)
         except LoadFailed as exc:
@@ -164,4 +168,5 @@ def create_server(config: Config) -> ServiceHost:
     worker_pb2_grpc.add_ModelServiceServicer_to_server(servicer, host.grpc_server)
     host.add_service_name("clawdbot.v1.ModelService")
     host.in_background(servicer.load_all)
+    host.on_shutdown(servicer.close)
     return host

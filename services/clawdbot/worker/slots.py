@@ -5,7 +5,7 @@ validates what it built and warms it up, and only then swaps it in: one assignme
 every request sees either the old model or the new one, whole. Requests hold the
 generation they started on until they finish; the old generation is released (its
 memory freed) when its last request leaves. A load that fails anywhere before the swap
-leaves the active model serving and says why.
+leaves the active model serving and says why. At shutdown a slot closes for good (close()).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -33,6 +33,15 @@ class Servable(Protocol):
     def warm_up(self) -> None:
         """Run one small request through, so the first real one is not the slow one;
         raise LoadFailed if the answer shows the model is broken."""
+        ...
+
+    def interrupt(self) -> None:
+        """Ask the computations in progress to stop as soon as they can, and take no more
+        (at shutdown; close() follows once settle() says none runs)."""
+        ...
+
+    def settle(self, timeout_s: float) -> Awaitable[bool]:
+        """Wait up to timeout_s for no computation to be using the model; whether none is."""
         ...
 
     def close(self) -> None:
@@ -56,13 +65,20 @@ class _Generation(Generic[M]):
         self.model = model
         self.in_flight = 0
         self.retired = False
+        self.finished = False  # closed, or left open for good (see ModelSlot.close)
 
     def release_if_idle(self) -> None:
         if self.retired and self.in_flight == 0:
-            try:
-                self.model.close()
-            except Exception:
-                log.exception("releasing a replaced model failed", extra={"version": self.model.version})
+            self.close()
+
+    def close(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self.model.close()
+        except Exception:
+            log.exception("releasing a model failed", extra={"version": self.model.version})
 
 
 class ModelSlot(Generic[M]):
@@ -75,6 +91,7 @@ class ModelSlot(Generic[M]):
         self._loading = asyncio.Lock()  # one load at a time per model
         self.state = "loading"  # loading | ready | unavailable
         self.detail = ""  # why unavailable, or why the last load failed
+        self._closed = False  # shut down: no request or load takes a model any more
 
     @property
     def version(self) -> str:
@@ -87,7 +104,7 @@ class ModelSlot(Generic[M]):
     @contextlib.contextmanager
     def use(self) -> Iterator[M]:
         """The active model, held for the duration of one request (streams included)."""
-        generation = self._active
+        generation = None if self._closed else self._active
         if generation is None:
             why = f": {self.detail}" if self.detail else "."
             raise GatewayError.unavailable(f"The local model `{self.name}` is {self.state}{why}")
@@ -114,6 +131,10 @@ class ModelSlot(Generic[M]):
                 log.error("model load failed", extra={"model": self.name, "source": source, "error": reason})
                 raise LoadFailed(self.detail) from exc
             warmed = time.perf_counter()
+            if self._closed:
+                # Shut down while this one loaded: it never serves.
+                _Generation(model).close()
+                raise LoadFailed(self.detail)
             previous, self._active = self._active, _Generation(model)
             self.state, self.detail = "ready", ""
             if previous is not None:
@@ -127,6 +148,28 @@ class ModelSlot(Generic[M]):
             )
             log.info("model serving", extra={"model": self.name, **report.__dict__})
             return report
+
+    async def close(self, settle_s: float) -> None:
+        """Shut the slot for good: its model stops computing and is freed once no thread
+        uses it any more, waiting at most settle_s for that. A model still computing then
+        (llama.cpp evaluating a prompt is one C call) stays open: freeing it under the
+        computation would crash the process, whose exit frees it anyway."""
+        self._closed = True
+        self.state, self.detail = "unavailable", "the worker is shutting down"
+        generation, self._active = self._active, None
+        if generation is None:
+            return
+        # Not retired: a request leaving meanwhile must not free it while a thread may
+        # still compute in it (ChatTask.close would block the loop waiting for it).
+        generation.model.interrupt()
+        if await generation.model.settle(settle_s):
+            generation.close()
+        else:
+            generation.finished = True  # nor later
+            log.warning(
+                "model still computing at shutdown: left open",
+                extra={"model": self.name, "version": generation.model.version, "waited_s": settle_s},
+            )
 
     def describe(self) -> dict[str, Any]:
         return {"state": self.state, "detail": self.detail, "version": self.version, "in_flight": self.in_flight}

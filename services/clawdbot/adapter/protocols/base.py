@@ -1,17 +1,18 @@
 """The protocol plugin contract.
 
 A protocol is a module exposing `create_protocol() -> ProtocolPlugin`. Its install()
-gets a ProtocolContext and wires itself in: Gateway gRPC methods (set on the servicer),
-HTTP routes (added to the adapter's aiohttp app), shutdown hooks. Adding a protocol is a
-new module plus a line of config (`adapter.protocol_modules: {name: module}` and the name
-in `adapter.types` / ADAPTER_TYPES).
+gets a ProtocolContext and wires itself in: a group of Gateway gRPC methods (registered
+in ctx.rpcs as their implementation; adapter/servicer.py defines each method, typed, and
+delegates to it), HTTP routes (added to the adapter's aiohttp app), shutdown hooks.
+Adding a protocol is a new module plus a line of config (`adapter.protocol_modules:
+{name: module}` and the name in `adapter.types` / ADAPTER_TYPES).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
@@ -20,9 +21,10 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from clawdbot.adapter.gateway import Gateway
+from clawdbot.adapter.servicer import GatewayRpcs
 from clawdbot.common.config import Config
 from clawdbot.common.service import ServiceHost
-from clawdbot.gen.v1 import gateway_pb2, gateway_pb2_grpc, router_pb2
+from clawdbot.gen.v1 import gateway_pb2, router_pb2
 
 BUILTIN_PROTOCOLS: Mapping[str, str] = {
     "rest": "clawdbot.adapter.protocols.rest",
@@ -35,8 +37,9 @@ BUILTIN_PROTOCOLS: Mapping[str, str] = {
 class ProtocolContext:
     config: Config
     gateway: Gateway
-    servicer: gateway_pb2_grpc.GatewayServicer
     host: ServiceHost
+    # Filled by the plugins; then rpcs.servicer() is what the gRPC server registers.
+    rpcs: GatewayRpcs = field(default_factory=GatewayRpcs)
 
 
 class ProtocolPlugin(Protocol):

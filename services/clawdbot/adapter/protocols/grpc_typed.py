@@ -7,10 +7,9 @@ Typed messages are mapped to OpenAI JSON by json_format (field names match OpenA
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, TypeVar
 
 import grpc
 import orjson
@@ -32,12 +31,12 @@ from clawdbot.adapter.protocols.base import (
     metadata_dict,
     routing_headers,
 )
-from clawdbot.common.errors import GatewayError, internal_error
+from clawdbot.common.clients.jobs import Job
+from clawdbot.common.errors import GatewayError
 from clawdbot.common.json_numbers import whole_numbers
 from clawdbot.gen.v1 import gateway_pb2, router_pb2
-from clawdbot.jobs.records import Job
 
-log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
 
 def to_openai(message: Message) -> dict[str, Any]:
@@ -49,9 +48,14 @@ def to_openai(message: Message) -> dict[str, Any]:
     return body
 
 
-def from_openai(data: bytes, message: Message) -> Message:
+def from_openai(data: bytes, message: M) -> M:
     json_format.ParseDict(orjson.loads(data), message, ignore_unknown_fields=True)
     return message
+
+
+def json_struct(data: bytes) -> struct_pb2.Struct:
+    """A JSON object (a workflow run or event, health, instances) as a typed reply."""
+    return json_format.ParseDict(orjson.loads(data), struct_pb2.Struct())
 
 
 class GrpcProtocol:
@@ -60,33 +64,17 @@ class GrpcProtocol:
     def install(self, ctx: ProtocolContext) -> None:
         self._gateway = ctx.gateway
         self._max_audio_seconds = ctx.config.gateway.max_audio_seconds
-        servicer = ctx.servicer
-        servicer.CreateChatCompletion = self.create_chat_completion  # type: ignore[method-assign]
-        servicer.StreamChatCompletion = self.stream_chat_completion  # type: ignore[method-assign]
-        servicer.CreateEmbeddings = self.create_embeddings  # type: ignore[method-assign]
-        servicer.CreateTranscription = self.create_transcription  # type: ignore[method-assign]
-        servicer.CreateSpeech = self.create_speech  # type: ignore[method-assign]
-        servicer.ClassifyIntent = self.classify_intent  # type: ignore[method-assign]
-        servicer.RunWorkflow = self.run_workflow  # type: ignore[method-assign]
-        servicer.StreamWorkflow = self.stream_workflow  # type: ignore[method-assign]
-        servicer.SubmitJob = self.submit_job  # type: ignore[method-assign]
-        servicer.GetJob = self.get_job  # type: ignore[method-assign]
-        servicer.ListJobs = self.list_jobs  # type: ignore[method-assign]
-        servicer.ListModels = self.list_models  # type: ignore[method-assign]
-        servicer.SubmitFeedback = self.submit_feedback  # type: ignore[method-assign]
-        servicer.ExplainRouting = self.explain_routing  # type: ignore[method-assign]
-        servicer.ReloadConfig = self.reload_config  # type: ignore[method-assign]
-        servicer.GetHealth = self.get_health  # type: ignore[method-assign]
-        servicer.ListInstances = self.list_instances  # type: ignore[method-assign]
+        # The Gateway's typed methods (adapter/servicer.py TypedServicer) delegate to this.
+        ctx.rpcs.serve_typed(self)
 
     async def _unary(
         self,
         operation: str,
         parsed_of: Callable[[dict[str, Any]], ParsedRequest],
         request: Message,
-        reply: Message | Callable[[router_pb2.ModelResponse], Message],
+        reply: M | Callable[[router_pb2.ModelResponse], M],
         context: grpc.aio.ServicerContext,
-    ) -> Message:
+    ) -> M:
         """One typed call: request -> OpenAI JSON -> router -> the typed reply (a message
         filled from the answer's JSON, or built from the response by a function)."""
         started = time.perf_counter()
@@ -100,19 +88,17 @@ class GrpcProtocol:
                 await context.send_initial_metadata(routing_headers(response))
                 return reply(response) if callable(reply) else from_openai(response.openai_json, reply)
             except GatewayError as err:
-                status = err.status
-                await err.abort(context)
+                status = err.status  # for the metrics; the server gate answers it
+                raise
             except Exception:
-                log.exception("%s failed", operation)
-                status = 500
-                await internal_error().abort(context)
+                status = 500  # the server gate logs it and answers internal_error
+                raise
             finally:
                 self._gateway.record(operation, "grpc", status, started)
-        raise AssertionError("unreachable: abort raises")
 
     async def create_chat_completion(
         self, request: gateway_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
-    ) -> Message:
+    ) -> gateway_pb2.ChatCompletion:
         def parsed_of(body: dict[str, Any]) -> ParsedRequest:
             body["stream"] = False
             return parse_chat(body)
@@ -121,7 +107,7 @@ class GrpcProtocol:
 
     async def create_embeddings(
         self, request: gateway_pb2.EmbeddingsRequest, context: grpc.aio.ServicerContext
-    ) -> Message:
+    ) -> gateway_pb2.EmbeddingsResponse:
         def parsed_of(body: dict[str, Any]) -> ParsedRequest:
             body["encoding_format"] = "float"  # the typed reply holds floats
             return parse_embeddings(body)
@@ -130,7 +116,7 @@ class GrpcProtocol:
 
     async def create_transcription(
         self, request: gateway_pb2.TranscriptionRequest, context: grpc.aio.ServicerContext
-    ) -> Message:
+    ) -> gateway_pb2.Transcription:
         def parsed_of(body: dict[str, Any]) -> ParsedRequest:
             return transcription_request(body, request.file, self._max_audio_seconds)
 
@@ -141,18 +127,22 @@ class GrpcProtocol:
         fields.ClearField("file")
         return await self._unary("transcription", parsed_of, fields, gateway_pb2.Transcription(), context)
 
-    async def create_speech(self, request: gateway_pb2.SpeechRequest, context: grpc.aio.ServicerContext) -> Message:
-        def reply(response: router_pb2.ModelResponse) -> Message:
+    async def create_speech(
+        self, request: gateway_pb2.SpeechRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.SpeechAudio:
+        def reply(response: router_pb2.ModelResponse) -> gateway_pb2.SpeechAudio:
             return gateway_pb2.SpeechAudio(audio=response.binary, content_type=response.content_type)
 
         return await self._unary("speech", parse_speech, request, reply, context)
 
-    async def classify_intent(self, request: gateway_pb2.IntentRequest, context: grpc.aio.ServicerContext) -> Message:
+    async def classify_intent(
+        self, request: gateway_pb2.IntentRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.IntentResponse:
         return await self._unary("intent", parse_intent, request, gateway_pb2.IntentResponse(), context)
 
     async def stream_chat_completion(
         self, request: gateway_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[gateway_pb2.ChatCompletionChunk]:
+    ) -> AsyncGenerator[gateway_pb2.ChatCompletionChunk, None]:
         started = time.perf_counter()
         headers = metadata_dict(context)
         status = 200
@@ -171,12 +161,11 @@ class GrpcProtocol:
                             chunk = from_openai(event.chunk_json, gateway_pb2.ChatCompletionChunk())
                             yield chunk
             except GatewayError as err:
-                status = err.status
-                await err.abort(context)
+                status = err.status  # for the metrics; the server gate answers it
+                raise
             except Exception:
-                log.exception("chat stream failed")
-                status = 500
-                await internal_error().abort(context)
+                status = 500  # the server gate logs it and answers internal_error
+                raise
             finally:
                 self._gateway.record("chat", "grpc", status, started)
 
@@ -184,12 +173,8 @@ class GrpcProtocol:
         self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListModelsResponse:
         headers = metadata_dict(context)
-        try:
-            meta = self._gateway.accept(headers, "grpc", context.peer())
-            models = await self._gateway.list_models(meta)
-        except GatewayError as err:
-            await err.abort(context)
-            raise
+        meta = self._gateway.accept(headers, "grpc", context.peer())
+        models = await self._gateway.list_models(meta)
         return gateway_pb2.ListModelsResponse(
             object="list",
             data=[gateway_pb2.Model(id=m.id, object="model", created=m.created, owned_by=m.owned_by) for m in models],
@@ -198,52 +183,36 @@ class GrpcProtocol:
     async def submit_feedback(
         self, request: gateway_pb2.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.FeedbackResponse:
-        try:
-            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
-            body = {"request_id": request.request_id, "score": request.score}
-            return await self._gateway.feedback(parse_feedback(body, meta))
-        except GatewayError as err:
-            await err.abort(context)
-            raise
+        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+        body = {"request_id": request.request_id, "score": request.score}
+        return await self._gateway.feedback(parse_feedback(body, meta))
 
     async def explain_routing(
         self, request: gateway_pb2.ExplainRoutingRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.Explanation:
-        try:
-            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
-            return await self._gateway.explain(explain_request(request, meta))
-        except GatewayError as err:
-            await err.abort(context)
-            raise
+        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+        return await self._gateway.explain(explain_request(request, meta))
 
     async def get_health(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
         meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer(), public=True)
         status = await self._gateway.health(meta)
-        return cast(struct_pb2.Struct, json_format.ParseDict(orjson.loads(status), struct_pb2.Struct()))
+        return json_struct(status)
 
     async def list_instances(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
-        try:
-            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
-            listed = await self._gateway.instances(meta)
-            return cast(struct_pb2.Struct, json_format.ParseDict(orjson.loads(listed), struct_pb2.Struct()))
-        except GatewayError as err:
-            await err.abort(context)
-            raise
+        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
+        listed = await self._gateway.instances(meta)
+        return json_struct(listed)
 
     async def run_workflow(
         self, request: gateway_pb2.WorkflowRunRequest, context: grpc.aio.ServicerContext
     ) -> struct_pb2.Struct:
-        try:
-            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
-            run = await self._gateway.run_workflow(meta, request.name, orjson.dumps(workflow_input(request)))
-            return cast(struct_pb2.Struct, json_format.ParseDict(orjson.loads(run), struct_pb2.Struct()))
-        except GatewayError as err:
-            await err.abort(context)
-            raise
+        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+        run = await self._gateway.run_workflow(meta, request.name, orjson.dumps(workflow_input(request)))
+        return json_struct(run)
 
     async def stream_workflow(
         self, request: gateway_pb2.WorkflowRunRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[struct_pb2.Struct]:
+    ) -> AsyncGenerator[struct_pb2.Struct, None]:
         """The run's progress events, one Struct each, run.completed (the whole run) last."""
         started = time.perf_counter()
         headers = metadata_dict(context)
@@ -255,56 +224,39 @@ class GrpcProtocol:
                 events = self._gateway.stream_workflow(meta, request.name, orjson.dumps(run_input))
                 async with contextlib.aclosing(events):
                     async for event in events:
-                        yield cast(struct_pb2.Struct, json_format.ParseDict(orjson.loads(event), struct_pb2.Struct()))
+                        yield json_struct(event)
             except GatewayError as err:
-                status = err.status
-                await err.abort(context)
+                status = err.status  # for the metrics; the server gate answers it
+                raise
             except Exception:
-                log.exception("workflow stream failed")
-                status = 500
-                await internal_error().abort(context)
+                status = 500  # the server gate logs it and answers internal_error
+                raise
             finally:
                 self._gateway.record("workflow.run", "grpc", status, started)
 
     async def submit_job(
         self, request: gateway_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.Job:
-        try:
-            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
-            body = whole_numbers(json_format.MessageToDict(request, preserving_proto_field_name=True))
-            return job_message(await self._gateway.jobs.submit(meta, body))
-        except GatewayError as err:
-            await err.abort(context)
-            raise
+        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+        body = whole_numbers(json_format.MessageToDict(request, preserving_proto_field_name=True))
+        return job_message(await self._gateway.jobs.submit(meta, body))
 
     async def get_job(self, request: gateway_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.Job:
-        try:
-            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
-            return job_message(await self._gateway.jobs.get(meta, request.id))
-        except GatewayError as err:
-            await err.abort(context)
-            raise
+        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+        return job_message(await self._gateway.jobs.get(meta, request.id))
 
     async def list_jobs(
         self, request: gateway_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.JobList:
-        try:
-            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
-            jobs = await self._gateway.jobs.list(meta, request.limit)
-            return gateway_pb2.JobList(object="list", data=[job_message(job) for job in jobs])
-        except GatewayError as err:
-            await err.abort(context)
-            raise
+        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+        jobs = await self._gateway.jobs.list(meta, request.limit)
+        return gateway_pb2.JobList(object="list", data=[job_message(job) for job in jobs])
 
     async def reload_config(
         self, request: gateway_pb2.ReloadConfigRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ReloadResponse:
-        try:
-            meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
-            return await self._gateway.reload(meta)
-        except GatewayError as err:
-            await err.abort(context)
-            raise
+        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
+        return await self._gateway.reload(meta)
 
 
 def workflow_input(request: gateway_pb2.WorkflowRunRequest) -> Any:
@@ -313,7 +265,7 @@ def workflow_input(request: gateway_pb2.WorkflowRunRequest) -> Any:
 
 
 def job_message(job: Job) -> gateway_pb2.Job:
-    return cast(gateway_pb2.Job, json_format.ParseDict(job.public(), gateway_pb2.Job(), ignore_unknown_fields=True))
+    return json_format.ParseDict(job.public(), gateway_pb2.Job(), ignore_unknown_fields=True)
 
 
 def create_protocol() -> GrpcProtocol:

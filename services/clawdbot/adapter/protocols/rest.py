@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import grpc
 import orjson
@@ -79,25 +79,8 @@ class RestProtocol:
     def install(self, ctx: ProtocolContext) -> None:
         self._gateway = ctx.gateway
         self._max_audio_seconds = ctx.config.gateway.max_audio_seconds
-        servicer = ctx.servicer
-        # The generated add_GatewayServicer_to_server reads these attributes by name.
-        servicer.ChatCompletionsHttp = self.chat_completions  # type: ignore[method-assign]
-        servicer.EmbeddingsHttp = self.embeddings  # type: ignore[method-assign]
-        servicer.TranscriptionsHttp = self.transcriptions  # type: ignore[method-assign]
-        servicer.SpeechHttp = self.speech  # type: ignore[method-assign]
-        servicer.IntentsHttp = self.intents  # type: ignore[method-assign]
-        servicer.RunWorkflowHttp = self.run_workflow  # type: ignore[method-assign]
-        servicer.ListWorkflowsHttp = self.list_workflows  # type: ignore[method-assign]
-        servicer.DescribeWorkflowHttp = self.describe_workflow  # type: ignore[method-assign]
-        servicer.SubmitJobHttp = self.submit_job  # type: ignore[method-assign]
-        servicer.GetJobHttp = self.get_job  # type: ignore[method-assign]
-        servicer.ListJobsHttp = self.list_jobs  # type: ignore[method-assign]
-        servicer.ListModelsHttp = self.list_models  # type: ignore[method-assign]
-        servicer.FeedbackHttp = self.feedback  # type: ignore[method-assign]
-        servicer.ExplainRoutingHttp = self.explain  # type: ignore[method-assign]
-        servicer.ReloadHttp = self.reload  # type: ignore[method-assign]
-        servicer.HealthHttp = self.health  # type: ignore[method-assign]
-        servicer.InstancesHttp = self.instances  # type: ignore[method-assign]
+        # The Gateway's *Http methods (adapter/servicer.py RestServicer) delegate to this.
+        ctx.rpcs.serve_rest(self)
         # Calls refused by admission control are answered here too, or the transcoder
         # would turn them into its own error shape instead of OpenAI's.
         ctx.host.admission.refusal = self._refused
@@ -120,7 +103,7 @@ class RestProtocol:
 
     async def chat_completions(
         self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+    ) -> AsyncGenerator[httpbody_pb2.HttpBody, None]:
         started = time.perf_counter()
         headers = metadata_dict(context)
         gateway = self._gateway
@@ -244,7 +227,7 @@ class RestProtocol:
 
     async def run_workflow(
         self, request: gateway_pb2.RunWorkflowHttpRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+    ) -> AsyncGenerator[httpbody_pb2.HttpBody, None]:
         """{"input": ...} -> the finished run as JSON; with "stream": true, its progress as
         server-sent events (`event: <type>`), run.completed (the whole run) last."""
         started = time.perf_counter()

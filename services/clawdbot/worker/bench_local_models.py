@@ -1,6 +1,6 @@
 """Speed of the worker's other local models, in process, as the worker builds them.
 
-`python -m clawdbot.devtools.bench_local_models`: chat tokens/s and time to first token
+`python -m clawdbot.worker.bench_local_models`: chat tokens/s and time to first token
 (Gemma 3 270M, greedy), speech and transcription real-time factors (seconds of work per
 second of audio: below 1 is faster than real time), intent classifications/s. Figures go
 to stdout and .clawdbot/bench/local_models.json.

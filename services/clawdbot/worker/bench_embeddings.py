@@ -1,6 +1,6 @@
 """Embeddings/s of the local MiniLM runtime with and without dynamic batching.
 
-`python -m clawdbot.devtools.bench_embeddings [--requests 256] [--concurrency 32]`:
+`python -m clawdbot.worker.bench_embeddings [--requests 256] [--concurrency 32]`:
 many single-sentence requests at once, through the worker's Batcher, at batch window 0
 (every request is its own model call) and at the configured default window.
 """

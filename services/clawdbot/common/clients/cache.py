@@ -19,10 +19,10 @@ import grpc
 import orjson
 from google.protobuf.message import DecodeError
 
-from clawdbot.cache.keys import IGNORED_FIELDS, cache_key
+from clawdbot.common.clients.cache_keys import IGNORED_FIELDS, cache_key
+from clawdbot.common.clients.router import embed
 from clawdbot.common.config import CacheConfig, ModelEntry
 from clawdbot.gen.v1 import cache_pb2, cache_pb2_grpc, router_pb2, router_pb2_grpc
-from clawdbot.router.requests import embed
 
 log = logging.getLogger(__name__)
 
