@@ -50,3 +50,9 @@ def test_budget_allows_a_share_of_first_attempts_then_refuses() -> None:
 def test_budget_floor_lets_a_quiet_service_retry() -> None:
     budget = RetryBudget(ratio=0.2, min_per_s=1.0, window_s=10.0, clock=lambda: 0.0)
     assert sum(budget.try_retry() for _ in range(20)) == 10
+
+
+def test_zero_attempts_means_no_limit_by_count() -> None:
+    waits = RetryPolicy(max_attempts=0, base_s=0.1, max_backoff_s=1.0)
+    assert waits.may_retry(1_000)
+    assert waits.backoff(50, draw=lambda: 1.0) == 1.0

@@ -19,6 +19,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsErr
 from aiokafka.helpers import create_ssl_context
 
 from clawdbot.common.config import Config, ConfigError, KafkaConfig
+from clawdbot.common.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,10 @@ async def ensure_topics(target: str | KafkaEndpoint, topics: Mapping[str, int], 
                     extra={"topic": name, "partitions": existing[name], "wanted": partitions},
                 )
         missing = {name: partitions for name, partitions in topics.items() if name not in existing}
-        pending, delay = missing, 0.1
+        pending, attempts = missing, 0
         while pending:
+            attempts += 1
+            delay = _TOPIC_RETRY.backoff(attempts)
             response = await admin.create_topics(
                 [NewTopic(name, partitions, 1) for name, partitions in pending.items()],
                 timeout_ms=int(max(deadline - time.monotonic(), 1.0) * 1000),
@@ -172,7 +175,6 @@ async def ensure_topics(target: str | KafkaEndpoint, topics: Mapping[str, int], 
                 raise error(f"could not create Kafka topic {name!r}: {message or error.description}")
             if retry:
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
             pending = retry
         if missing:
             await _wait_for_leaders(admin, set(missing), deadline)
@@ -181,12 +183,20 @@ async def ensure_topics(target: str | KafkaEndpoint, topics: Mapping[str, int], 
         await admin.close()
 
 
+# Waits on a broker that is still settling: the mesh's one backoff (common/retry.py);
+# these are bounded by the caller's deadline, not by a count.
+_TOPIC_RETRY = RetryPolicy(max_attempts=0, base_s=0.1, max_backoff_s=2.0)
+_LEADER_POLL = RetryPolicy(max_attempts=0, base_s=0.05, max_backoff_s=1.0)
+
+
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: set[str], deadline: float) -> None:
     """Until the broker's metadata has a leader for every partition of these new topics:
     the controller acknowledges a creation before the broker has caught up, and producing
     or subscribing in that moment only earns retries and warnings."""
-    delay = 0.05
+    polls = 0
     while True:
+        polls += 1
+        delay = _LEADER_POLL.backoff(polls)
         topics = {t["topic"]: t for t in await admin.describe_topics() if t["topic"] in names}
         lagging = sorted(
             name
@@ -201,7 +211,6 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: set[str], deadlin
         if time.monotonic() + delay >= deadline:
             raise KafkaTimeoutError(f"created Kafka topics {lagging} have no partition leaders yet")
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 1.0)
 
 
 def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:

@@ -8,7 +8,9 @@ Which layer retries what, so that retries never multiply:
   overloaded, draining): an upstream failure the router already retried ends the job, so
   one job makes at most model_router.retry.max_attempts upstream calls;
 - a workflow step retries only when its definition asks (`retry:`), the author's choice;
-- webhooks (job callbacks, alerts) retry their own deliveries: no layer sits under them.
+- webhooks (job callbacks, alerts) retry their own deliveries: no layer sits under them;
+- waits for something settling (Kafka topics, a restarted child, a consumer whose broker
+  is away) back off the same way, bounded by a deadline rather than a count.
 
 Full jitter (a delay drawn uniformly from zero to the exponential cap) spreads the
 retries of many callers that failed together, instead of sending them back in waves.
@@ -40,15 +42,16 @@ def retryable_grpc(code: grpc.StatusCode | None) -> bool:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Attempts in all (the first included), and the backoff between them: before attempt
-    n+1 a delay drawn from [0, min(max_backoff_s, base_s * 2**(n-1))]."""
+    """Attempts in all (the first included; 0: no limit by count, for waits bounded by a
+    deadline or that never give up), and the backoff between them: before attempt n+1 a
+    delay drawn from [0, min(max_backoff_s, base_s * 2**(n-1))]."""
 
     max_attempts: int
     base_s: float
     max_backoff_s: float = 30.0
 
     def may_retry(self, attempts_made: int) -> bool:
-        return attempts_made < self.max_attempts
+        return self.max_attempts == 0 or attempts_made < self.max_attempts
 
     def backoff(self, attempts_made: int, draw: Callable[[], float] = random.random) -> float:
         if attempts_made < 1:

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 JOBS_SERVICE: Final = "clawdbot.v1.Jobs"
 # Restarting the consumer while Kafka (or Redis) is away: it never gives up, so only the
 # policy's backoff is used, capped low so that a broker back is noticed soon.
-CONSUMER_RESTART: Final = RetryPolicy(max_attempts=1, base_s=0.5, max_backoff_s=5.0)
+CONSUMER_RESTART: Final = RetryPolicy(max_attempts=0, base_s=0.5, max_backoff_s=5.0)
 
 
 def create_server(config: Config) -> ServiceHost:

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clawdbot.common.lifeline import PARENT_PID_ENV
+from clawdbot.common.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,9 @@ class Supervisor:
     """Keeps children alive: a child that exits unexpectedly is reported and restarted,
     with exponential backoff that resets once it has stayed up for a minute."""
 
-    BACKOFF_START_S = 0.5
-    BACKOFF_MAX_S = 30.0
+    # Restarts of a child that keeps dying back off (full jitter, common/retry.py): 0.5 s
+    # doubling up to 30 s; the count resets once it stays up for STABLE_AFTER_S.
+    RESTART = RetryPolicy(max_attempts=0, base_s=0.5, max_backoff_s=30.0)
     STABLE_AFTER_S = 60.0
 
     def __init__(self, on_change: Callable[[], None], withhold: Collection[str] = ()) -> None:
@@ -213,21 +215,20 @@ class Supervisor:
         self._watchers.append(asyncio.create_task(self._watch(child)))
 
     async def _watch(self, child: Child) -> None:
-        backoff = self.BACKOFF_START_S
+        failures = 0
         while not self._stopping:
             assert child.process is not None
             code = await child.process.wait()
             if self._stopping or child.stopping:
                 return
             uptime = time.monotonic() - child.started_at
-            if uptime > self.STABLE_AFTER_S:
-                backoff = self.BACKOFF_START_S
+            failures = 1 if uptime > self.STABLE_AFTER_S else failures + 1
+            backoff = self.RESTART.backoff(failures)
             log.error(
                 "child exited unexpectedly; restarting",
-                extra={"child": child.name, "code": code, "uptime_s": round(uptime, 1), "backoff_s": backoff},
+                extra={"child": child.name, "code": code, "uptime_s": round(uptime, 1), "backoff_s": round(backoff, 2)},
             )
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.BACKOFF_MAX_S)
             if self._stopping:
                 return
             child.restarts += 1
