@@ -238,9 +238,16 @@ def core_mesh_config(mock_url: str, tmp: Path, **sections: Any) -> dict[str, Any
 
 
 @contextlib.contextmanager
-def running_mesh(tmp: Path, config: dict[str, Any], mock_url: str, runner_args: Sequence[str] = ()) -> Iterator[Mesh]:
+def running_mesh(
+    tmp: Path,
+    config: dict[str, Any],
+    mock_url: str,
+    runner_args: Sequence[str] = (),
+    expect_clean_stop: bool = True,
+) -> Iterator[Mesh]:
     """A mesh started by the runner exactly as `make run` does, on free ports (runner_args:
-    more of the runner's flags, e.g. --prometheus)."""
+    more of the runner's flags, e.g. --prometheus). The runner is stopped at the end
+    whatever happened; expect_clean_stop=False for a test that kills it itself."""
     config_file = tmp / "clawdbot.yaml"
     config_file.write_text(yaml.safe_dump(config))
     ready = tmp / "ready.json"
@@ -263,19 +270,24 @@ def running_mesh(tmp: Path, config: dict[str, Any], mock_url: str, runner_args: 
         runner.stop()
         raise
     traces = Path(config.get("telemetry", {}).get("traces_dir", tmp / "traces"))
-    yield Mesh(
-        info["url"],
-        info["grpc_target"],
-        info["api_key"],
-        info["admin_url"],
-        ready,
-        traces,
-        mock_url,
-        runner,
-        config_file,
-    )
-    code = runner.stop()
-    assert code == 0, f"runner did not stop cleanly ({code}):\n{runner.output()[-5000:]}"
+    finished = False
+    try:
+        yield Mesh(
+            info["url"],
+            info["grpc_target"],
+            info["api_key"],
+            info["admin_url"],
+            ready,
+            traces,
+            mock_url,
+            runner,
+            config_file,
+        )
+        finished = True
+    finally:
+        code = runner.stop()
+    if finished and expect_clean_stop:
+        assert code == 0, f"runner did not stop cleanly ({code}):\n{runner.output()[-5000:]}"
 
 
 @pytest.fixture

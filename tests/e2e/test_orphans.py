@@ -13,22 +13,20 @@ import contextlib
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from clawdbot.common.lifeline import shutdown_deadline_s
-from tests.conftest import CALLBACK_SECRET, WORKER_MODELS, Mesh, mesh_config
-from tests.support import GiveUp, Proc, python_env, read_json_file, unused_port, wait_for
+from tests.conftest import WORKER_MODELS, Mesh, mesh_config, running_mesh
+from tests.support import GiveUp, unused_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.local_model]
 
@@ -60,41 +58,6 @@ def orphan_mesh_config(mock_url: str, tmp: Path) -> dict[str, Any]:
     served = {EMBEDDINGS_MODEL, CHAT_MODEL}
     config["models"] = [m for m in config["models"] if m["name"] not in set(WORKER_MODELS) - served]
     return config
-
-
-@contextlib.contextmanager
-def started_runner(tmp: Path, config: dict[str, Any], mock_url: str) -> Iterator[Mesh]:
-    """The runner as `make run` starts it, with Prometheus too. Unlike conftest's
-    running_mesh, it does not expect to stop the runner itself: the test kills it."""
-    config_file = tmp / "clawdbot.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    ready = tmp / "ready.json"
-    argv = [sys.executable, "-m", "clawdbot.runner", "--config", str(config_file), "--ephemeral-ports"]
-    argv += ["--ready-file", str(ready), "--state-dir", str(tmp / "state"), "--prometheus"]
-    runner = Proc(argv, tmp / "runner.log", env=python_env(CLAWDBOT_CALLBACK_SECRET=CALLBACK_SECRET))
-
-    def started() -> dict[str, Any] | None:
-        if not runner.alive():
-            raise GiveUp(f"runner exited:\n{runner.output()[-5000:]}")
-        return read_json_file(ready) if "Clawdbot is up" in runner.output() else None
-
-    try:
-        info = wait_for(started, 240, "the mesh to start")
-        yield Mesh(
-            info["url"],
-            info["grpc_target"],
-            info["api_key"],
-            info["admin_url"],
-            ready,
-            tmp / "traces",
-            mock_url,
-            runner,
-            config_file,
-        )
-    finally:
-        # Whatever happened above: a runner still alive (the test failed before the kill)
-        # stops its mesh itself; the log is closed.
-        runner.stop()
 
 
 @dataclass(frozen=True)
@@ -232,7 +195,8 @@ def test_no_process_outlives_a_killed_runner(tmp_path: Path, mock_upstream: str)
     mesh_processes: list[Process] = []
     loads: list[Load] = []
     long_chat: list[BaseException | httpx.Response] = []
-    with started_runner(tmp_path, orphan_mesh_config(mock_upstream, tmp_path), mock_upstream) as mesh:
+    config = orphan_mesh_config(mock_upstream, tmp_path)
+    with running_mesh(tmp_path, config, mock_upstream, ["--prometheus"], expect_clean_stop=False) as mesh:
         try:
             mesh.wait_for_local_models()
             loads = [Load(f.__name__, f, mesh).start() for f in (stream_chat, cached_chat, embeddings, job, workflow)]
@@ -311,7 +275,7 @@ def test_no_process_outlives_a_killed_runner(tmp_path: Path, mock_upstream: str)
             for load in loads:
                 load.stop()
             # Never leave an orphan behind on the machine, whatever failed above. (Before
-            # the kill, started_runner stops the runner, and the runner its mesh.)
+            # the kill, running_mesh stops the runner, and the runner its mesh.)
             for process in mesh_processes:
                 if process.alive():
                     with contextlib.suppress(ProcessLookupError):

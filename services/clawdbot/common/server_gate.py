@@ -226,6 +226,14 @@ class ServerGate:
             method.durations[code].observe(time.perf_counter() - started)
 
     @staticmethod
+    def _bug(method: _Method, span: Span, exc: Exception) -> GatewayError:
+        """A handler's unexpected exception: logged with its traceback (and the trace and
+        request id), and answered as internal_error(), without the details."""
+        log.exception("call failed", extra={"rpc": method.name})
+        span.record_exception(exc)
+        return internal_error()
+
+    @staticmethod
     def _aborted(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
         """The status a handler aborted with itself (context.abort)."""
         code = context.code()
@@ -263,12 +271,8 @@ class ServerGate:
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except Exception as exc:
-                # A bug: logged with its traceback (and the trace and request id), and
-                # answered as one, without the details.
-                log.exception("call failed", extra={"rpc": method.name})
-                span.record_exception(exc)
-                error = internal_error()
+            except Exception as exc:  # noqa: BLE001 (a bug: _bug logs it with its traceback)
+                error = self._bug(method, span, exc)
                 code, message = error.grpc_code(), error.message
                 await error.abort(context)
             finally:
@@ -325,12 +329,8 @@ class ServerGate:
                 # The client went away (or cancelled) mid-stream.
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except Exception as exc:
-                # A bug: logged with its traceback (and the trace and request id), and
-                # answered as one, without the details.
-                log.exception("call failed", extra={"rpc": method.name})
-                span.record_exception(exc)
-                error = internal_error()
+            except Exception as exc:  # noqa: BLE001 (a bug: _bug logs it with its traceback)
+                error = self._bug(method, span, exc)
                 code, message = error.grpc_code(), error.message
                 await error.abort(context)
             finally:
