@@ -43,6 +43,8 @@ command -v prometheus >/dev/null || apt_install prometheus
 # espeak-ng: the worker's text-to-speech runtime. Redis: the cache's second level.
 command -v espeak-ng >/dev/null || apt_install espeak-ng
 command -v redis-server >/dev/null || apt_install redis-server
+# PostgreSQL: only for tests (the key store's tests start one; SQLite is the default).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
 for extra in "$@"; do apt_install "$extra"; done
 
 stamp_input() { cat pyproject.toml scripts/setup.sh; "$PYTHON" --version; }

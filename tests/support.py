@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -14,6 +15,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -407,3 +409,117 @@ def make_pki(folder: Path) -> Pki:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return Pki(ca.public_bytes(serialization.Encoding.PEM), cert_file, key_file)
+
+
+# --- PostgreSQL (the key store's tests) ----------------------------------------------
+
+
+def postgres_bin(name: str) -> Path:
+    """A binary of Debian's postgresql package (newest major version installed)."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    assert found, "PostgreSQL missing (/usr/lib/postgresql/*/bin): `make setup` installs Debian's postgresql"
+    return found[-1]
+
+
+class PostgresProc(Proc):
+    """A throwaway postgres: stop() asks for a fast shutdown (SIGINT: clients are cut)
+    instead of SIGTERM's wait for every client, then removes its data directory."""
+
+    def __init__(self, argv: list[str], log_path: Path, home: Path | None):
+        super().__init__(argv, log_path)
+        self.home = home  # removed by stop(); None: kept (for another try)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.alive():
+            # The group: runuser and postgres under it (runuser forwards, postgres is told twice: harmless).
+            os.killpg(self.popen.pid, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout)
+        code = super().stop(timeout)
+        if self.home is not None:
+            shutil.rmtree(self.home, ignore_errors=True)
+        return code
+
+
+def start_postgres(tmp: Path, database: str = "clawdbot") -> tuple[PostgresProc, str]:
+    """A throwaway PostgreSQL on 127.0.0.1 (a port from free_port) with an empty `database`,
+    once it accepts connections: (process, "postgresql+asyncpg://postgres@127.0.0.1:PORT/db").
+
+    postgres refuses to run as root: it runs as the `postgres` user (runuser) in a data
+    directory of its own under /tmp (pytest's tmp dirs are private to root); its log is in
+    tmp. Trust authentication, no fsync: for tests only.
+    """
+    assert shutil.which("runuser"), "runuser (util-linux) missing"
+    home = Path(tempfile.mkdtemp(prefix="clawdbot-pg-"))
+    data, sockets = home / "data", home / "sockets"
+    sockets.mkdir()
+    for path in (home, sockets):
+        shutil.chown(path, "postgres", "postgres")
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    initdb_argv = [str(postgres_bin("initdb")), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
+    initdb = subprocess.run(
+        [*as_postgres, *initdb_argv, "--no-sync", "--no-instructions"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert initdb.returncode == 0, f"initdb failed:\n{initdb.stdout}\n{initdb.stderr}"
+
+    def argv(port: int) -> list[str]:
+        settings = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "100"}
+        return [
+            *as_postgres,
+            str(postgres_bin("postgres")),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            str(sockets),
+            *[arg for name, value in settings.items() for arg in ("-c", f"{name}={value}")],
+        ]
+
+    def accepts(port: int) -> bool:
+        ready = subprocess.run(
+            [str(postgres_bin("pg_isready")), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"],
+            capture_output=True,
+            timeout=30,
+        )
+        return ready.returncode == 0
+
+    proc: PostgresProc | None = None
+    for attempt in range(3):
+        port = free_port()
+        log = tmp / f"postgres-{port}.log"
+        proc = PostgresProc(argv(port), log, home)
+
+        def ready(proc: PostgresProc = proc, port: int = port) -> bool:
+            if not proc.alive():
+                raise GiveUp(f"postgres exited:\n{proc.output()}")
+            return accepts(port)
+
+        try:
+            wait_for(ready, 90, f"postgres on port {port}", interval=0.1)
+        except GiveUp:
+            # Most likely the port was taken meanwhile: another one (the data dir stays).
+            proc.home = None if attempt < 2 else home
+            proc.stop()
+            if attempt == 2:
+                raise
+            continue
+        except BaseException:
+            proc.stop()
+            raise
+        created = subprocess.run(
+            [str(postgres_bin("createdb")), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if created.returncode != 0:
+            proc.stop()
+            raise AssertionError(f"createdb failed:\n{created.stdout}\n{created.stderr}")
+        return proc, f"postgresql+asyncpg://postgres@127.0.0.1:{port}/{database}"
+    raise AssertionError("unreachable")

@@ -1,9 +1,14 @@
 """API-key authentication: `Authorization: Bearer <key>` on every route but health.
 
-Authentication yields a Principal: the key's id and its role. Keys from CLAWDBOT_API_KEY
-(or the one the runner generates) are admin keys; keys declared under `auth.keys` in the
-YAML carry the role given there. Admin routes ask for the admin role, so the virtual keys
-a later release keeps in SQL only have to produce a Principal to fit in.
+Authentication yields a Principal: the key's id, its role and the models it may use.
+Keys from CLAWDBOT_API_KEY (or the one the runner generates) are admin keys; keys declared
+under `auth.keys` in the YAML carry the role given there; both may use every model.
+Virtual keys ("sk-cb-…", made over the admin API and kept in the key store) are looked up
+by adapter/virtual_keys.py, which caches them in memory.
+
+The principal of the request being served is kept in a context variable (set by
+Gateway.accept), so that every route checks the model it is asked for against the same
+principal, whichever protocol brought the request.
 """
 
 from __future__ import annotations
@@ -12,11 +17,16 @@ import hashlib
 import hmac
 import os
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Literal
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Literal
 
 from clawdbot.common.config import ConfigError, StaticKey
 from clawdbot.common.errors import GatewayError
+
+if TYPE_CHECKING:
+    from clawdbot.adapter.virtual_keys import VirtualKeys
 
 Role = Literal["admin", "user"]
 ADMIN: Role = "admin"
@@ -33,14 +43,48 @@ class Principal:
 
     key_id: str
     role: Role
+    # fnmatch globs (case-sensitive) of the models the key may ask for; () = every model.
+    models: tuple[str, ...] = ()
 
     @property
     def is_admin(self) -> bool:
         return self.role == ADMIN
 
+    def allows_model(self, model: str) -> bool:
+        """Whether the key may ask for `model` by that name. A routing name ("auto", a
+        group) is a name like any other: allowed when the key allows every model or one
+        of its globs matches the name itself, since what it routes to is not known yet."""
+        return not self.models or any(fnmatchcase(model, glob) for glob in self.models)
+
 
 # A public route's caller: nobody in particular, and no rights.
 ANONYMOUS = Principal("", "user")
+
+# The principal of the request being served (Gateway.accept sets it).
+caller: ContextVar[Principal] = ContextVar("clawdbot_caller")
+
+
+def model_not_allowed(model: str) -> GatewayError:
+    # 403 as OpenAI answers a project key that may not use a model; OpenAI's SDKs raise
+    # PermissionDeniedError for it whatever the type, and the code says why.
+    return GatewayError(
+        403,
+        f"This API key is not allowed to use the model `{model}`.",
+        "permission_error",
+        "model_not_allowed",
+        "model",
+    )
+
+
+def require_model(model: str) -> None:
+    """GatewayError 403 model_not_allowed unless the current caller may use `model`.
+    Called before anything is asked of the router, the cache or the jobs service."""
+    principal = caller.get(None)
+    if principal is None:
+        # A route that asks for a model without having authenticated: a bug, not a 403.
+        raise RuntimeError("a model was asked for before the caller was authenticated")
+    if not principal.allows_model(model):
+        raise model_not_allowed(model)
 
 
 def forbidden() -> GatewayError:
@@ -58,7 +102,9 @@ class Authenticator:
         keys: Iterable[str],
         declared: Iterable[StaticKey] = (),
         env: Mapping[str, str] | None = None,
+        virtual: VirtualKeys | None = None,
     ) -> None:
+        self._virtual = virtual
         env = os.environ if env is None else env
         # Keys are kept as SHA-256 digests: a hashed key in YAML and one from the
         # environment are compared the same way, and the digests are all one length.
@@ -87,22 +133,42 @@ class Authenticator:
             raise ConfigError("no API key configured: set CLAWDBOT_API_KEY (the runner makes one for you)")
         self._keys = list(digests.items())
 
-    def check(self, authorization: str | None) -> Principal:
-        """The principal of a valid header; GatewayError 401 otherwise."""
+    @staticmethod
+    def _bearer(authorization: str | None) -> str:
         if not authorization:
             raise GatewayError.unauthorized("You didn't provide an API key. Send it as `Authorization: Bearer <key>`.")
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise GatewayError.unauthorized("The Authorization header must be `Bearer <key>`.")
-        return self.check_key(token.strip())
+        return token.strip()
+
+    def check(self, authorization: str | None) -> Principal:
+        """The principal of a valid header with a static key; GatewayError 401 otherwise."""
+        return self.check_key(self._bearer(authorization))
 
     def check_key(self, key: str) -> Principal:
+        """A static key's principal; GatewayError 401 otherwise."""
+        found = self._static(key)
+        if found is None:
+            raise GatewayError.unauthorized("Incorrect API key provided.")
+        return found
+
+    async def authenticate(self, authorization: str | None, api_key: str | None = None) -> Principal:
+        """The principal of a static or a virtual key (given as such, or in the header);
+        GatewayError 401 otherwise. A virtual key known to this replica costs no I/O."""
+        key = api_key if api_key else self._bearer(authorization)
+        found = self._static(key)
+        if found is not None:
+            return found
+        if self._virtual is not None and self._virtual.may_hold(key):
+            return await self._virtual.principal(key)
+        raise GatewayError.unauthorized("Incorrect API key provided.")
+
+    def _static(self, key: str) -> Principal | None:
         candidate = hashlib.sha256(key.encode()).digest()
         found: Principal | None = None
         # Compare with every key, in constant time each, so timing tells nothing.
         for digest, principal in self._keys:
             if hmac.compare_digest(candidate, digest):
                 found = principal
-        if found is None:
-            raise GatewayError.unauthorized("Incorrect API key provided.")
         return found

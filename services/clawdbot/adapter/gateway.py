@@ -19,11 +19,12 @@ from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from clawdbot.adapter.auth import ANONYMOUS, Authenticator, forbidden
+from clawdbot.adapter.auth import ANONYMOUS, Authenticator, caller, forbidden, require_model
 from clawdbot.adapter.chat_streams import assemble_chat, replay_chat
 from clawdbot.adapter.jobs import JobsFront
 from clawdbot.adapter.metadata import build_meta
 from clawdbot.adapter.openai_requests import ParsedRequest
+from clawdbot.adapter.virtual_keys import VirtualKeys
 from clawdbot.common.clients.cache import CacheLookup, ResponseCache
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.logging import request_id_var
@@ -54,8 +55,10 @@ class Gateway:
         jobs: JobsFront | None = None,
         orchestrator: orchestrator_pb2_grpc.OrchestratorStub | None = None,
         health: monitor_pb2_grpc.HealthMonitorStub | None = None,
+        keys: VirtualKeys | None = None,
     ) -> None:
         self._router = router
+        self._keys = keys
         self._orchestrator = orchestrator
         self._health = health
         self._cache = cache
@@ -67,7 +70,7 @@ class Gateway:
 
     # --- intake ------------------------------------------------------------------------
 
-    def accept(
+    async def accept(
         self,
         headers: Mapping[str, str],
         protocol: str,
@@ -77,15 +80,16 @@ class Gateway:
         admin: bool = False,
     ) -> router_pb2.RequestMeta:
         """Authenticate (unless the route is public) and describe the caller. Raises
-        GatewayError(401), or 403 when an admin route is asked for without the admin role."""
+        GatewayError(401), or 403 when an admin route is asked for without the admin role.
+        The principal becomes the current caller (auth.caller), whose models
+        model_request() and job submissions are checked against."""
         if public:
             principal = ANONYMOUS
-        elif api_key:
-            principal = self._auth.check_key(api_key)
         else:
-            principal = self._auth.check(headers.get("authorization"))
+            principal = await self._auth.authenticate(headers.get("authorization"), api_key)
         if admin and not principal.is_admin:
             raise forbidden()
+        caller.set(principal)
         meta = build_meta(headers, protocol, principal.key_id, peer)
         request_id_var.set(meta.request_id)
         return meta
@@ -94,6 +98,9 @@ class Gateway:
     def model_request(
         parsed: ParsedRequest, meta: router_pb2.RequestMeta, raw: bytes | None
     ) -> router_pb2.ModelRequest:
+        """The internal request; 403 model_not_allowed first when the caller's key may
+        not use the model (every protocol's model calls come through here)."""
+        require_model(parsed.model)
         return router_pb2.ModelRequest(
             meta=meta,
             task=parsed.task,
@@ -137,6 +144,12 @@ class Gateway:
                 503, "Async jobs are turned off here (jobs.enabled).", "service_unavailable", "jobs_disabled"
             )
         return self._jobs
+
+    @property
+    def keys(self) -> VirtualKeys:
+        if self._keys is None:
+            raise GatewayError(503, "Virtual keys are not available here.", "service_unavailable", "keys_disabled")
+        return self._keys
 
     # --- calls to the router -------------------------------------------------------------
 
@@ -310,7 +323,9 @@ class Gateway:
         reply: router_pb2.RouterListModelsResponse = await self._unary(
             self._router.ListModels, router_pb2.RouterListModelsRequest(meta=meta), 10.0
         )
-        return list(reply.models)
+        # A key held to some models is shown those (as OpenAI lists a project's models).
+        principal = caller.get(ANONYMOUS)
+        return [model for model in reply.models if principal.allows_model(model.id)]
 
     def _failure(self, err: grpc.aio.AioRpcError, peer: str = "router") -> GatewayError:
         failure = GatewayError.from_rpc_error(err, peer)

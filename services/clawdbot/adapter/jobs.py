@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from clawdbot.adapter.auth import require_model
 from clawdbot.adapter.openai_requests import parse_chat, parse_embeddings
 from clawdbot.common.audio_bounds import check_upload
 from clawdbot.common.bounded import b64decode, off_loop_if_large
@@ -59,6 +60,8 @@ class JobsFront:
 
     async def submit(self, meta: router_pb2.RequestMeta, body: dict[str, Any]) -> Job:
         kind, request, callback_url = await check_job(body, self._gateway)
+        # The key's models are held to at submission, as on the synchronous routes.
+        require_model(str(request.get("model", "")))
         return await self._client.submit(meta, kind, request, callback_url)
 
     async def get(self, meta: router_pb2.RequestMeta, job_id: str) -> Job:

@@ -2,7 +2,8 @@
 
 It serves the public clawdbot.v1.Gateway (behind Envoy), turns every protocol's request
 into one internal ModelRequest with metadata, consults the cache service, and calls the
-router. Async jobs it checks and hands to the jobs service, which runs them.
+router. Async jobs it checks and hands to the jobs service, which runs them. Virtual
+keys it authenticates from the key store (database.url), cached (adapter/virtual_keys.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from clawdbot.adapter.auth import Authenticator
 from clawdbot.adapter.gateway import Gateway
 from clawdbot.adapter.jobs import JobsFront
 from clawdbot.adapter.protocols.base import ProtocolContext, load_protocols
+from clawdbot.adapter.virtual_keys import VirtualKeys
 from clawdbot.common.clients.cache import ResponseCache
 from clawdbot.common.clients.jobs import JobsClient
 from clawdbot.common.config import Config
@@ -52,7 +54,11 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
         cache_channel = mesh_channel(config.cache)
         channels.append(cache_channel)
         cache = ResponseCache(cache_pb2_grpc.CacheServiceStub(cache_channel), config.cache, config.models, router)
-    auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env(), config.auth.keys)
+    # Opened by its background task once the host starts (migrating the schema if need
+    # be); until then a virtual key's first lookup waits for it. Static keys never do.
+    keys = VirtualKeys(config.database.effective_url())
+    host.in_background(keys.run, stop=keys.stop)
+    auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env(), config.auth.keys, virtual=keys)
     orchestrator = None
     if config.orchestrator.enabled:
         orchestrator_channel = mesh_channel(config.orchestrator)
@@ -70,7 +76,9 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
         jobs_channel = mesh_channel(config.jobs)
         channels.append(jobs_channel)
         jobs = JobsFront(JobsClient(jobs_pb2_grpc.JobsStub(jobs_channel)), config.gateway)
-    gateway = Gateway(router, auth, metrics, config.adapter.router_timeout_s, cache, jobs, orchestrator, health)
+    gateway = Gateway(
+        router, auth, metrics, config.adapter.router_timeout_s, cache, jobs, orchestrator, health, keys=keys
+    )
     ctx = ProtocolContext(config=config, gateway=gateway, host=host)
     for plugin in load_protocols(config):
         plugin.install(ctx)
@@ -82,4 +90,5 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
             await channel.close(grace=None)
 
     host.on_shutdown(close_channels)
+    host.on_shutdown(keys.close)
     return host

@@ -155,6 +155,29 @@ class RestServicer(gateway_pb2_grpc.GatewayServicer):
     async def InstancesHttp(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
         return await self._rest.instances(request, context)
 
+    async def CreateKeyHttp(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        return await self._rest.create_key(request, context)
+
+    async def ListKeysHttp(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        return await self._rest.list_keys(request, context)
+
+    async def GetKeyHttp(
+        self, request: gateway_pb2.KeyRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        return await self._rest.get_key(request, context)
+
+    async def UpdateKeyHttp(
+        self, request: gateway_pb2.UpdateKeyHttpRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        return await self._rest.update_key(request, context)
+
+    async def RevokeKeyHttp(
+        self, request: gateway_pb2.KeyRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        return await self._rest.revoke_key(request, context)
+
 
 class TypedServicer(gateway_pb2_grpc.GatewayServicer):
     """The typed gRPC methods, served by GrpcProtocol."""
@@ -245,6 +268,27 @@ class TypedServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.ReloadConfigRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ReloadResponse:
         return await self._typed.reload_config(request, context)
+
+    async def CreateKey(
+        self, request: gateway_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext
+    ) -> struct_pb2.Struct:
+        return await self._typed.create_key(request, context)
+
+    async def ListKeys(
+        self, request: gateway_pb2.ListKeysRequest, context: grpc.aio.ServicerContext
+    ) -> struct_pb2.Struct:
+        return await self._typed.list_keys(request, context)
+
+    async def GetKey(self, request: gateway_pb2.KeyRequest, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
+        return await self._typed.get_key(request, context)
+
+    async def UpdateKey(
+        self, request: gateway_pb2.UpdateKeyRequest, context: grpc.aio.ServicerContext
+    ) -> struct_pb2.Struct:
+        return await self._typed.update_key(request, context)
+
+    async def RevokeKey(self, request: gateway_pb2.KeyRequest, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
+        return await self._typed.revoke_key(request, context)
 
 
 class GatewayServicer(RestServicer, TypedServicer):

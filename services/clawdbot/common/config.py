@@ -25,6 +25,7 @@ Sources, later wins:
   | MODEL_ROUTER_STRATEGY        | model_router.strategy              |
   | CLAWDBOT_LOG_LEVEL           | logging.level                      |
   | CLAWDBOT_TRACES_DIR          | telemetry.traces_dir (span files)  |
+  | CLAWDBOT_DATABASE_URL        | database.url (keys, spend ledger)  |
   | OTEL_EXPORTER_OTLP_ENDPOINT  | telemetry.otlp_endpoint            |
 
   Provider keys are read from the variable each model names in `api_key_env`; they never
@@ -660,6 +661,24 @@ class KafkaConfig(_Strict):
         return self.security_protocol in ("SSL", "SASL_SSL")
 
 
+class DatabaseConfig(_Strict):
+    """The key store and spend ledger (common/keystore). Empty `url`: SQLite embedded at
+    <repo>/.clawdbot/clawdbot.db; PostgreSQL with "postgresql+asyncpg://user@host:port/db"
+    (a URL with a password goes in CLAWDBOT_DATABASE_URL, not in YAML)."""
+
+    url: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("database.url must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    def effective_url(self) -> str:
+        return self.url or f"sqlite+aiosqlite:///{REPO_ROOT / '.clawdbot' / 'clawdbot.db'}"
+
+
 class TelemetryConfig(_Strict):
     traces_dir: str | None = None
     otlp_endpoint: str | None = None
@@ -683,6 +702,7 @@ class Config(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
@@ -716,6 +736,7 @@ _ENV_OVERRIDES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("MODEL_ROUTER_STRATEGY", ("model_router", "strategy")),
     ("CLAWDBOT_LOG_LEVEL", ("logging", "level")),
     ("CLAWDBOT_TRACES_DIR", ("telemetry", "traces_dir")),
+    ("CLAWDBOT_DATABASE_URL", ("database", "url")),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", ("telemetry", "otlp_endpoint")),
 )
 

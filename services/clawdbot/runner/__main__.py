@@ -288,10 +288,14 @@ class Runner:
         )
 
     def _place_local_state(self) -> None:
-        """The embedded vector store and the health service's anomaly models live in the
-        state directory: one orchestrator per path (Qdrant's local mode locks it), and
-        each mesh has a state directory of its own."""
+        """The embedded vector store, the health service's anomaly models and the embedded
+        key store (SQLite) live in the state directory: one orchestrator per path (Qdrant's
+        local mode locks it), and each mesh has a state directory (and keys) of its own."""
         orchestrator, health = self.config.orchestrator, self.config.health
+        if not self.config.database.url:
+            url = f"sqlite+aiosqlite:///{self.state_dir.resolve() / 'clawdbot.db'}"
+            database = self.config.database.model_copy(update={"url": url})
+            self.config = self.config.model_copy(update={"database": database})
         if not orchestrator.qdrant_url and not Path(orchestrator.qdrant_path).is_absolute():
             placed = orchestrator.model_copy(update={"qdrant_path": str(self.state_dir / "qdrant")})
             self.config = self.config.model_copy(update={"orchestrator": placed})

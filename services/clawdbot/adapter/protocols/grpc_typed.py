@@ -82,7 +82,7 @@ class GrpcProtocol:
         status = 200
         with self._gateway.span(f"grpc {operation}", headers, "grpc"):
             try:
-                meta = self._gateway.accept(headers, "grpc", context.peer())
+                meta = await self._gateway.accept(headers, "grpc", context.peer())
                 parsed: ParsedRequest = parsed_of(to_openai(request))
                 response = await self._gateway.complete(self._gateway.model_request(parsed, meta, None))
                 await context.send_initial_metadata(routing_headers(response))
@@ -148,7 +148,7 @@ class GrpcProtocol:
         status = 200
         with self._gateway.span("grpc chat.stream", headers, "grpc"):
             try:
-                meta = self._gateway.accept(headers, "grpc", context.peer())
+                meta = await self._gateway.accept(headers, "grpc", context.peer())
                 body = to_openai(request)
                 body["stream"] = True
                 parsed = parse_chat(body)
@@ -173,7 +173,7 @@ class GrpcProtocol:
         self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListModelsResponse:
         headers = metadata_dict(context)
-        meta = self._gateway.accept(headers, "grpc", context.peer())
+        meta = await self._gateway.accept(headers, "grpc", context.peer())
         models = await self._gateway.list_models(meta)
         return gateway_pb2.ListModelsResponse(
             object="list",
@@ -183,30 +183,30 @@ class GrpcProtocol:
     async def submit_feedback(
         self, request: gateway_pb2.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.FeedbackResponse:
-        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+        meta = await self._gateway.accept(metadata_dict(context), "grpc", context.peer())
         body = {"request_id": request.request_id, "score": request.score}
         return await self._gateway.feedback(parse_feedback(body, meta))
 
     async def explain_routing(
         self, request: gateway_pb2.ExplainRoutingRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.Explanation:
-        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+        meta = await self._gateway.accept(metadata_dict(context), "grpc", context.peer())
         return await self._gateway.explain(explain_request(request, meta))
 
     async def get_health(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
-        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer(), public=True)
+        meta = await self._gateway.accept(metadata_dict(context), "grpc", context.peer(), public=True)
         status = await self._gateway.health(meta)
         return json_struct(status)
 
     async def list_instances(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
-        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
+        meta = await self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
         listed = await self._gateway.instances(meta)
         return json_struct(listed)
 
     async def run_workflow(
         self, request: gateway_pb2.WorkflowRunRequest, context: grpc.aio.ServicerContext
     ) -> struct_pb2.Struct:
-        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+        meta = await self._gateway.accept(metadata_dict(context), "grpc", context.peer())
         run = await self._gateway.run_workflow(meta, request.name, orjson.dumps(workflow_input(request)))
         return json_struct(run)
 
@@ -219,7 +219,7 @@ class GrpcProtocol:
         status = 200
         with self._gateway.span("grpc workflow.stream", headers, "grpc"):
             try:
-                meta = self._gateway.accept(headers, "grpc", context.peer())
+                meta = await self._gateway.accept(headers, "grpc", context.peer())
                 run_input = workflow_input(request)
                 events = self._gateway.stream_workflow(meta, request.name, orjson.dumps(run_input))
                 async with contextlib.aclosing(events):
@@ -237,26 +237,63 @@ class GrpcProtocol:
     async def submit_job(
         self, request: gateway_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.Job:
-        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+        meta = await self._gateway.accept(metadata_dict(context), "grpc", context.peer())
         body = whole_numbers(json_format.MessageToDict(request, preserving_proto_field_name=True))
         return job_message(await self._gateway.jobs.submit(meta, body))
 
     async def get_job(self, request: gateway_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.Job:
-        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+        meta = await self._gateway.accept(metadata_dict(context), "grpc", context.peer())
         return job_message(await self._gateway.jobs.get(meta, request.id))
 
     async def list_jobs(
         self, request: gateway_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.JobList:
-        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer())
+        meta = await self._gateway.accept(metadata_dict(context), "grpc", context.peer())
         jobs = await self._gateway.jobs.list(meta, request.limit)
         return gateway_pb2.JobList(object="list", data=[job_message(job) for job in jobs])
 
     async def reload_config(
         self, request: gateway_pb2.ReloadConfigRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ReloadResponse:
-        meta = self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
+        meta = await self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
         return await self._gateway.reload(meta)
+
+    # --- virtual keys (admin) ------------------------------------------------------------
+
+    async def create_key(
+        self, request: gateway_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext
+    ) -> struct_pb2.Struct:
+        await self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
+        created = await self._gateway.keys.create(create_key_body(request))
+        return json_format.ParseDict(created, struct_pb2.Struct())
+
+    async def list_keys(
+        self, request: gateway_pb2.ListKeysRequest, context: grpc.aio.ServicerContext
+    ) -> struct_pb2.Struct:
+        await self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
+        return json_format.ParseDict(await self._gateway.keys.list(), struct_pb2.Struct())
+
+    async def get_key(self, request: gateway_pb2.KeyRequest, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
+        await self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
+        return json_format.ParseDict(await self._gateway.keys.get(request.id), struct_pb2.Struct())
+
+    async def update_key(
+        self, request: gateway_pb2.UpdateKeyRequest, context: grpc.aio.ServicerContext
+    ) -> struct_pb2.Struct:
+        await self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
+        changes = whole_numbers(json_format.MessageToDict(request.changes)) if request.HasField("changes") else {}
+        return json_format.ParseDict(await self._gateway.keys.update(request.id, changes), struct_pb2.Struct())
+
+    async def revoke_key(self, request: gateway_pb2.KeyRequest, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
+        await self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
+        return json_format.ParseDict(await self._gateway.keys.revoke(request.id), struct_pb2.Struct())
+
+
+def create_key_body(request: gateway_pb2.CreateKeyRequest) -> dict[str, Any]:
+    """The typed request as the JSON body POST /v1/admin/keys takes: unset fields left out,
+    so that they take their defaults; Struct numbers back to whole ones where whole."""
+    body: dict[str, Any] = whole_numbers(json_format.MessageToDict(request, preserving_proto_field_name=True))
+    return body
 
 
 def workflow_input(request: gateway_pb2.WorkflowRunRequest) -> Any:

@@ -110,7 +110,7 @@ class RestProtocol:
         status = 200
         with gateway.span("POST /v1/chat/completions", headers, "rest") as span:
             try:
-                meta = gateway.accept(headers, "rest", context.peer())
+                meta = await gateway.accept(headers, "rest", context.peer())
                 span.set_attribute("clawdbot.request_id", meta.request_id)
                 parsed = parse_chat(load_json_object(request.data))
                 model_request = gateway.model_request(parsed, meta, request.data)
@@ -166,7 +166,9 @@ class RestProtocol:
         status = 200
         with self._gateway.span(route, headers, "rest"):
             try:
-                return await work(self._gateway.accept(headers, "rest", context.peer(), public=public, admin=admin))
+                return await work(
+                    await self._gateway.accept(headers, "rest", context.peer(), public=public, admin=admin)
+                )
             except GatewayError as err:
                 status = err.status
                 return await self._error(context, err)
@@ -236,7 +238,7 @@ class RestProtocol:
         status = 200
         with gateway.span("POST /v1/workflows/{name}:run", headers, "rest") as span:
             try:
-                meta = gateway.accept(headers, "rest", context.peer())
+                meta = await gateway.accept(headers, "rest", context.peer())
                 span.set_attribute("clawdbot.request_id", meta.request_id)
                 body = load_json_object(request.body.data)
                 stream = body.get("stream", False)
@@ -362,6 +364,52 @@ class RestProtocol:
             return httpbody_pb2.HttpBody(content_type=JSON, data=await self._gateway.instances(meta))
 
         return await self._unary("instances", "GET /v1/admin/instances", context, work, admin=True)
+
+    # --- virtual keys (admin) ------------------------------------------------------------
+
+    async def create_key(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            created = await self._gateway.keys.create(load_json_object(request.data))
+            await context.send_initial_metadata(
+                [(STATUS_HEADER, "201"), ("location", f"/v1/admin/keys/{created['id']}")]
+            )
+            return httpbody_pb2.HttpBody(content_type=JSON, data=orjson.dumps(created))
+
+        return await self._unary("keys.create", "POST /v1/admin/keys", context, work, admin=True)
+
+    async def list_keys(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            return httpbody_pb2.HttpBody(content_type=JSON, data=orjson.dumps(await self._gateway.keys.list()))
+
+        return await self._unary("keys.list", "GET /v1/admin/keys", context, work, admin=True)
+
+    async def get_key(
+        self, request: gateway_pb2.KeyRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            return httpbody_pb2.HttpBody(content_type=JSON, data=orjson.dumps(await self._gateway.keys.get(request.id)))
+
+        return await self._unary("keys.get", "GET /v1/admin/keys/{id}", context, work, admin=True)
+
+    async def update_key(
+        self, request: gateway_pb2.UpdateKeyHttpRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            updated = await self._gateway.keys.update(request.id, load_json_object(request.body.data))
+            return httpbody_pb2.HttpBody(content_type=JSON, data=orjson.dumps(updated))
+
+        return await self._unary("keys.update", "PATCH /v1/admin/keys/{id}", context, work, admin=True)
+
+    async def revoke_key(
+        self, request: gateway_pb2.KeyRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            revoked = await self._gateway.keys.revoke(request.id)
+            return httpbody_pb2.HttpBody(content_type=JSON, data=orjson.dumps(revoked))
+
+        return await self._unary("keys.revoke", "DELETE /v1/admin/keys/{id}", context, work, admin=True)
 
 
 def create_protocol() -> RestProtocol:

@@ -153,8 +153,9 @@ class WebSocketProtocol:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         headers = {k.lower(): v for k, v in request.headers.items()}
+        api_key = request.query.get("api_key")
         try:
-            meta = self._gateway.accept(headers, "ws", request.remote or "", api_key=request.query.get("api_key"))
+            meta = await self._gateway.accept(headers, "ws", request.remote or "", api_key=api_key)
         except GatewayError as err:
             return web.Response(status=err.status, body=err.to_json(), content_type="application/json")
         ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=self._max_frame)
@@ -167,7 +168,7 @@ class WebSocketProtocol:
                     if len(mine) >= self._max_in_flight:
                         await self._too_many(ws, msg.data)
                         continue
-                    task = asyncio.create_task(self._serve_frame(ws, msg.data, meta, headers))
+                    task = asyncio.create_task(self._serve_frame(ws, msg.data, meta, headers, api_key))
                     for group in (mine, self._tasks):
                         group.add(task)
                         task.add_done_callback(group.discard)
@@ -204,7 +205,12 @@ class WebSocketProtocol:
             await ws.send_str(orjson.dumps(frame).decode())
 
     async def _serve_frame(
-        self, ws: web.WebSocketResponse, data: str | bytes, conn_meta: router_pb2.RequestMeta, headers: dict[str, str]
+        self,
+        ws: web.WebSocketResponse,
+        data: str | bytes,
+        conn_meta: router_pb2.RequestMeta,
+        headers: dict[str, str],
+        api_key: str | None = None,
     ) -> None:
         started = time.perf_counter()
         status = 200
@@ -222,6 +228,10 @@ class WebSocketProtocol:
                 # of JSON would otherwise hold up every other socket and request meanwhile.
                 raw = await off_loop_if_large(len(data), load_frame, data, self._max_frame)
                 frame_id = correlation_id(raw)
+                # The key again, for each frame (from memory): a key revoked or changed
+                # while the socket is open holds from the next frame on.
+                await gateway.accept(headers, "ws", api_key=api_key)
+                request_id_var.set(meta.request_id)
                 frame = read_frame(raw)
                 if frame.kind == "workflow":
                     operation = "workflow.run"

@@ -11,6 +11,52 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class KeyRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class UpdateKeyHttpRequest(_message.Message):
+    __slots__ = ("id", "body")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    body: _httpbody_pb2.HttpBody
+    def __init__(self, id: _Optional[str] = ..., body: _Optional[_Union[_httpbody_pb2.HttpBody, _Mapping]] = ...) -> None: ...
+
+class ListKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CreateKeyRequest(_message.Message):
+    __slots__ = ("name", "models", "budget", "rate_limit", "max_parallel", "expires_at", "metadata", "admin")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    budget: _struct_pb2.Struct
+    rate_limit: _struct_pb2.Struct
+    max_parallel: int
+    expires_at: str
+    metadata: _struct_pb2.Struct
+    admin: bool
+    def __init__(self, name: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., rate_limit: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_parallel: _Optional[int] = ..., expires_at: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., admin: _Optional[bool] = ...) -> None: ...
+
+class UpdateKeyRequest(_message.Message):
+    __slots__ = ("id", "changes")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    changes: _struct_pb2.Struct
+    def __init__(self, id: _Optional[str] = ..., changes: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
 class ReloadConfigRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -123,6 +123,31 @@ class GatewayStub:
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.CreateKeyHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/CreateKeyHttp',
+                request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.ListKeysHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/ListKeysHttp',
+                request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.GetKeyHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/GetKeyHttp',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.UpdateKeyHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/UpdateKeyHttp',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.UpdateKeyHttpRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.RevokeKeyHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/RevokeKeyHttp',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.CreateChatCompletion = channel.unary_unary(
                 '/clawdbot.v1.Gateway/CreateChatCompletion',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ChatCompletionRequest.SerializeToString,
@@ -207,6 +232,31 @@ class GatewayStub:
                 '/clawdbot.v1.Gateway/ReloadConfig',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ReloadConfigRequest.SerializeToString,
                 response_deserializer=clawdbot_dot_v1_dot_router__pb2.ReloadResponse.FromString,
+                _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/clawdbot.v1.Gateway/CreateKey',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/clawdbot.v1.Gateway/ListKeys',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                _registered_method=True)
+        self.GetKey = channel.unary_unary(
+                '/clawdbot.v1.Gateway/GetKey',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/clawdbot.v1.Gateway/UpdateKey',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/clawdbot.v1.Gateway/RevokeKey',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
                 _registered_method=True)
 
 
@@ -337,6 +387,46 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKeyHttp(self, request, context):
+        """Virtual keys (admin keys only; others get 403 permission_error). A key is a caller
+        of its own: its models (globs), and later its budget and rate limits. Answers are the
+        key's public record; the secret ("key") appears once, in the answer to the create.
+        POST /v1/admin/keys {"name", "models"?, "budget"?, "rate_limit"?, "max_parallel"?,
+        "expires_at"?, "metadata"?, "admin"?} -> 201 with the record and "key".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeysHttp(self, request, context):
+        """GET /v1/admin/keys: every key, newest first, revoked ones included; no secrets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeyHttp(self, request, context):
+        """GET /v1/admin/keys/{id}: the record and "spend" (USD per model) in the current
+        budget period (all time when the key has no budget or a "total" one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateKeyHttp(self, request, context):
+        """PATCH /v1/admin/keys/{id} with the fields to change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKeyHttp(self, request, context):
+        """DELETE /v1/admin/keys/{id}: revoke (idempotent); the answer is the revoked record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateChatCompletion(self, request, context):
         """Typed gRPC twins of the routes above.
         """
@@ -441,6 +531,37 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKey(self, request, context):
+        """Virtual keys: each answer is the key's record as the REST routes give it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -529,6 +650,31 @@ def add_GatewayServicer_to_server(servicer, server):
                     request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
+            'CreateKeyHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKeyHttp,
+                    request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'ListKeysHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeysHttp,
+                    request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GetKeyHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyHttp,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'UpdateKeyHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKeyHttp,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.UpdateKeyHttpRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'RevokeKeyHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKeyHttp,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
             'CreateChatCompletion': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateChatCompletion,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ChatCompletionRequest.FromString,
@@ -613,6 +759,31 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ReloadConfig,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ReloadConfigRequest.FromString,
                     response_serializer=clawdbot_dot_v1_dot_router__pb2.ReloadResponse.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.CreateKeyRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ListKeysRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+            ),
+            'GetKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKey,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1085,6 +1256,141 @@ class Gateway:
             _registered_method=True)
 
     @staticmethod
+    def CreateKeyHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/CreateKeyHttp',
+            google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeysHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/ListKeysHttp',
+            google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/GetKeyHttp',
+            clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKeyHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/UpdateKeyHttp',
+            clawdbot_dot_v1_dot_gateway__pb2.UpdateKeyHttpRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKeyHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/RevokeKeyHttp',
+            clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateChatCompletion(request,
             target,
             options=(),
@@ -1533,6 +1839,141 @@ class Gateway:
             '/clawdbot.v1.Gateway/ReloadConfig',
             clawdbot_dot_v1_dot_gateway__pb2.ReloadConfigRequest.SerializeToString,
             clawdbot_dot_v1_dot_router__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/CreateKey',
+            clawdbot_dot_v1_dot_gateway__pb2.CreateKeyRequest.SerializeToString,
+            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/ListKeys',
+            clawdbot_dot_v1_dot_gateway__pb2.ListKeysRequest.SerializeToString,
+            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/GetKey',
+            clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.SerializeToString,
+            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/UpdateKey',
+            clawdbot_dot_v1_dot_gateway__pb2.UpdateKeyRequest.SerializeToString,
+            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/RevokeKey',
+            clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.SerializeToString,
+            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
             options,
             channel_credentials,
             insecure,
