@@ -303,10 +303,15 @@ class ServiceHost:
         #  2. wait a moment for them to notice;
         #  3. stop the gRPC server: new calls are refused, in-flight calls (streams
         #     included) get up to `grace` seconds to finish;
-        #  4. stop the HTTP side (metrics, WebSocket sessions are closed by their owners
+        #  4. ask background work to stop (a Kafka consumer commits its batch and leaves
+        #     its group), cancel what does not within BACKGROUND_STOP_S;
+        #  5. run service cleanups (close client pools, channels; the worker its models
+        #     and threads), last registered first;
+        #  6. stop the HTTP side (metrics; WebSocket sessions were closed by their owners
         #     in cleanups);
-        #  5. run service cleanups (close client pools, channels), last registered first;
-        #  6. telemetry is flushed by serve() after this returns.
+        #  7. the entry point (common/entrypoint.py) then flushes telemetry and leaves
+        #     through common/lifeline.py, which abandons a thread stuck in native code;
+        #     past shutdown_grace_s + 8 s from the signal its deadline ends the process.
         grace = self.endpoint.shutdown_grace_s if grace is None else grace
         if self._serving:
             await self._set_serving(False)

@@ -82,7 +82,8 @@ class _AddToken(grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(details._replace(metadata=metadata), request)
 
 
-async def _time(call: Callable[[], Awaitable[Any]], calls: int) -> float:
+async def cpu_time(call: Callable[[], Awaitable[Any]], calls: int) -> float:
+    """CPU seconds this process spends on `calls` awaits of call(), after a warm-up."""
     for _ in range(100):  # warm up: connection, method lookup caches
         await call()
     # CPU time of this process (client, server and gRPC's threads): on a machine shared
@@ -104,7 +105,7 @@ async def _variant(name: str, calls: int) -> float:
         channel = internal_channel(target, _TOKEN)
     echo = channel.unary_unary(_METHOD, None, None)
     try:
-        return await _time(lambda: echo(b"ping"), calls)
+        return await cpu_time(lambda: echo(b"ping"), calls)
     finally:
         await channel.close(None)
         await server.stop(None)

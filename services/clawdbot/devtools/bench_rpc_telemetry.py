@@ -58,6 +58,7 @@ from clawdbot.common.admission import AdmissionControl
 from clawdbot.common.metrics import Metrics
 from clawdbot.common.server_gate import GatedServer, ServerGate
 from clawdbot.common.service import InternalChannel
+from clawdbot.devtools.bench_internal_auth import cpu_time
 
 _METHOD = "/bench.Echo/Echo"
 _TOKEN = "bench-internal-token-0123456789"
@@ -112,17 +113,6 @@ def _channel(kind: str, target: str, provider: TracerProvider) -> grpc.aio.Chann
     return InternalChannel(grpc.aio.insecure_channel(target, interceptors=interceptors), _TOKEN)
 
 
-async def _time(call: Callable[[], Awaitable[Any]], calls: int) -> float:
-    for _ in range(100):  # warm up: connection, method lookup caches
-        await call()
-    # CPU time of this process (client, server and gRPC's threads): on a machine shared
-    # with other work, wall-clock figures swing by more than the differences measured.
-    start = time.process_time()
-    for _ in range(calls):
-        await call()
-    return time.process_time() - start
-
-
 async def _variant(kind: str, calls: int) -> float:
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(_Dropped()))
@@ -132,7 +122,7 @@ async def _variant(kind: str, calls: int) -> float:
     try:
         # Calls from inside a span, as a service's handler makes them.
         with provider.get_tracer("bench").start_as_current_span("caller"):
-            return await _time(lambda: echo(b"ping"), calls)
+            return await cpu_time(lambda: echo(b"ping"), calls)
     finally:
         await channel.close(None)
         await server.stop(None)

@@ -1,4 +1,7 @@
-"""Connector for the worker service: local models over gRPC, OpenAI JSON both ways."""
+"""Connector for the worker service: local models over gRPC, OpenAI JSON both ways.
+
+The trace context and request id travel the way they do on every internal call, added by
+the mesh channel (common/service.py); `trace_headers` is for the HTTP connectors."""
 
 from __future__ import annotations
 
@@ -72,7 +75,7 @@ class WorkerConnector:
             binary=binary,
         )
         try:
-            reply = await self._stub(instance).Infer(request, timeout=timeout_s, metadata=list(trace_headers.items()))
+            reply = await self._stub(instance).Infer(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as err:
             raise _as_upstream_error(instance, err) from None
         return Answer(orjson.loads(reply.openai_json), reply.binary, reply.content_type)
@@ -90,9 +93,7 @@ class WorkerConnector:
         )
         started = False
         try:
-            async for chunk in self._stub(instance).InferStream(
-                request, timeout=timeout_s, metadata=list(trace_headers.items())
-            ):
+            async for chunk in self._stub(instance).InferStream(request, timeout=timeout_s):
                 started = True
                 yield chunk.chunk_json
         except grpc.aio.AioRpcError as err:
