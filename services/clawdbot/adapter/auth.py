@@ -64,18 +64,6 @@ ANONYMOUS = Principal("", "user")
 caller: ContextVar[Principal] = ContextVar("clawdbot_caller")
 
 
-def model_not_allowed(model: str) -> GatewayError:
-    # 403 as OpenAI answers a project key that may not use a model; OpenAI's SDKs raise
-    # PermissionDeniedError for it whatever the type, and the code says why.
-    return GatewayError(
-        403,
-        f"This API key is not allowed to use the model `{model}`.",
-        "permission_error",
-        "model_not_allowed",
-        "model",
-    )
-
-
 def require_model(model: str) -> None:
     """GatewayError 403 model_not_allowed unless the current caller may use `model`.
     Called before anything is asked of the router, the cache or the jobs service."""
@@ -84,7 +72,7 @@ def require_model(model: str) -> None:
         # A route that asks for a model without having authenticated: a bug, not a 403.
         raise RuntimeError("a model was asked for before the caller was authenticated")
     if not principal.allows_model(model):
-        raise model_not_allowed(model)
+        raise GatewayError.model_not_allowed(model)
 
 
 def forbidden() -> GatewayError:

@@ -585,15 +585,47 @@ class ModelEntry(_Strict):
         return self
 
 
+class BudgetSpec(_Strict):
+    """A spend cap: `usd` per calendar `period` (UTC), or in all (`total`)."""
+
+    usd: float = Field(..., gt=0, le=1e6)
+    period: Literal["day", "month", "total"] = "month"
+
+
+class RateLimitSpec(_Strict):
+    """Requests and tokens (input + output) a key may use per minute; None: no limit."""
+
+    requests_per_minute: int | None = Field(None, gt=0, le=1_000_000_000)
+    tokens_per_minute: int | None = Field(None, gt=0, le=1_000_000_000)
+
+
+class KeyDefaults(_Strict):
+    """What a key's requests get when they do not say: a routing strategy, a cache scope
+    (private: answers cached for this key alone), and the workflows it may run (globs;
+    empty: every workflow)."""
+
+    strategy: str = Field("", max_length=64)
+    cache: Literal["shared", "private", ""] = ""
+    workflows: tuple[str, ...] = Field((), max_length=64)
+
+
 class StaticKey(_Strict):
     """An API key declared in YAML: the secret itself never is, only the variable that
-    holds it (`key_env`) or its SHA-256 (`sha256`, hex)."""
+    holds it (`key_env`) or its SHA-256 (`sha256`, hex). It may carry the same limits as
+    a virtual key (models, budget, rate_limit, max_parallel, defaults); its spend is kept
+    under its id in the same ledger."""
 
     name: str = Field(..., min_length=1)
     key_env: str | None = Field(None, min_length=1)
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     # admin: every route; user: all but /v1/admin/* (and their gRPC twins).
     role: Literal["admin", "user"] = "user"
+    # fnmatch globs of the models the key may use; empty: every model.
+    models: tuple[str, ...] = Field((), max_length=64)
+    budget: BudgetSpec | None = None
+    rate_limit: RateLimitSpec | None = None
+    max_parallel: int | None = Field(None, gt=0, le=10_000)
+    defaults: KeyDefaults = Field(default_factory=KeyDefaults)
 
     @model_validator(mode="after")
     def _one_source(self) -> StaticKey:
@@ -661,6 +693,20 @@ class KafkaConfig(_Strict):
         return self.security_protocol in ("SSL", "SASL_SSL")
 
 
+class QuotaConfig(_Strict):
+    """Budgets and rate limits (common/quota). Counters live in Redis, shared by every
+    replica; without a Redis URL they are kept in each process's memory (said loudly at
+    start: limits then multiply by the replica count)."""
+
+    # Empty: the cache's Redis (cache.redis_url).
+    redis_url: str = ""
+    # A request that sends no max_tokens is held as if it asked for this many output
+    # tokens (its worst case), then settled to what it used.
+    default_max_tokens: int = Field(4096, gt=0, le=1_000_000)
+    # A budget hold not settled within this long (its process died) is released.
+    hold_ttl_s: float = Field(900.0, gt=0)
+
+
 class DatabaseConfig(_Strict):
     """The key store and spend ledger (common/keystore). Empty `url`: SQLite embedded at
     <repo>/.clawdbot/clawdbot.db; PostgreSQL with "postgresql+asyncpg://user@host:port/db"
@@ -703,6 +749,7 @@ class Config(_Strict):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    quota: QuotaConfig = Field(default_factory=QuotaConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 

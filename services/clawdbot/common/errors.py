@@ -56,6 +56,9 @@ class GatewayError(Exception):
     code: str | None = None
     param: str | None = None
     retry_after: str | None = None
+    # Response headers the answer carries beside Retry-After (a 429's x-ratelimit-*),
+    # on every protocol that has headers.
+    headers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -77,6 +80,18 @@ class GatewayError(Exception):
             f"The model `{model}` does not exist or you do not have access to it.",
             "invalid_request_error",
             "model_not_found",
+            "model",
+        )
+
+    @classmethod
+    def model_not_allowed(cls, model: str) -> GatewayError:
+        # 403 as OpenAI answers a project key that may not use a model; OpenAI's SDKs raise
+        # PermissionDeniedError for it whatever the type, and the code says why.
+        return cls(
+            403,
+            f"This API key is not allowed to use the model `{model}`.",
+            "permission_error",
+            "model_not_allowed",
             "model",
         )
 
@@ -113,6 +128,7 @@ class GatewayError(Exception):
                 "code": self.code,
                 "param": self.param,
                 "retry_after": self.retry_after,
+                "headers": self.headers,
             }
         )
 
@@ -137,6 +153,7 @@ class GatewayError(Exception):
                     data.get("code"),
                     data.get("param"),
                     data.get("retry_after"),
+                    tuple((str(k), str(v)) for k, v in data.get("headers") or ()),
                 )
         code = err.code()
         if code == grpc.StatusCode.UNAVAILABLE:

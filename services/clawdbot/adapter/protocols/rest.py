@@ -98,6 +98,7 @@ class RestProtocol:
         headers = [(STATUS_HEADER, str(err.status))]
         if err.retry_after:
             headers.append(("retry-after", err.retry_after))
+        headers.extend(err.headers)
         await context.send_initial_metadata(headers)
         return httpbody_pb2.HttpBody(content_type=JSON, data=err.to_json())
 

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RequestMeta(_message.Message):
-    __slots__ = ("request_id", "client_ip", "device_type", "api_key_id", "protocol", "user_agent", "strategy", "headers", "cache_control")
+    __slots__ = ("request_id", "client_ip", "device_type", "api_key_id", "protocol", "user_agent", "strategy", "headers", "cache_control", "grant")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class RequestMeta(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     CACHE_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     client_ip: str
     device_type: str
@@ -33,7 +34,36 @@ class RequestMeta(_message.Message):
     strategy: str
     headers: _containers.ScalarMap[str, str]
     cache_control: str
-    def __init__(self, request_id: _Optional[str] = ..., client_ip: _Optional[str] = ..., device_type: _Optional[str] = ..., api_key_id: _Optional[str] = ..., protocol: _Optional[str] = ..., user_agent: _Optional[str] = ..., strategy: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., cache_control: _Optional[str] = ...) -> None: ...
+    grant: KeyGrant
+    def __init__(self, request_id: _Optional[str] = ..., client_ip: _Optional[str] = ..., device_type: _Optional[str] = ..., api_key_id: _Optional[str] = ..., protocol: _Optional[str] = ..., user_agent: _Optional[str] = ..., strategy: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., cache_control: _Optional[str] = ..., grant: _Optional[_Union[KeyGrant, _Mapping]] = ...) -> None: ...
+
+class KeyGrant(_message.Message):
+    __slots__ = ("models", "budget_usd", "budget_period", "stored", "cache_scope")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    budget_usd: float
+    budget_period: str
+    stored: bool
+    cache_scope: str
+    def __init__(self, models: _Optional[_Iterable[str]] = ..., budget_usd: _Optional[float] = ..., budget_period: _Optional[str] = ..., stored: _Optional[bool] = ..., cache_scope: _Optional[str] = ...) -> None: ...
+
+class Spend(_message.Message):
+    __slots__ = ("budgeted", "remaining_usd", "cost_usd", "input_tokens", "output_tokens")
+    BUDGETED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_USD_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    budgeted: bool
+    remaining_usd: float
+    cost_usd: float
+    input_tokens: int
+    output_tokens: int
+    def __init__(self, budgeted: _Optional[bool] = ..., remaining_usd: _Optional[float] = ..., cost_usd: _Optional[float] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("meta", "task", "model", "stream", "openai_json", "binary")
@@ -52,7 +82,7 @@ class ModelRequest(_message.Message):
     def __init__(self, meta: _Optional[_Union[RequestMeta, _Mapping]] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., stream: _Optional[bool] = ..., openai_json: _Optional[bytes] = ..., binary: _Optional[bytes] = ...) -> None: ...
 
 class ModelResponse(_message.Message):
-    __slots__ = ("openai_json", "instance", "strategy", "cost_usd", "binary", "content_type", "cache")
+    __slots__ = ("openai_json", "instance", "strategy", "cost_usd", "binary", "content_type", "cache", "spend")
     OPENAI_JSON_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +90,7 @@ class ModelResponse(_message.Message):
     BINARY_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    SPEND_FIELD_NUMBER: _ClassVar[int]
     openai_json: bytes
     instance: str
     strategy: str
@@ -67,19 +98,24 @@ class ModelResponse(_message.Message):
     binary: bytes
     content_type: str
     cache: str
-    def __init__(self, openai_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ..., cost_usd: _Optional[float] = ..., binary: _Optional[bytes] = ..., content_type: _Optional[str] = ..., cache: _Optional[str] = ...) -> None: ...
+    spend: Spend
+    def __init__(self, openai_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ..., cost_usd: _Optional[float] = ..., binary: _Optional[bytes] = ..., content_type: _Optional[str] = ..., cache: _Optional[str] = ..., spend: _Optional[_Union[Spend, _Mapping]] = ...) -> None: ...
 
 class StreamEvent(_message.Message):
-    __slots__ = ("chunk_json", "instance", "strategy", "cache")
+    __slots__ = ("chunk_json", "instance", "settled", "strategy", "cache", "spend")
     CHUNK_JSON_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    SPEND_FIELD_NUMBER: _ClassVar[int]
     chunk_json: bytes
     instance: str
+    settled: Spend
     strategy: str
     cache: str
-    def __init__(self, chunk_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ..., cache: _Optional[str] = ...) -> None: ...
+    spend: Spend
+    def __init__(self, chunk_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., settled: _Optional[_Union[Spend, _Mapping]] = ..., strategy: _Optional[str] = ..., cache: _Optional[str] = ..., spend: _Optional[_Union[Spend, _Mapping]] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("meta", "request_id", "score")
