@@ -31,7 +31,8 @@ RUN groupadd --system --gid 10001 clawdbot \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /var/lib/clawdbot \
         --shell /usr/sbin/nologin clawdbot \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/clawdbot /var/lib/clawdbot/cache \
-        /var/lib/clawdbot/models /var/lib/clawdbot/qdrant /var/lib/clawdbot/health
+        /var/lib/clawdbot/models /var/lib/clawdbot/qdrant /var/lib/clawdbot/health \
+        /var/lib/clawdbot/keys
 WORKDIR /app
 
 # -- build stages: nothing of them reaches an image but what is copied out -----------------

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ import pytest_asyncio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from clawdbot.common.config import StaticKey
 from clawdbot.common.errors import GatewayError
-from clawdbot.common.keystore import KeyNotFound, KeySpec, KeyStore
+from clawdbot.common.keystore import KeyNotFound, KeySpec, KeyStore, migrate
+from clawdbot.common.keystore.grants import grant_of, grant_of_static
 from tests.support import PostgresProc, postgres_bin, python_env, start_postgres
 
 DIALECTS = ["sqlite", "postgres"]
@@ -212,6 +215,122 @@ async def test_ledger_records_spend_per_model_once_per_request(store: KeyStore) 
     assert await store.spend("key_nobody") == {}
 
 
+@dataclass(frozen=True)
+class Spent:
+    """The shape of clawdbot.common.quota.SpendRecord (the store types it structurally)."""
+
+    key_id: str
+    model: str
+    instance: str
+    request_id: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    at: datetime
+
+
+def _spent(key_id: str, request_id: str, cost: float, at: datetime, model: str = "priced", tokens: int = 10) -> Spent:
+    return Spent(key_id, model, f"{model}-1", request_id, tokens, tokens // 2, cost, at)
+
+
+@pytest.mark.asyncio
+async def test_record_spends_is_one_idempotent_batch(store: KeyStore, url: str) -> None:
+    day = datetime(2026, 6, 1, tzinfo=UTC)
+    batch = [_spent("key_a", f"req-{n}", 0.001, day + timedelta(minutes=n)) for n in range(300)]
+    # The same record twice in one batch, then the whole batch again (a retried write).
+    await store.record_spends([*batch, batch[0]])
+    await store.record_spends(batch)
+    await store.record_spends([])
+    rows = await _rows(url, "SELECT COUNT(*) AS n FROM spend_ledger")
+    assert rows == [{"n": 300}]
+    assert await store.spend_total("key_a", None) == 0.3  # exact: 300 x $0.001
+
+    # Long text is shortened to its column, a long request id stays unique and idempotent;
+    # unstorable records are skipped (logged) without losing the rest of the batch.
+    long_id = "r" * 500
+    await store.record_spends(
+        [
+            _spent("key_b", long_id, 1.0, day, model="m" * 300),
+            _spent("key_b", long_id[:-1] + "s", 1.0, day),
+            _spent("key_b", "neg", -1.0, day),
+            _spent("key_b", "nan", float("nan"), day),
+            _spent("k" * 41, "wide", 1.0, day),
+            Spent("key_b", "m", "i", "neg-tokens", -1, 0, 1.0, day),
+            _spent("key_b", "naive", 0.5, day.replace(tzinfo=None)),
+        ]
+    )
+    await store.record_spends([_spent("key_b", long_id, 1.0, day)])
+    assert await store.spend_total("key_b", None) == 2.5
+    widths = await _rows(url, "SELECT MAX(LENGTH(request_id)) AS r, MAX(LENGTH(model)) AS m FROM spend_ledger")
+    assert widths == [{"r": 200, "m": 200}]
+
+
+@pytest.mark.asyncio
+async def test_concurrent_writers_bill_each_request_once(url: str) -> None:
+    """Two stores (two engines: two replicas) write overlapping batches at the same time."""
+    stores = await asyncio.gather(KeyStore.open(url), KeyStore.open(url))
+    try:
+        day = datetime(2026, 6, 1, tzinfo=UTC)
+        records = [_spent("key_c", f"req-{n}", 0.01, day) for n in range(400)]
+        # Each writer: every record, in batches of 50, in its own order.
+        writes = [
+            s.record_spends(records[start : start + 50])
+            for s, order in ((stores[0], range(0, 400, 50)), (stores[1], range(350, -1, -50)))
+            for start in order
+        ]
+        await asyncio.wait_for(asyncio.gather(*writes), 120)
+        assert await stores[0].spend_total("key_c", None) == 4.0
+        assert await stores[1].spend_report("key", None, None) == [
+            {"key_id": "key_c", "requests": 400, "input_tokens": 4000, "output_tokens": 2000, "cost_usd": 4.0}
+        ]
+    finally:
+        for s in stores:
+            await s.close()
+
+
+@pytest.mark.asyncio
+async def test_spend_total_and_report(store: KeyStore) -> None:
+    june = datetime(2026, 6, 1, tzinfo=UTC)
+    await store.record_spends(
+        [
+            _spent("key_a", "a1", 0.25, june - timedelta(seconds=1), model="gpt"),  # May
+            _spent("key_a", "a2", 0.5, june, model="gpt", tokens=100),
+            _spent("key_a", "a3", 0.125, june + timedelta(days=1), model="mock", tokens=20),
+            _spent("key_b", "b1", 1.0, june + timedelta(days=2), model="gpt", tokens=1000),
+            _spent("key_b", "b2", 0.0, june + timedelta(days=30), model="mock", tokens=2),  # July
+        ]
+    )
+    assert await store.spend_total("key_a", None) == 0.875
+    assert await store.spend_total("key_a", june) == 0.625  # since is inclusive
+    assert await store.spend_total("key_a", june.replace(tzinfo=None)) == 0.625  # naive = UTC
+    assert await store.spend_total("key_nobody", None) == 0.0
+
+    july = june + timedelta(days=30)
+    by_key = await store.spend_report("key", june, july)  # until is exclusive
+    assert by_key == [
+        {"key_id": "key_b", "requests": 1, "input_tokens": 1000, "output_tokens": 500, "cost_usd": 1.0},
+        {"key_id": "key_a", "requests": 2, "input_tokens": 120, "output_tokens": 60, "cost_usd": 0.625},
+    ]
+    by_model = await store.spend_report("model", None, None)
+    assert by_model == [
+        {"model": "gpt", "requests": 3, "input_tokens": 1110, "output_tokens": 555, "cost_usd": 1.75},
+        {"model": "mock", "requests": 2, "input_tokens": 22, "output_tokens": 11, "cost_usd": 0.125},
+    ]
+    both = await store.spend_report("key,model", june, None)
+    assert [(r["key_id"], r["model"], r["requests"], r["cost_usd"]) for r in both] == [
+        ("key_b", "gpt", 1, 1.0),
+        ("key_a", "gpt", 1, 0.5),
+        ("key_a", "mock", 1, 0.125),
+        ("key_b", "mock", 1, 0.0),
+    ]
+    assert await store.spend_report("model,key", june, None) == both
+    assert await store.spend_report("key", july + timedelta(days=1), None) == []
+    for bad in ("instance", "", "key,key", "model,instance"):
+        with pytest.raises(GatewayError) as caught:
+            await store.spend_report(bad, None, None)
+        assert (caught.value.status, caught.value.param) == (400, "group_by")
+
+
 def test_bounds_are_400s_naming_the_parameter() -> None:
     past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
     cases: list[tuple[Any, str | None]] = [
@@ -241,6 +360,15 @@ def test_bounds_are_400s_naming_the_parameter() -> None:
         ({"name": "k", "metadata": ["not", "an", "object"]}, "metadata"),
         ({"name": "k", "admin": "yes"}, "admin"),
         ({"name": "k", "secret": "sk-cb-mine"}, "secret"),
+        ({"name": "k", "defaults": "cheapest"}, "defaults"),
+        ({"name": "k", "defaults": {"strategy": "s" * 65}}, "defaults.strategy"),
+        ({"name": "k", "defaults": {"strategy": 3}}, "defaults.strategy"),
+        ({"name": "k", "defaults": {"cache": "public"}}, "defaults.cache"),
+        ({"name": "k", "defaults": {"workflows": "triage"}}, "defaults.workflows"),
+        ({"name": "k", "defaults": {"workflows": ["w"] * 65}}, "defaults.workflows"),
+        ({"name": "k", "defaults": {"workflows": ["w" * 201]}}, "defaults.workflows"),
+        ({"name": "k", "defaults": {"workflows": [""]}}, "defaults.workflows"),
+        ({"name": "k", "defaults": {"model": "x"}}, "defaults.model"),
     ]
     for body, param in cases:
         assert _bad(KeySpec.parse, body).param == param, body
@@ -255,6 +383,7 @@ def test_bounds_are_400s_naming_the_parameter() -> None:
         "rate_limit": {"requests_per_minute": 10**9, "tokens_per_minute": 1},
         "max_parallel": 10_000,
         "metadata": {"blob": "x" * 4000},
+        "defaults": {"strategy": "s" * 64, "cache": "private", "workflows": ["w" * 200] * 64},
     }
     assert KeySpec.parse(top).max_parallel == 10_000
     changes = KeySpec.parse_changes(top | {"expires_at": "2999-01-01T00:00:00Z"})
@@ -275,6 +404,108 @@ async def test_a_bad_update_is_a_400_and_changes_nothing(store: KeyStore) -> Non
 
 
 @pytest.mark.asyncio
+async def test_defaults_are_stored_patched_cleared_and_public(store: KeyStore) -> None:
+    plain, _ = await store.create(KeySpec.parse({"name": "plain"}))
+    assert plain.defaults == {"strategy": "", "cache": "", "workflows": []}
+    assert plain.public()["defaults"] == plain.defaults
+    record, secret = await store.create(
+        KeySpec.parse(
+            {
+                "name": "home",
+                "defaults": {"strategy": "cheapest", "cache": "private", "workflows": ["summarize-*", "triage"]},
+            }
+        )
+    )
+    want = {"strategy": "cheapest", "cache": "private", "workflows": ["summarize-*", "triage"]}
+    assert record.defaults == want and record.public()["defaults"] == want
+    assert (await store.find_by_secret(secret)) == record and (await store.get(record.id)).defaults == want
+    # A PATCH replaces the whole object (missing fields: no default); null clears it.
+    changed = await store.update(record.id, {"defaults": {"cache": "shared"}})
+    assert changed.defaults == {"strategy": "", "cache": "shared", "workflows": []}
+    assert (await store.get(record.id)).defaults == changed.defaults
+    cleared = await store.update(record.id, {"defaults": None})
+    assert cleared.defaults == {"strategy": "", "cache": "", "workflows": []}
+    with pytest.raises(GatewayError) as caught:
+        await store.update(record.id, {"defaults": {"cache": "everyone"}})
+    assert (caught.value.status, caught.value.param) == (400, "defaults.cache")
+
+
+@pytest.mark.asyncio
+async def test_grants_carry_models_budget_and_cache_scope(store: KeyStore) -> None:
+    record, _ = await store.create(
+        KeySpec.parse(
+            {
+                "name": "granted",
+                "models": ["mock-*"],
+                "budget": {"usd": 0.01, "period": "day"},
+                "defaults": {"cache": "private"},
+            }
+        )
+    )
+    grant = grant_of(record)
+    assert list(grant.models) == ["mock-*"] and grant.stored
+    assert (grant.budget_usd, grant.budget_period, grant.cache_scope) == (0.01, "day", "private")
+    open_key, _ = await store.create(KeySpec.parse({"name": "open"}))
+    grant = grant_of(open_key)
+    assert (list(grant.models), grant.budget_usd, grant.budget_period, grant.cache_scope) == ([], 0.0, "", "")
+    assert grant.stored
+
+    static = StaticKey.model_validate(
+        {
+            "name": "yaml",
+            "key_env": "SOME_KEY",
+            "models": ["gpt-*"],
+            "budget": {"usd": 5, "period": "month"},
+            "defaults": {"cache": "shared"},
+        }
+    )
+    grant = grant_of_static(static)
+    assert list(grant.models) == ["gpt-*"] and not grant.stored
+    assert (grant.budget_usd, grant.budget_period, grant.cache_scope) == (5.0, "month", "shared")
+    bare = grant_of_static(StaticKey.model_validate({"name": "bare", "key_env": "K"}))
+    assert (list(bare.models), bare.budget_period, bare.cache_scope, bare.stored) == ([], "", "", False)
+
+
+@pytest.mark.asyncio
+async def test_migration_0002_gives_existing_keys_empty_defaults(url: str) -> None:
+    """A store made at 0001 with a key in it upgrades in place; the old key reads with
+    no defaults and keeps working."""
+    from alembic import command
+
+    if url.startswith("sqlite"):
+        Path(url.split(":///", 1)[1]).parent.mkdir(parents=True)
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+
+            def to_0001(sync: Any) -> None:
+                config = migrate.alembic_config()
+                config.attributes["connection"] = sync
+                command.upgrade(config, "0001")
+
+            await connection.run_sync(to_0001)
+            await connection.execute(
+                text(
+                    "INSERT INTO api_keys (id, name, prefix, sha256, models, metadata, admin, created_at, updated_at)"
+                    " VALUES ('key_old', 'old', 'abcdefgh', :sha, '[]', '{}', false, :now, :now)"
+                ),
+                {"sha": "0" * 64, "now": datetime(2026, 1, 1, tzinfo=None if url.startswith("sqlite") else UTC)},
+            )
+            await connection.commit()
+    finally:
+        await engine.dispose()
+    store = await KeyStore.open(url)
+    try:
+        old = await store.get("key_old")
+        assert old.defaults == {"strategy": "", "cache": "", "workflows": []}
+        assert grant_of(old).cache_scope == ""
+        assert (await store.update("key_old", {"defaults": {"strategy": "fastest"}})).defaults["strategy"] == "fastest"
+    finally:
+        await store.close()
+    assert await _rows(url, "SELECT version_num FROM alembic_version") == [{"version_num": "0002"}]
+
+
+@pytest.mark.asyncio
 async def test_concurrent_opens_migrate_once(url: str) -> None:
     """Replicas starting together on an empty database: one migrates, the others wait and
     find the schema at head; all of them work."""
@@ -289,7 +520,57 @@ async def test_concurrent_opens_migrate_once(url: str) -> None:
     finally:
         for s in stores:
             await s.close()
-    assert await _rows(url, "SELECT version_num FROM alembic_version") == [{"version_num": "0001"}]
+    assert await _rows(url, "SELECT version_num FROM alembic_version") == [{"version_num": "0002"}]
+
+
+_LEDGER_CHILD = """
+import asyncio, sys
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from clawdbot.common.keystore.store import KeyStore
+
+def spent(n):
+    return SimpleNamespace(key_id="key_p", model="priced", instance="priced-1", request_id=f"req-{n}",
+                           input_tokens=10, output_tokens=5, cost_usd=0.001, at=datetime(2026, 6, 1, tzinfo=UTC))
+
+async def main() -> None:
+    store = await KeyStore.open(sys.argv[1])
+    for start in range(0, 300, 20):  # every child writes every record: overlapping batches
+        await store.record_spends([spent(n) for n in range(start, start + 20)])
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+def test_processes_share_one_sqlite_ledger(tmp_path: Path) -> None:
+    """Three processes write the same ledger records to one SQLite file at once: WAL and
+    the busy timeout make them wait for each other, and each request is billed once."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'shared' / 'keys.db'}"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LEDGER_CHILD, url],
+            env=python_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for child in children:
+        _out, err = child.communicate(timeout=180)
+        assert child.returncode == 0, err
+
+    async def check() -> None:
+        store = await KeyStore.open(url, migrate=False)
+        try:
+            assert await store.spend_report("key", None, None) == [
+                {"key_id": "key_p", "requests": 300, "input_tokens": 3000, "output_tokens": 1500, "cost_usd": 0.3}
+            ]
+        finally:
+            await store.close()
+
+    asyncio.run(check())
 
 
 _CHILD = """
@@ -336,6 +617,6 @@ def test_processes_share_one_sqlite_file(tmp_path: Path) -> None:
         mode = await _rows(url, "PRAGMA journal_mode")
         assert next(iter(mode[0].values())) == "wal"
 
-        assert await _rows(url, "SELECT version_num FROM alembic_version") == [{"version_num": "0001"}]
+        assert await _rows(url, "SELECT version_num FROM alembic_version") == [{"version_num": "0002"}]
 
     asyncio.run(check())

@@ -119,9 +119,10 @@ async def test_router_completes_and_names_the_instance(stack: Stack) -> None:
 async def test_router_streams_instance_first_then_chunks(stack: Stack) -> None:
     events = [e async for e in stack.router_stub.CompleteStream(model_request("mock-1", True))]
     assert events[0].instance == "mock-1"
-    chunks = [orjson.loads(e.chunk_json) for e in events[1:]]
+    chunks = [orjson.loads(e.chunk_json) for e in events[1:-1]]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == "Hello from mock-1: ping"
+    assert events[-1].HasField("settled")  # last: what the stream used (never relayed)
 
 
 @pytest.mark.asyncio

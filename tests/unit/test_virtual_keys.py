@@ -61,7 +61,7 @@ def keys_over(counted: CountingStore, **options: Any) -> VirtualKeys:
 async def test_a_known_key_costs_no_io(counted: CountingStore) -> None:
     record, secret = await counted.store.create(KeySpec.parse({"name": "app", "models": ["mock-*"]}))
     keys = keys_over(counted)
-    assert await keys.principal(secret) == Principal(record.id, "user", ("mock-*",))
+    assert await keys.principal(secret) == Principal(record.id, "user", ("mock-*",), stored=True)
     assert counted.lookups == 1
     for _ in range(1000):
         await keys.principal(secret)

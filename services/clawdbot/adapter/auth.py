@@ -1,10 +1,12 @@
 """API-key authentication: `Authorization: Bearer <key>` on every route but health.
 
-Authentication yields a Principal: the key's id, its role and the models it may use.
-Keys from CLAWDBOT_API_KEY (or the one the runner generates) are admin keys; keys declared
-under `auth.keys` in the YAML carry the role given there; both may use every model.
-Virtual keys ("sk-cb-…", made over the admin API and kept in the key store) are looked up
-by adapter/virtual_keys.py, which caches them in memory.
+Authentication yields a Principal: the key's id, its role and everything the key
+restricts: the models it may use, its rate limits, its budget and its defaults (routing
+strategy, cache scope, the workflows it may run). Keys from CLAWDBOT_API_KEY (or the one
+the runner generates) are admin keys without restrictions; keys declared under `auth.keys`
+in the YAML carry the role and the restrictions given there. Virtual keys ("sk-cb-…",
+made over the admin API and kept in the key store) are looked up by
+adapter/virtual_keys.py, which caches them in memory.
 
 The principal of the request being served is kept in a context variable (set by
 Gateway.accept), so that every route checks the model it is asked for against the same
@@ -24,12 +26,15 @@ from typing import TYPE_CHECKING, Literal
 
 from clawdbot.common.config import ConfigError, StaticKey
 from clawdbot.common.errors import GatewayError
+from clawdbot.common.quota import RateLimits
+from clawdbot.gen.v1 import router_pb2
 
 if TYPE_CHECKING:
     from clawdbot.adapter.virtual_keys import VirtualKeys
 
 Role = Literal["admin", "user"]
 ADMIN: Role = "admin"
+NO_LIMITS = RateLimits()
 
 
 def key_id(key: str) -> str:
@@ -45,16 +50,63 @@ class Principal:
     role: Role
     # fnmatch globs (case-sensitive) of the models the key may ask for; () = every model.
     models: tuple[str, ...] = ()
+    # Requests and tokens per minute, requests at once (the adapter admits each request).
+    limits: RateLimits = NO_LIMITS
+    # Spend cap in USD per period (day | month | total); no period = no budget. The router
+    # holds and settles it on every model call, from meta.grant.
+    budget_usd: float = 0.0
+    budget_period: str = ""
+    # Defaults: the routing strategy when the caller names none, the cache scope
+    # ("private" | "shared" | "" = the cache's configured one), and the workflows the key
+    # may run (fnmatch globs; () = every workflow).
+    strategy: str = ""
+    cache_scope: str = ""
+    workflows: tuple[str, ...] = ()
+    # A virtual key (in the key store): re-read when one of its jobs runs.
+    stored: bool = False
 
     @property
     def is_admin(self) -> bool:
         return self.role == ADMIN
+
+    def grant(self) -> router_pb2.KeyGrant:
+        """What the key allows, as it travels with each request (RequestMeta.grant)."""
+        return router_pb2.KeyGrant(
+            models=self.models,
+            budget_usd=self.budget_usd if self.budget_period else 0.0,
+            budget_period=self.budget_period,
+            stored=self.stored,
+            cache_scope=self.cache_scope,
+        )
+
+    def allows_workflow(self, name: str) -> bool:
+        return not self.workflows or any(fnmatchcase(name, glob) for glob in self.workflows)
 
     def allows_model(self, model: str) -> bool:
         """Whether the key may ask for `model` by that name. A routing name ("auto", a
         group) is a name like any other: allowed when the key allows every model or one
         of its globs matches the name itself, since what it routes to is not known yet."""
         return not self.models or any(fnmatchcase(model, glob) for glob in self.models)
+
+
+def declared_principal(key: StaticKey, key_id: str) -> Principal:
+    """The principal of a key declared in YAML, with the restrictions declared with it."""
+    rate = key.rate_limit
+    return Principal(
+        key_id,
+        key.role,
+        tuple(key.models),
+        RateLimits(
+            requests_per_minute=rate.requests_per_minute if rate is not None else None,
+            tokens_per_minute=rate.tokens_per_minute if rate is not None else None,
+            max_parallel=key.max_parallel,
+        ),
+        budget_usd=key.budget.usd if key.budget is not None else 0.0,
+        budget_period=key.budget.period if key.budget is not None else "",
+        strategy=key.defaults.strategy,
+        cache_scope=key.defaults.cache,
+        workflows=tuple(key.defaults.workflows),
+    )
 
 
 # A public route's caller: nobody in particular, and no rights.
@@ -73,6 +125,21 @@ def require_model(model: str) -> None:
         raise RuntimeError("a model was asked for before the caller was authenticated")
     if not principal.allows_model(model):
         raise GatewayError.model_not_allowed(model)
+
+
+def require_workflow(name: str) -> None:
+    """GatewayError 403 workflow_not_allowed unless the current caller may run `name`."""
+    principal = caller.get(None)
+    if principal is None:
+        raise RuntimeError("a workflow was asked for before the caller was authenticated")
+    if not principal.allows_workflow(name):
+        raise GatewayError(
+            403,
+            f"This API key is not allowed to use the workflow `{name}`.",
+            "permission_error",
+            "workflow_not_allowed",
+            "name",
+        )
 
 
 def forbidden() -> GatewayError:
@@ -116,7 +183,7 @@ class Authenticator:
                 digest = hashlib.sha256(secret.encode()).digest()
             else:
                 digest = bytes.fromhex(declared_key.sha256 or "")
-            add(digest, Principal("key_" + digest.hex()[:12], declared_key.role), where)
+            add(digest, declared_principal(declared_key, "key_" + digest.hex()[:12]), where)
         if not digests:
             raise ConfigError("no API key configured: set CLAWDBOT_API_KEY (the runner makes one for you)")
         self._keys = list(digests.items())

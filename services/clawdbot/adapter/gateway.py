@@ -2,7 +2,10 @@
 
 Every protocol plugin turns what it received into a ModelRequest (through accept() and
 model_request()) and hands it here; this is where the router is called, traced, timed
-and counted, so REST, gRPC and WebSocket behave the same.
+and counted, so REST, gRPC and WebSocket behave the same. It is also where each request
+is held to its key: the model and workflow allowlists, the rate limits (admitted in
+model_request(), finished by complete()/stream() with the tokens used; adapter/limits.py)
+and meta.grant, which carries the rest (budget, cache scope) to the router.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from clawdbot.adapter.auth import ANONYMOUS, Authenticator, caller, forbidden, require_model
+from clawdbot.adapter.auth import ANONYMOUS, Authenticator, caller, forbidden, require_model, require_workflow
 from clawdbot.adapter.chat_streams import assemble_chat, replay_chat
 from clawdbot.adapter.jobs import JobsFront
+from clawdbot.adapter.limits import Admitter, current, nothing_produced, response_tokens, token_estimate
 from clawdbot.adapter.metadata import build_meta
 from clawdbot.adapter.openai_requests import ParsedRequest
 from clawdbot.adapter.virtual_keys import VirtualKeys
@@ -56,8 +60,11 @@ class Gateway:
         orchestrator: orchestrator_pb2_grpc.OrchestratorStub | None = None,
         health: monitor_pb2_grpc.HealthMonitorStub | None = None,
         keys: VirtualKeys | None = None,
+        admitter: Admitter | None = None,
     ) -> None:
         self._router = router
+        # Without one (tests, tools): no rate limits.
+        self._admitter = admitter or Admitter(None)
         self._keys = keys
         self._orchestrator = orchestrator
         self._health = health
@@ -82,7 +89,9 @@ class Gateway:
         """Authenticate (unless the route is public) and describe the caller. Raises
         GatewayError(401), or 403 when an admin route is asked for without the admin role.
         The principal becomes the current caller (auth.caller), whose models
-        model_request() and job submissions are checked against."""
+        model_request() and job submissions are checked against; what its key allows
+        travels on in meta.grant, and its default strategy fills in for a caller who
+        names none."""
         if public:
             principal = ANONYMOUS
         else:
@@ -90,23 +99,28 @@ class Gateway:
         if admin and not principal.is_admin:
             raise forbidden()
         caller.set(principal)
-        meta = build_meta(headers, protocol, principal.key_id, peer)
+        meta = build_meta(headers, protocol, principal.key_id, peer, principal.grant())
+        if not meta.strategy:
+            meta.strategy = principal.strategy
         request_id_var.set(meta.request_id)
         return meta
 
-    @staticmethod
-    def model_request(
-        parsed: ParsedRequest, meta: router_pb2.RequestMeta, raw: bytes | None
+    async def model_request(
+        self, parsed: ParsedRequest, meta: router_pb2.RequestMeta, raw: bytes | None
     ) -> router_pb2.ModelRequest:
-        """The internal request; 403 model_not_allowed first when the caller's key may
-        not use the model (every protocol's model calls come through here)."""
+        """The internal request, admitted: 403 model_not_allowed when the caller's key
+        may not use the model, 429 when it is over its rate limits (every protocol's model
+        calls come through here, before the cache or the router is asked). complete() or
+        stream() must follow: they finish the admission."""
         require_model(parsed.model)
+        openai_json = raw if raw is not None else orjson.dumps(parsed.body)
+        await self._admitter.admit(token_estimate(len(openai_json), parsed.body))
         return router_pb2.ModelRequest(
             meta=meta,
             task=parsed.task,
             model=parsed.model,
             stream=parsed.stream,
-            openai_json=raw if raw is not None else orjson.dumps(parsed.body),
+            openai_json=openai_json,
             binary=parsed.binary,
         )
 
@@ -162,19 +176,54 @@ class Gateway:
             raise self._failure(err, peer) from None
 
     async def complete(self, request: router_pb2.ModelRequest) -> router_pb2.ModelResponse:
-        """The answer, from the cache when it has it; a miss is stored for the next caller."""
-        if self._cache is None:
-            response = await self._complete(request)
-            response.cache = "miss"
-            return response
-        return await self._cache.complete(request, self._complete)
+        """The answer, from the cache when it has it; a miss is stored for the next caller.
+        The request's admission is finished with the tokens the answer used."""
+        admission = current()
+        try:
+            if self._cache is None:
+                response = await self._complete(request)
+                response.cache = "miss"
+            else:
+                response = await self._cache.complete(request, self._complete)
+        except GatewayError as err:
+            await self._admitter.finish(admission, 0 if nothing_produced(err) else None)
+            raise
+        except BaseException:
+            await self._admitter.finish(admission, None)
+            raise
+        await self._admitter.finish(admission, response_tokens(response))
+        return response
 
     async def _complete(self, request: router_pb2.ModelRequest) -> router_pb2.ModelResponse:
         return await self._unary(self._router.Complete, request, self._timeout)
 
     async def stream(self, request: router_pb2.ModelRequest) -> AsyncGenerator[router_pb2.StreamEvent, None]:
         """Events: the instance announcement first, then chunks. GatewayError before or
-        during the stream. A cached answer is replayed; a streamed one cached once whole."""
+        during the stream. A cached answer is replayed; a streamed one cached once whole.
+        The request's admission is finished at the end: with the tokens of the router's
+        `settled` event (consumed here, never relayed), 0 for a cached answer, the
+        admission's estimate for a stream cut short or failing."""
+        admission = current()
+        tokens: int | None = None
+        produced = False
+        try:
+            async with contextlib.aclosing(self._stream_answer(request)) as events:
+                async for event in events:
+                    if event.HasField("settled"):
+                        tokens = event.settled.input_tokens + event.settled.output_tokens
+                        continue
+                    if event.HasField("instance") and event.cache and event.cache != "miss":
+                        tokens = 0  # a replayed answer: the request counts, its tokens do not
+                    produced = produced or event.HasField("chunk_json")
+                    yield event
+        except GatewayError as err:
+            if tokens is None and not produced and nothing_produced(err):
+                tokens = 0
+            raise
+        finally:
+            await self._admitter.finish(admission, tokens)
+
+    async def _stream_answer(self, request: router_pb2.ModelRequest) -> AsyncGenerator[router_pb2.StreamEvent, None]:
         plan = self._cache.plan(request) if self._cache else None
         found = CacheLookup()
         if plan is not None and self._cache is not None:
@@ -194,7 +243,7 @@ class Gateway:
                     if event.HasField("instance"):
                         event.cache = "miss"
                         announced = event
-                    elif plan is not None:
+                    elif plan is not None and event.HasField("chunk_json"):
                         chunks.append(event.chunk_json)
                     yield event
             complete = True
@@ -226,10 +275,15 @@ class Gateway:
         return self._orchestrator
 
     async def run_workflow(self, meta: router_pb2.RequestMeta, name: str, run_input: bytes) -> bytes:
+        """The finished run. 403 when the key may not run the workflow, 429 over its rate
+        limits (the run counts as one request; each of its model steps is held to the
+        key's models and budget by the router, from meta.grant)."""
+        require_workflow(name)
         request = orchestrator_pb2.RunWorkflowRequest(meta=meta, name=name, input_json=run_input)
-        reply: orchestrator_pb2.WorkflowReply = await self._unary(
-            self._workflows().Run, request, self._timeout, "orchestrator"
-        )
+        async with self._admitter.holding(token_estimate(len(run_input), {})):
+            reply: orchestrator_pb2.WorkflowReply = await self._unary(
+                self._workflows().Run, request, self._timeout, "orchestrator"
+            )
         return reply.json
 
     async def stream_workflow(
@@ -237,34 +291,52 @@ class Gateway:
     ) -> AsyncGenerator[bytes, None]:
         """The run's progress events, each a JSON object with a "type", `run.completed`
         (carrying the whole run) last. GatewayError before the first event (unknown
-        workflow, bad input) or during the run (the orchestrator failed or went away)."""
+        workflow, bad input, not allowed for the key, over its rate limits) or during the
+        run (the orchestrator failed or went away)."""
+        require_workflow(name)
         request = orchestrator_pb2.RunWorkflowRequest(meta=meta, name=name, input_json=run_input)
-        call = self._workflows().RunStream(request, timeout=self._timeout)
-        completed = False
-        try:
-            async for event in call:
-                kind = workflow_event_type(event.json)
-                if kind is None:
-                    raise GatewayError(502, "The orchestrator sent a workflow event without a type.", "upstream_error")
-                completed = kind == "run.completed"
-                yield event.json
-        except grpc.aio.AioRpcError as err:
-            raise self._failure(err, "orchestrator") from None
-        finally:
-            # An abandoned stream (client went away) must not keep the run going.
-            call.cancel()
-        if not completed:
-            # Every protocol promises run.completed last; a stream cut short is a failure.
-            raise GatewayError(
-                502, "The orchestrator ended the workflow stream before the run completed.", "upstream_error"
-            )
+        async with self._admitter.holding(token_estimate(len(run_input), {})):
+            call = self._workflows().RunStream(request, timeout=self._timeout)
+            completed = False
+            try:
+                async for event in call:
+                    kind = workflow_event_type(event.json)
+                    if kind is None:
+                        raise GatewayError(
+                            502, "The orchestrator sent a workflow event without a type.", "upstream_error"
+                        )
+                    completed = kind == "run.completed"
+                    yield event.json
+            except grpc.aio.AioRpcError as err:
+                raise self._failure(err, "orchestrator") from None
+            finally:
+                # An abandoned stream (client went away) must not keep the run going.
+                call.cancel()
+            if not completed:
+                # Every protocol promises run.completed last; a stream cut short is a failure.
+                raise GatewayError(
+                    502, "The orchestrator ended the workflow stream before the run completed.", "upstream_error"
+                )
 
     async def list_workflows(self, meta: router_pb2.RequestMeta) -> bytes:
+        """The workflows; a key held to some sees those alone (and not the catalog's
+        problems, which name files and workflows it has no business with)."""
         request = orchestrator_pb2.ListWorkflowsRequest(meta=meta)
         reply: orchestrator_pb2.WorkflowReply = await self._unary(self._workflows().List, request, 10.0, "orchestrator")
-        return reply.json
+        principal = caller.get(ANONYMOUS)
+        if not principal.workflows:
+            return reply.json
+        listed = orjson.loads(reply.json)
+        listed["data"] = [
+            workflow
+            for workflow in listed.get("data") or ()
+            if isinstance(workflow, dict) and principal.allows_workflow(str(workflow.get("name", "")))
+        ]
+        listed["problems"] = []
+        return orjson.dumps(listed)
 
     async def describe_workflow(self, meta: router_pb2.RequestMeta, name: str) -> bytes:
+        require_workflow(name)
         request = orchestrator_pb2.DescribeWorkflowRequest(meta=meta, name=name)
         reply: orchestrator_pb2.WorkflowReply = await self._unary(
             self._workflows().Describe, request, 10.0, "orchestrator"

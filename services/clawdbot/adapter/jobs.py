@@ -1,13 +1,18 @@
 """The job routes' work in the adapter: a submission is checked here with the synchronous
 route's own parsing (a bad request is a 400 now, not a failed job later), then handed to
 the jobs service, which records, queues and runs it (common/clients/jobs.py). Looking jobs
-up and listing them is the jobs service's answer, as the caller's key."""
+up and listing them is the jobs service's answer, as the caller's key. A submission is
+admitted against the key's rate limits as one request (adapter/limits.py); the job's model
+call is held to the key's models and budget when it runs (the jobs service, the router)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from clawdbot.adapter.auth import require_model
+from clawdbot.adapter.limits import Admitter, token_estimate
 from clawdbot.adapter.openai_requests import parse_chat, parse_embeddings
 from clawdbot.common.audio_bounds import check_upload
 from clawdbot.common.bounded import b64decode, off_loop_if_large
@@ -52,17 +57,27 @@ async def check_job(body: dict[str, Any], gateway: GatewayConfig) -> tuple[str, 
     return kind, request, callback_url or ""
 
 
+def job_tokens(request: dict[str, Any]) -> int:
+    """A job's token estimate, as its synchronous route's: its JSON (the audio of a
+    transcription left out: it is no text) and its output cap."""
+    text = {name: value for name, value in request.items() if name != "file"}
+    return token_estimate(len(orjson.dumps(text)), request)
+
+
 class JobsFront:
-    def __init__(self, client: JobsClient, gateway: GatewayConfig) -> None:
+    def __init__(self, client: JobsClient, gateway: GatewayConfig, admitter: Admitter | None = None) -> None:
         self._client = client
         # The body and audio limits a job's input is held to, as on the synchronous routes.
         self._gateway = gateway
+        self._admitter = admitter or Admitter(None)
 
     async def submit(self, meta: router_pb2.RequestMeta, body: dict[str, Any]) -> Job:
         kind, request, callback_url = await check_job(body, self._gateway)
-        # The key's models are held to at submission, as on the synchronous routes.
+        # The key's models and rate limits are held to at submission, as on the
+        # synchronous routes.
         require_model(str(request.get("model", "")))
-        return await self._client.submit(meta, kind, request, callback_url)
+        async with self._admitter.holding(job_tokens(request)):
+            return await self._client.submit(meta, kind, request, callback_url)
 
     async def get(self, meta: router_pb2.RequestMeta, job_id: str) -> Job:
         return await self._client.get(meta, job_id)

@@ -85,7 +85,15 @@ def rule_headers(headers: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def build_meta(headers: Mapping[str, str], protocol: str, key_id: str, peer: str = "") -> router_pb2.RequestMeta:
+def build_meta(
+    headers: Mapping[str, str],
+    protocol: str,
+    key_id: str,
+    peer: str = "",
+    grant: router_pb2.KeyGrant | None = None,
+) -> router_pb2.RequestMeta:
+    """The request's metadata; `grant`: what the caller's key allows (the router and the
+    jobs service hold every model call to it)."""
     user_agent = headers.get("user-agent", "")
     return router_pb2.RequestMeta(
         request_id=headers.get("x-request-id") or uuid.uuid4().hex,
@@ -97,4 +105,5 @@ def build_meta(headers: Mapping[str, str], protocol: str, key_id: str, peer: str
         strategy=headers.get("x-clawdbot-strategy", ""),
         headers=rule_headers(headers),
         cache_control=headers.get("cache-control", ""),
+        grant=grant,
     )

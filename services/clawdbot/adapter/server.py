@@ -4,6 +4,8 @@ It serves the public clawdbot.v1.Gateway (behind Envoy), turns every protocol's 
 into one internal ModelRequest with metadata, consults the cache service, and calls the
 router. Async jobs it checks and hands to the jobs service, which runs them. Virtual
 keys it authenticates from the key store (database.url), cached (adapter/virtual_keys.py).
+Each request is admitted against its key's rate limits (adapter/limits.py), counted in
+Redis (quota.redis_url, else the cache's) so that every replica shares them.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import os
 from clawdbot.adapter.auth import Authenticator
 from clawdbot.adapter.gateway import Gateway
 from clawdbot.adapter.jobs import JobsFront
+from clawdbot.adapter.limits import Admitter
 from clawdbot.adapter.protocols.base import ProtocolContext, load_protocols
 from clawdbot.adapter.virtual_keys import VirtualKeys
 from clawdbot.common.clients.cache import ResponseCache
 from clawdbot.common.clients.jobs import JobsClient
 from clawdbot.common.config import Config
 from clawdbot.common.metrics import Metrics
+from clawdbot.common.quota import RateLimiter
+from clawdbot.common.quota import quota_redis as connect_quota_redis
 from clawdbot.common.service import ServiceHost, mesh_channel
 from clawdbot.gen.v1 import (
     cache_pb2_grpc,
@@ -59,6 +64,10 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
     keys = VirtualKeys(config.database.effective_url())
     host.in_background(keys.run, stop=keys.stop)
     auth = Authenticator(api_keys if api_keys is not None else api_keys_from_env(), config.auth.keys, virtual=keys)
+    # Rate limits: counted in Redis, shared by every replica; no Redis URL at all: in this
+    # process's memory (RateLimiter says so once: limits then multiply by the replicas).
+    quota_redis = connect_quota_redis(config)
+    admitter = Admitter(RateLimiter(quota_redis))
     orchestrator = None
     if config.orchestrator.enabled:
         orchestrator_channel = mesh_channel(config.orchestrator)
@@ -75,9 +84,18 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
         # runner's jobs processes (any of them answers any call; a k8s Service, all of them).
         jobs_channel = mesh_channel(config.jobs)
         channels.append(jobs_channel)
-        jobs = JobsFront(JobsClient(jobs_pb2_grpc.JobsStub(jobs_channel)), config.gateway)
+        jobs = JobsFront(JobsClient(jobs_pb2_grpc.JobsStub(jobs_channel)), config.gateway, admitter)
     gateway = Gateway(
-        router, auth, metrics, config.adapter.router_timeout_s, cache, jobs, orchestrator, health, keys=keys
+        router,
+        auth,
+        metrics,
+        config.adapter.router_timeout_s,
+        cache,
+        jobs,
+        orchestrator,
+        health,
+        keys=keys,
+        admitter=admitter,
     )
     ctx = ProtocolContext(config=config, gateway=gateway, host=host)
     for plugin in load_protocols(config):
@@ -91,4 +109,6 @@ def create_server(config: Config, api_keys: list[str] | None = None) -> ServiceH
 
     host.on_shutdown(close_channels)
     host.on_shutdown(keys.close)
+    if quota_redis is not None:
+        host.on_shutdown(quota_redis.aclose)
     return host

@@ -178,6 +178,11 @@ class RestServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> httpbody_pb2.HttpBody:
         return await self._rest.revoke_key(request, context)
 
+    async def GetSpendHttp(
+        self, request: gateway_pb2.GetSpendRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        return await self._rest.get_spend(request, context)
+
 
 class TypedServicer(gateway_pb2_grpc.GatewayServicer):
     """The typed gRPC methods, served by GrpcProtocol."""
@@ -289,6 +294,11 @@ class TypedServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def RevokeKey(self, request: gateway_pb2.KeyRequest, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
         return await self._typed.revoke_key(request, context)
+
+    async def GetSpend(
+        self, request: gateway_pb2.GetSpendRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.SpendReport:
+        return await self._typed.get_spend(request, context)
 
 
 class GatewayServicer(RestServicer, TypedServicer):

@@ -27,6 +27,8 @@ from typing import Any
 from clawdbot.adapter.auth import ADMIN, Principal
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.keystore import KeyRecord, KeySpec, KeyStore
+from clawdbot.common.keystore.reports import SpendQuery
+from clawdbot.common.quota import RateLimits
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,27 @@ def period_start(budget: dict[str, Any] | None, now: datetime) -> datetime | Non
 
 
 def principal_of(record: KeyRecord) -> Principal:
-    return Principal(record.id, ADMIN if record.admin else "user", tuple(record.models))
+    """The principal of a stored key: its role and everything it restricts."""
+    rate = record.rate_limit or {}
+    budget = record.budget or {}
+    # The store gives the full shape; a record built elsewhere may leave parts out.
+    defaults = record.defaults or {}
+    return Principal(
+        record.id,
+        ADMIN if record.admin else "user",
+        tuple(record.models),
+        RateLimits(
+            requests_per_minute=rate.get("requests_per_minute"),
+            tokens_per_minute=rate.get("tokens_per_minute"),
+            max_parallel=record.max_parallel,
+        ),
+        budget_usd=float(budget.get("usd") or 0.0),
+        budget_period=str(budget.get("period") or "") if budget.get("usd") else "",
+        strategy=str(defaults.get("strategy") or ""),
+        cache_scope=str(defaults.get("cache") or ""),
+        workflows=tuple(defaults.get("workflows") or ()),
+        stored=True,
+    )
 
 
 class VirtualKeys:
@@ -273,3 +295,9 @@ class VirtualKeys:
         log.info("virtual key revoked", extra={"key_id": record.id})
         await self.changed()
         return record.public()
+
+    async def spend(self, group_by: str | None, since: str | None, until: str | None) -> dict[str, Any]:
+        """GET /v1/admin/spend: the ledger summed per key and/or model; 400 naming a bad
+        parameter (see common/keystore/reports.py for the defaults)."""
+        query = SpendQuery.parse(group_by, since, until, datetime.now(UTC))
+        return await query.run(await self.store())

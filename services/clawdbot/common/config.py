@@ -146,6 +146,9 @@ class AdapterConfig(ServiceEndpoint):
     router_timeout_s: float = Field(300.0, gt=0)
     # Requests in flight on one WebSocket; more are answered with a 429 error frame.
     ws_max_in_flight: int = Field(16, gt=0)
+    # Adapter processes the local runner starts behind Envoy, load-balanced (replica 0 on
+    # grpc_port/http_port, the others on free ports). Containers scale by pods instead.
+    replicas: int = Field(1, ge=1, le=16)
 
     @field_validator("types", mode="before")
     @classmethod

@@ -5,6 +5,11 @@ Drives ``wrk`` at the mock upstream directly (the baseline) and, unless
 of that same mock, then prints a table plus the latency the gateway adds and
 writes everything to ``.clawdbot/bench/latest.json``.
 
+Through the gateway the same load runs with the runner's static key ("gateway"),
+with a virtual key made for the bench through ``POST /v1/admin/keys``
+("virtual-key", unless ``--skip-virtual-key``: issue 16 wants it within 10% of the
+static key's figure), and as cache hits; the report puts the two keys side by side.
+
 Targets are reported, never asserted: the exit status is non-zero only when a
 tool (wrk, the mock, the runner) fails to start or run.
 """
@@ -49,6 +54,9 @@ STOP_GRACE_S = 15.0
 WRK_TIMEOUT = "10s"
 WRK_OVERRUN_S = 60.0
 RESULTS_PATH = Path(".clawdbot") / "bench" / "latest.json"
+# The virtual key the bench makes: held to the bench's model, so that its allowlist is
+# checked on every request as a real app's key would be.
+VIRTUAL_KEY_SPEC: dict[str, Any] = {"name": "bench", "models": ["mock-*"], "metadata": {"made_by": "make bench"}}
 LOG_DIR = Path(".clawdbot") / "bench" / "logs"
 
 _TIME_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -311,6 +319,28 @@ def preflight(url: str, body: bytes, api_key: str | None) -> str | None:
     return None
 
 
+def create_virtual_key(base_url: str, admin_key: str, spec: dict[str, Any] = VIRTUAL_KEY_SPEC) -> str:
+    """A new virtual key's secret, made with the admin key through the admin API."""
+    req = urllib.request.Request(
+        base_url.rstrip("/") + "/v1/admin/keys",
+        data=json.dumps(spec).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {admin_key}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            created = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read()[:500].decode(errors="replace")
+        raise BenchError(f"cannot create the bench's virtual key: HTTP {exc.code}: {detail}") from exc
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise BenchError(f"cannot create the bench's virtual key: {type(exc).__name__}: {exc}") from exc
+    secret = created.get("key") if isinstance(created, dict) else None
+    if not isinstance(secret, str) or not secret:
+        raise BenchError(f"the admin API created no key: {created}")
+    return secret
+
+
 # -- orchestration ----------------------------------------------------------
 
 
@@ -388,12 +418,12 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    header = f"{'target':<10} {'conns':>6} {'req/s':>11} {'success%':>9} {'p50 ms':>9} {'p99 ms':>9}"
+    header = f"{'target':<12} {'conns':>6} {'req/s':>11} {'success%':>9} {'p50 ms':>9} {'p99 ms':>9}"
     out = [header, "-" * len(header)]
     for row in rows:
         r = row.result
         out.append(
-            f"{row.target:<10} {row.connections:>6} {r.requests_per_sec:>11.1f} "
+            f"{row.target:<12} {row.connections:>6} {r.requests_per_sec:>11.1f} "
             f"{r.success_pct:>9.2f} {_fmt(r.p50_ms, '.3f'):>9} {_fmt(r.p99_ms, '.3f'):>9}"
         )
     return "\n".join(out)
@@ -414,6 +444,47 @@ def added_latency(rows: Sequence[Row]) -> dict[str, Any]:
         if gw_v is not None and direct_v is not None:
             out[f"{label}_c{c}_ms"] = round(gw_v - direct_v, 3)
     return out
+
+
+def key_comparison(rows: Sequence[Row]) -> dict[str, Any]:
+    """The static key ("gateway") against the virtual key, per connection count: req/s,
+    the p50 each adds over the direct run, and virtual / static throughput."""
+    by_key = {(row.target, row.connections): row.result for row in rows}
+    out: dict[str, Any] = {}
+    for conns in sorted({row.connections for row in rows}):
+        static, virtual = by_key.get(("gateway", conns)), by_key.get(("virtual-key", conns))
+        if static is None or virtual is None:
+            continue
+        direct = by_key.get(("direct", conns))
+        direct_p50 = direct.p50_ms if direct is not None else None
+
+        def added(result: WrkResult, base: float | None = direct_p50) -> float | None:
+            return None if result.p50_ms is None or base is None else round(result.p50_ms - base, 3)
+
+        out[f"c{conns}"] = {
+            "static": {"requests_per_sec": static.requests_per_sec, "added_p50_ms": added(static)},
+            "virtual": {"requests_per_sec": virtual.requests_per_sec, "added_p50_ms": added(virtual)},
+            "requests_per_sec_ratio": (
+                round(virtual.requests_per_sec / static.requests_per_sec, 4) if static.requests_per_sec > 0 else None
+            ),
+        }
+    return out
+
+
+def format_key_comparison(comparison: dict[str, Any]) -> str:
+    header = (
+        f"{'conns':>6} {'static req/s':>13} {'virtual req/s':>14} {'virtual/static':>15} "
+        f"{'static +p50 ms':>15} {'virtual +p50 ms':>16}"
+    )
+    out = ["static key vs virtual key (same load through the gateway):", header, "-" * len(header)]
+    for label, figures in comparison.items():
+        static, virtual, ratio = figures["static"], figures["virtual"], figures["requests_per_sec_ratio"]
+        out.append(
+            f"{label[1:]:>6} {static['requests_per_sec']:>13.1f} {virtual['requests_per_sec']:>14.1f} "
+            f"{_fmt(ratio, '.3f'):>15} {_fmt(static['added_p50_ms'], '+.3f'):>15} "
+            f"{_fmt(virtual['added_p50_ms'], '+.3f'):>16}"
+        )
+    return "\n".join(out)
 
 
 def write_results(path: Path, payload: dict[str, Any]) -> None:
@@ -447,6 +518,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per target (0 = none)")
     parser.add_argument("--skip-gateway", action="store_true", help="only benchmark the mock")
+    parser.add_argument(
+        "--skip-virtual-key", action="store_true", help="no run with a virtual key (only the runner's static key)"
+    )
     parser.add_argument(
         "--runner-timeout",
         type=float,
@@ -516,6 +590,19 @@ def run(args: argparse.Namespace, rows: list[Row]) -> None:
                     args.warmup,
                     workdir,
                 )
+                if not args.skip_virtual_key:
+                    # Right after the static key's run, so both see the machine alike.
+                    if not isinstance(key, str) or not key:
+                        raise BenchError(f"runner ready file has no 'api_key' to make a virtual key with: {gw.ready}")
+                    rows += bench_target(
+                        "virtual-key",
+                        base.rstrip("/") + "/v1/chat/completions",
+                        create_virtual_key(base, key),
+                        args.connections,
+                        args.duration,
+                        args.warmup,
+                        workdir,
+                    )
                 rows += bench_target(
                     "cache-hit",
                     base.rstrip("/") + "/v1/chat/completions",
@@ -534,7 +621,7 @@ def build_report(args: argparse.Namespace, rows: Sequence[Row], error: str | Non
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "connections": args.connections,
-        "skipped": ["gateway"] if args.skip_gateway else [],
+        "skipped": ["gateway"] if args.skip_gateway else (["virtual-key"] if args.skip_virtual_key else []),
         "error": error,
         "host": {
             "cpus": os.cpu_count(),
@@ -544,6 +631,7 @@ def build_report(args: argparse.Namespace, rows: Sequence[Row], error: str | Non
         "request_body": REQUEST_BODY,
         "results": [row.to_json() for row in rows],
         "added_latency_ms": added_latency(rows),
+        "virtual_key": {"spec": VIRTUAL_KEY_SPEC, "vs_static_key": key_comparison(rows)},
     }
 
 
@@ -570,6 +658,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"added latency (gateway - direct) {label} at c={conns[1:]}: {value:+.3f} ms")
     elif not args.skip_gateway and error is None:
         print("\nadded latency: n/a (missing direct or gateway results)")
+    comparison = report["virtual_key"]["vs_static_key"]
+    if comparison:
+        print()
+        print(format_key_comparison(comparison))
     # Partial results are still written so a failed gateway start keeps the baseline.
     write_results(RESULTS_PATH, report)
     print(f"\nresults: {RESULTS_PATH}")

@@ -125,10 +125,11 @@ def cluster_config(source: Path = DEFAULT_CONFIG_PATH) -> dict[str, Any]:
     raw["jobs"] |= {"kafka_bootstrap": KAFKA_BOOTSTRAP, "run_kafka": False, "redis_url": REDIS_URL}
     raw["orchestrator"] |= {"qdrant_path": f"{STATE_DIR}/qdrant"}
     raw["worker"] |= {"model_dir": f"{STATE_DIR}/models"}
-    # Keys and the spend ledger in the state volume (the image's /app is read-only). One
-    # SQLite file serves one adapter replica; replicas that must share keys point
-    # CLAWDBOT_DATABASE_URL at PostgreSQL.
-    raw["database"] = {**(raw.get("database") or {}), "url": f"sqlite+aiosqlite:///{STATE_DIR}/clawdbot.db"}
+    # Keys and the spend ledger in the state volume (the image's /app is read-only):
+    # SQLite in a folder the adapter, router and jobs share (compose mounts one volume
+    # there in each); pods do not share it, so a cluster points CLAWDBOT_DATABASE_URL at
+    # PostgreSQL (deploy/k8s/README.md).
+    raw["database"] = {**(raw.get("database") or {}), "url": f"sqlite+aiosqlite:///{STATE_DIR}/keys/clawdbot.db"}
     for name in service_sections():
         if "state_dir" in type(getattr(effective, name)).model_fields:
             raw[name] |= {"state_dir": f"{STATE_DIR}/{name}"}

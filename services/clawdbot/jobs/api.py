@@ -5,7 +5,9 @@ The adapter parsed the request before submitting it, with the synchronous route'
 so that a bad one is a 400 at once rather than a failed job later. This side trusts no
 caller all the same: a submission's size, kind and shape (common/clients/jobs.py
 check_submission) and its callback URL are checked here before anything is recorded.
-The owner is the caller's meta.api_key_id: the key the adapter authenticated.
+The owner is the caller's meta.api_key_id: the key the adapter authenticated; its grant
+(meta.grant) is kept with the job and passes on to the router when the job runs
+(re-read from the key store first for a stored key: jobs/keys.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from clawdbot.common.jobs import check_submission
 from clawdbot.common.url_policy import AddressPolicy, UrlRefused
 from clawdbot.gen.v1 import jobs_pb2, jobs_pb2_grpc, router_pb2
 from clawdbot.jobs.queue import JobQueue
-from clawdbot.jobs.records import Job, new_job_id
+from clawdbot.jobs.records import Job, grant_json, new_job_id
 from clawdbot.jobs.store import JobStore
 
 MAX_LIST = 100
@@ -86,6 +88,7 @@ class JobsApi:
             request=request,
             callback_url=callback_url,
             durable=self._store.durable and self._queue.durable,
+            grant=grant_json(meta),
         )
         await self._store.create(job)
         try:

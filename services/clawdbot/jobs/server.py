@@ -36,6 +36,7 @@ from clawdbot.gen.v1 import jobs_pb2_grpc, orchestrator_pb2_grpc, router_pb2_grp
 from clawdbot.jobs.api import JobsApi, JobsServicer
 from clawdbot.jobs.consumer import JobConsumer
 from clawdbot.jobs.execution import JobExecutor
+from clawdbot.jobs.keys import JobKeys
 from clawdbot.jobs.processing import JobProcessor
 from clawdbot.jobs.queue import InProcessJobQueue, JobQueue, KafkaJobQueue
 from clawdbot.jobs.store import JobStore, MemoryJobStore, RedisJobStore
@@ -63,12 +64,16 @@ def create_server(config: Config) -> ServiceHost:
         store = RedisJobStore(store_url(config), jobs.retention_s, config.redis)
     else:
         store = MemoryJobStore(jobs.local_max_jobs, jobs.local_retention_s)
+    # The key store the adapters authenticate virtual keys from: a job of such a key
+    # re-reads it when it runs (opened on the first such job, migrated if need be).
+    keys = JobKeys(config.database.effective_url())
     executor = JobExecutor(
         router_pb2_grpc.RouterStub(router_channel),
         store,
         jobs,
         orchestrator,
         max_request_bytes=config.gateway.max_request_bytes,
+        keys=keys,
     )
     processor = JobProcessor(executor, store, jobs)
     queue: JobQueue
@@ -108,6 +113,7 @@ def create_server(config: Config) -> ServiceHost:
         await queue.close()
         await processor.close()
         await store.close()
+        await keys.close()
         for channel in channels:
             await channel.close(grace=None)
 

@@ -50,6 +50,7 @@ from clawdbot.router.reload import Reloader
 from clawdbot.router.rules import Features, Routing, apply_rules, modality_of
 from clawdbot.router.scoring import Candidate, RequestShape, Scorer, explain_choice
 from clawdbot.router.snapshot import Snapshot
+from clawdbot.router.spend import Charge, Estimate, RouterSpending, Spending, estimate, unreported_cost
 from clawdbot.router.stats import StatsStore
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     id the adapter recorded. A caller without the credential is refused before any method
     runs, so nothing outside the mesh can choose a key id."""
 
-    def __init__(self, config: Config, connectors: Mapping[str, Connector], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        connectors: Mapping[str, Connector],
+        metrics: Metrics,
+        spending: Spending | None = None,
+    ) -> None:
         self._connectors = connectors
         self._metrics = metrics
+        # Budgets and the ledger (router/spend.py). Without one (a router built bare, as in
+        # some tests) a budgeted call is refused, never let through unchecked.
+        self._spending = spending or Spending(None, None, config.quota.default_max_tokens)
+        self._max_audio_seconds = config.gateway.max_audio_seconds
         self._tracer = trace.get_tracer("clawdbot.router")
         self._stats = StatsStore()
         self._quality = QualityBook(
@@ -326,7 +337,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def _complete(
         self, request: router_pb2.ModelRequest, context: grpc.aio.ServicerContext, span: trace.Span
     ) -> router_pb2.ModelResponse:
+        # The name asked for is the same on every attempt: checked once, before anything.
+        self._spending.check_model(request.meta.grant, request.model)
         plan = self._plan(request)
+        worst = self._estimate(request, plan)
         attempts = self._attempts(plan, context)
         failure: UpstreamError | None = None
         previous = ""
@@ -334,6 +348,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self._decided(plan, instance, previous)
             previous = instance.id
             plan.body["model"] = instance.upstream_model
+            # Outside the retry handling below: a refused hold is the 429 the client gets,
+            # not a failure to try elsewhere.
+            charge = await self._hold(request.meta, instance, worst)
             started = time.perf_counter()
             try:
                 with self._attempt(request.task, instance, request.meta) as observation:
@@ -347,14 +364,25 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         request.binary,
                     )
             except UpstreamError as err:
+                await self._spending.release(charge)
                 failure = err
                 if attempts.should_retry(err):
                     continue
+                raise
+            except BaseException:
+                # Cancelled by the caller mid-call (or a bug): the upstream had the prompt.
+                await self._spending.settle(charge, worst.input_tokens, 0, worst.input_cost(instance))
                 raise
             data = answer.data
             usage = data.get("usage")
             self._stats.get(instance.id).record_success(time.perf_counter() - started, _usage_tokens(usage)[1])
             cost = self._account(request.meta, request.task, instance, usage, observation)
+            prompt, completion = _usage_tokens(usage)
+            if not isinstance(usage, dict):
+                # No usage reported (speech, some providers): priced on the input estimate
+                # and the audio produced, never free.
+                prompt, cost = worst.input_tokens, unreported_cost(instance, worst, answer.binary)
+            spend = await self._spending.settle(charge, prompt, completion, cost)
             if "model" in data:
                 data["model"] = instance.name
             span.set_attribute("clawdbot.instance", instance.id)
@@ -365,9 +393,32 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 cost_usd=cost,
                 binary=answer.binary,
                 content_type=answer.content_type,
+                spend=spend,
             )
         raise failure or GatewayError.unavailable(
             explain_choice(plan.ranked, None, plan.weights), code="no_available_instance"
+        )
+
+    async def _hold(self, meta: router_pb2.RequestMeta, instance: Instance, worst: Estimate) -> Charge:
+        """The attempt's budget hold. The attempt already took the instance's breaker (in
+        half-open, its one probe slot): a call that will not be made gives it back."""
+        try:
+            return await self._spending.hold(meta, instance, worst)
+        except BaseException:
+            self._breakers[instance.id].release()
+            raise
+
+    def _estimate(self, request: router_pb2.ModelRequest, plan: Plan) -> Estimate:
+        """The call's worst case, for a budget hold (computed whether or not one is needed:
+        a few integer operations, no I/O; a transcription reads its WAV header)."""
+        return estimate(
+            request.task,
+            plan.body,
+            request.binary,
+            plan.shape.input_tokens,
+            plan.shape.max_tokens,
+            self._spending.default_max_tokens,
+            self._max_audio_seconds,
         )
 
     async def CompleteStream(  # noqa: N802 - gRPC method name
@@ -381,7 +432,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def _stream(
         self, request: router_pb2.ModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[router_pb2.StreamEvent, None]:
+        self._spending.check_model(request.meta.grant, request.model)
         plan = self._plan(request)
+        worst = self._estimate(request, plan)
+        strip_usage = _ask_for_usage(plan.body)
         attempts = self._attempts(plan, context)
         failure: UpstreamError | None = None
         previous = ""
@@ -389,37 +443,66 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self._decided(plan, instance, previous)
             previous = instance.id
             plan.body["model"] = instance.upstream_model
+            # A refused hold is the client's 429, outside the retry handling below.
+            charge = await self._hold(request.meta, instance, worst)
             started = time.perf_counter()
             first_at: float | None = None
-            counter = _StreamCounter()
+            counter = _StreamCounter(strip_usage)
             try:
-                with self._attempt(request.task, instance, request.meta) as observation:
-                    chunks = self._connectors[instance.connector].stream(
-                        instance, plan.body, inject_headers(), request.meta.request_id, timeout_s
-                    )
-                    async for payload in chunks:
-                        if first_at is None:
-                            first_at = time.perf_counter()
-                            self._metrics.time_to_first_token.labels(instance.name, instance.id).observe(
-                                first_at - started
-                            )
-                            yield router_pb2.StreamEvent(instance=instance.id, strategy=plan.strategy)
-                        yield router_pb2.StreamEvent(chunk_json=counter.restamp(payload, instance))
-            except UpstreamError as err:
-                failure = err
-                # The connector clears `retryable` once a chunk went out: never retried then.
-                if attempts.should_retry(err):
-                    continue
-                raise
-            elapsed = time.perf_counter() - started
-            ttft = (first_at - started) if first_at is not None else None
-            self._stats.get(instance.id).record_success(elapsed, counter.output_tokens(), ttft)
-            observation.ttft_s = ttft
-            self._account(request.meta, request.task, instance, counter.usage, observation)
-            return
+                try:
+                    with self._attempt(request.task, instance, request.meta) as observation:
+                        chunks = self._connectors[instance.connector].stream(
+                            instance, plan.body, inject_headers(), request.meta.request_id, timeout_s
+                        )
+                        async for payload in chunks:
+                            if first_at is None:
+                                first_at = time.perf_counter()
+                                self._metrics.time_to_first_token.labels(instance.name, instance.id).observe(
+                                    first_at - started
+                                )
+                                yield router_pb2.StreamEvent(
+                                    instance=instance.id, strategy=plan.strategy, spend=charge.announced()
+                                )
+                            relayed = counter.restamp(payload, instance)
+                            if relayed is not None:
+                                yield router_pb2.StreamEvent(chunk_json=relayed)
+                except UpstreamError as err:
+                    if counter.produced:
+                        await self._settle_stream(charge, instance, counter, worst)  # billed partial
+                    else:
+                        await self._spending.release(charge)
+                    failure = err
+                    # The connector clears `retryable` once a chunk went out: never retried then.
+                    if attempts.should_retry(err):
+                        continue
+                    raise
+                elapsed = time.perf_counter() - started
+                ttft = (first_at - started) if first_at is not None else None
+                self._stats.get(instance.id).record_success(elapsed, counter.output_tokens(), ttft)
+                observation.ttft_s = ttft
+                self._account(request.meta, request.task, instance, counter.usage, observation)
+                spend = await self._settle_stream(charge, instance, counter, worst)
+                yield router_pb2.StreamEvent(settled=spend)
+                return
+            finally:
+                # Cut by the client (aclose, cancellation) or a failure not handled above:
+                # bill what was relayed. Awaiting here is allowed (no yield), and settle
+                # shields its work from a second cancellation.
+                if not charge.settled:
+                    await self._settle_stream(charge, instance, counter, worst)
         raise failure or GatewayError.unavailable(
             explain_choice(plan.ranked, None, plan.weights), code="no_available_instance"
         )
+
+    async def _settle_stream(
+        self, charge: Charge, instance: Instance, counter: _StreamCounter, worst: Estimate
+    ) -> router_pb2.Spend:
+        """A stream's cost: from its usage chunk when it sent one, else from what was
+        relayed (output tokens counted, input estimated)."""
+        prompt, completion = _usage_tokens(counter.usage)
+        if counter.usage is None or not (prompt or completion):
+            prompt, completion = worst.input_tokens, counter.output_tokens()
+        return await self._spending.settle(charge, prompt, completion, instance.expected_cost(prompt, completion))
 
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: router_pb2.RouterListModelsRequest, context: grpc.aio.ServicerContext
@@ -562,22 +645,44 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         )
 
 
-class _StreamCounter:
-    """Per stream: restamps the model name on chunks and keeps the usage chunk."""
+def _ask_for_usage(body: dict[str, Any]) -> bool:
+    """Ask the upstream for a chat stream's usage chunk, whatever the client asked: the
+    stream's cost is settled from it. True when the client did not ask (the router then
+    keeps the usage to itself, see _StreamCounter)."""
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return False  # not ours to fix; the upstream answers it
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return False
+    body["stream_options"] = {**(options or {}), "include_usage": True}
+    return True
 
-    def __init__(self) -> None:
+
+class _StreamCounter:
+    """Per stream: restamps the model name on chunks and keeps the usage chunk (which
+    it withholds from the client when only the router asked for it)."""
+
+    def __init__(self, strip_usage: bool = False) -> None:
         self.usage: dict[str, Any] | None = None
         self.chunks = 0
+        self._strip_usage = strip_usage
 
-    def restamp(self, payload: bytes, instance: Instance) -> bytes:
+    def restamp(self, payload: bytes, instance: Instance) -> bytes | None:
+        """The chunk to relay, or None for a usage chunk the client did not ask for."""
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return payload  # not ours to judge; pass the upstream's bytes on untouched
         if not isinstance(chunk, dict):
             return payload
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        if self._strip_usage and "usage" in chunk:
+            # As the client asked: no usage chunk, no "usage": null on each chunk.
+            if isinstance(usage, dict) and not chunk.get("choices"):
+                return None
+            del chunk["usage"]
         if chunk.get("choices"):
             self.chunks += 1
         if "model" in chunk:
@@ -588,6 +693,11 @@ class _StreamCounter:
         # Without a usage chunk, content chunks approximate output tokens.
         return _usage_tokens(self.usage)[1] or self.chunks
 
+    @property
+    def produced(self) -> bool:
+        """Whether anything billable was relayed (content, or usage saying so)."""
+        return self.chunks > 0 or any(_usage_tokens(self.usage))
+
 
 def create_server(config: Config, config_source: Path | None = None) -> ServiceHost:
     """config_source: the file reloads read (default: the one CLAWDBOT_SOURCE_CONFIG or
@@ -595,7 +705,10 @@ def create_server(config: Config, config_source: Path | None = None) -> ServiceH
     metrics = Metrics("router")
     host = ServiceHost("router", config.router, metrics, reflection_services=("clawdbot.v1.Router",))
     openai, worker = OpenAIConnector(config.router.max_connections), WorkerConnector()
-    servicer = RouterServicer(config, {"openai": openai, "worker": worker}, metrics)
+    # Budgets and the spend ledger: the key store opened (and migrated) by the background
+    # job at start, the ledger flushed by it and, at shutdown, by close().
+    spend = RouterSpending(config)
+    servicer = RouterServicer(config, {"openai": openai, "worker": worker}, metrics, spend.spending)
     source = config_source or Path(os.environ.get(SOURCE_CONFIG_ENV) or config_path())
     servicer.reloader = Reloader(source, servicer)
     router_pb2_grpc.add_RouterServicer_to_server(servicer, host.grpc_server)
@@ -615,6 +728,10 @@ def create_server(config: Config, config_source: Path | None = None) -> ServiceH
         host.in_background(servicer.telemetry.run)
     if servicer.fleet is not None:
         host.in_background(servicer.fleet.run)
+    host.in_background(spend.run, stop=spend.ledger.stop)
+    # Cleanups run once the gRPC server has stopped: every call has settled by then, and
+    # close() flushes the ledger before its store and Redis close.
+    host.on_shutdown(spend.close)
     host.on_shutdown(servicer.reloader.close)
     host.on_shutdown(openai.close)
     host.on_shutdown(worker.close)

@@ -3,7 +3,8 @@
 Start order, each waiting for the one before to report ready: Kafka and Redis (when the
 jobs and the cache use local ones), the cache, the worker (local models; it serves before
 its models finish loading), router, the jobs service (one process; over Kafka,
-jobs.consumers of them), orchestrator, adapter, then Envoy last, so the public port only
+jobs.consumers of them), orchestrator, adapter (adapter.replicas of them: "adapter",
+"adapter-1", ...), then Envoy last, balancing over every adapter, so the public port only
 opens onto a working mesh. With --prometheus, a Prometheus scraping all of them comes
 after Envoy.
 Ctrl-C or SIGTERM stops everything in the reverse order.
@@ -269,6 +270,8 @@ class Runner:
         # Set: run a Prometheus on this port that scrapes the whole mesh (--prometheus).
         self.prometheus_port: int | None = None
         self.jobs_http_ports: list[int] = []
+        # Each adapter process's (name, grpc_port, http_port), the first one's first.
+        self.adapters: list[tuple[str, int, int]] = []
 
     def _service_child(self, name: str, grpc_port: int, config_file: Path, module: str = "") -> Child:
         env = {
@@ -362,6 +365,24 @@ class Runner:
             self.jobs_http_ports.append(own.jobs.http_port)
             await self.supervisor.launch(child)
 
+    async def _launch_adapters(self, config_file: Path) -> None:
+        """adapter.replicas adapter processes, each a child of its own (restarted on its
+        own): "adapter" on adapter.grpc_port/http_port with the mesh's config file, and
+        "adapter-1", ... on free ports, each with a config file of its own. Envoy, started
+        after them, balances over all of them. They share everything else (key store,
+        Redis counters), so any of them answers any request."""
+        adapter = self.config.adapter
+        for index in range(adapter.replicas):
+            if index == 0:
+                name, own_file, own = "adapter", config_file, adapter
+            else:
+                name = f"adapter-{index}"
+                own = adapter.model_copy(update={"grpc_port": free_port(), "http_port": free_port()})
+                own_file = self.run_dir / f"clawdbot.{name}.yaml"
+                write_private(own_file, dump_config(self.config.model_copy(update={"adapter": own})))
+            self.adapters.append((name, own.grpc_port, own.http_port))
+            await self.supervisor.launch(self._service_child(name, own.grpc_port, own_file, module="clawdbot.adapter"))
+
     async def _launch_prometheus(self) -> None:
         """Last, once every target is known: a Prometheus scraping each child started above.
         Without one the mesh still runs (each service serves /metrics), with a warning."""
@@ -372,7 +393,9 @@ class Runner:
             self.prometheus_port = None
             return
         launched = {c.name for c in self.supervisor.children}
-        targets = [t for t in prometheus.mesh_targets(self.config, self.jobs_http_ports) if t.process in launched]
+        adapter_ports = [http for _, _, http in self.adapters]
+        every = prometheus.mesh_targets(self.config, self.jobs_http_ports, adapter_ports)
+        targets = [t for t in every if t.process in launched]
         folder = self.state_dir / "prometheus"
         config_file = prometheus.write(targets, folder / "prometheus.yml")
         port = self.prometheus_port
@@ -413,7 +436,9 @@ class Runner:
 
     def _envoy_child(self) -> Child:
         cfg = self.config
-        params = envoy_config.EnvoyParams.from_config(cfg)
+        # Every adapter process beside the first: both adapter clusters balance over all.
+        replicas = tuple((grpc_port, http_port) for _, grpc_port, http_port in self.adapters[1:])
+        params = envoy_config.EnvoyParams.from_config(cfg, adapter_replica_ports=replicas)
         rendered = envoy_config.write(params, self.run_dir / "envoy.yaml")
         admin = f"http://127.0.0.1:{cfg.gateway.admin_port}"
 
@@ -470,6 +495,8 @@ class Runner:
             "admin_url": f"http://127.0.0.1:{self.config.gateway.admin_port}",
             "state_dir": str(self.state_dir),
             "services": {c.name: {"pid": c.pid, "restarts": c.restarts} for c in self.supervisor.children},
+            # Every adapter process (adapter.replicas), by its name under "services".
+            "adapters": {name: {"grpc": grpc_port, "http": http_port} for name, grpc_port, http_port in self.adapters},
             "ports": {
                 "adapter_grpc": self.config.adapter.grpc_port,
                 "adapter_http": self.config.adapter.http_port,
@@ -514,7 +541,7 @@ class Runner:
             if self.config.orchestrator.enabled:
                 port = self.config.orchestrator.grpc_port
                 await self.supervisor.launch(self._service_child("orchestrator", port, config_file))
-            await self.supervisor.launch(self._service_child("adapter", self.config.adapter.grpc_port, config_file))
+            await self._launch_adapters(config_file)
             await self.supervisor.launch(self._envoy_child())
             if self.prometheus_port is not None:
                 await self._launch_prometheus()

@@ -96,6 +96,11 @@ class EnvoyParams:
     # Prometheus reads the admin port on loopback). Left out of the rendered header, which
     # the listener itself documents.
     stats_port: int = field(default=0, repr=False)
+    # More adapter processes on adapter_host beside the one at adapter_grpc_port and
+    # adapter_http_port: one (grpc_port, http_port) each (the runner's adapter.replicas).
+    # Both adapter clusters balance over all of them. Left out of the rendered header:
+    # the endpoints are listed in the clusters themselves.
+    adapter_replica_ports: tuple[tuple[int, int], ...] = field(default=(), repr=False)
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> EnvoyParams:
@@ -123,6 +128,11 @@ class EnvoyParams:
         )
 
     @property
+    def adapter_ports(self) -> list[tuple[int, int]]:
+        """(grpc_port, http_port) of every adapter process, the first one's first."""
+        return [(self.adapter_grpc_port, self.adapter_http_port), *self.adapter_replica_ports]
+
+    @property
     def tls(self) -> bool:
         return bool(self.tls_cert_file)
 
@@ -136,6 +146,13 @@ class EnvoyParams:
             port = getattr(self, name)
             if not 0 < port < 65536:
                 raise ValueError(f"{name} must be in 1..65535, got {port}")
+        for grpc_port, http_port in self.adapter_replica_ports:
+            if not (0 < grpc_port < 65536 and 0 < http_port < 65536):
+                raise ValueError(f"adapter replica ports must be in 1..65535, got {grpc_port}, {http_port}")
+        ports = [(self.adapter_grpc_port, self.adapter_http_port), *self.adapter_replica_ports]
+        every = [port for pair in ports for port in pair]
+        if len(set(every)) != len(every):
+            raise ValueError(f"every adapter replica needs ports of its own, got {ports}")
         if not 0 <= self.stats_port < 65536 or self.stats_port in (self.listen_port, self.admin_port):
             raise ValueError(f"stats_port must be 0 (none) or a port of its own, got {self.stats_port}")
         # The buffer filter and the transcoder take a uint32 that must be > 0.
@@ -180,6 +197,18 @@ def _yaml_str(value: str) -> str:
 
 def _indented(lines: list[str], indent: int) -> str:
     return "\n".join(" " * indent + line for line in lines)
+
+
+def _lb_endpoints(host: str, ports: list[int], indent: int) -> str:
+    """The lb_endpoints items of an adapter cluster: one per adapter process."""
+    lines: list[str] = []
+    for port in ports:
+        lines += [
+            "- endpoint:",
+            "    address:",
+            f"      socket_address: {{ address: {_yaml_str(host)}, port_value: {port} }}",
+        ]
+    return _indented(lines, indent)
 
 
 def _openai_error_format(error_type: str, code: str, message: str) -> list[str]:
@@ -308,6 +337,8 @@ def render(params: EnvoyParams) -> str:
         adapter_host=_yaml_str(params.adapter_host),
         adapter_grpc_port=params.adapter_grpc_port,
         adapter_http_port=params.adapter_http_port,
+        adapter_grpc_endpoints=_lb_endpoints(params.adapter_host, [g for g, _ in params.adapter_ports], indent=14),
+        adapter_http_endpoints=_lb_endpoints(params.adapter_host, [h for _, h in params.adapter_ports], indent=14),
         # IP literals need no resolver; a name (e.g. a compose service) is re-resolved.
         adapter_cluster_type="STATIC" if _is_ip(params.adapter_host) else "STRICT_DNS",
         descriptor_path=_yaml_str(params.descriptor_path),

@@ -58,9 +58,13 @@ def _runs(config: Config, section: str) -> bool:
     return bool(getattr(getattr(config, section), "enabled", True))
 
 
-def mesh_targets(config: Config, jobs_http_ports: Sequence[int] | None = None) -> list[Target]:
+def mesh_targets(
+    config: Config, jobs_http_ports: Sequence[int] | None = None, adapter_http_ports: Sequence[int] | None = None
+) -> list[Target]:
     """Every service the config runs, and Envoy. jobs_http_ports: the HTTP port of each job
-    consumer in order (jobs-1, jobs-2, ...); default: one, at jobs.http_port."""
+    consumer in order (jobs-1, jobs-2, ...); default: one, at jobs.http_port.
+    adapter_http_ports: each adapter replica's in order (adapter, adapter-1, ...);
+    default: one, at adapter.http_port."""
     targets: list[Target] = []
     for section in service_sections():
         if not _runs(config, section):
@@ -70,6 +74,11 @@ def mesh_targets(config: Config, jobs_http_ports: Sequence[int] | None = None) -
             ports = list(jobs_http_ports) if jobs_http_ports is not None else [endpoint.http_port]
             targets += [
                 Target("jobs", f"{endpoint.host}:{port}", f"jobs-{index}") for index, port in enumerate(ports, 1)
+            ]
+        elif section == "adapter" and adapter_http_ports is not None:
+            targets += [
+                Target("adapter", f"{endpoint.host}:{port}", f"adapter-{index}" if index else "adapter")
+                for index, port in enumerate(adapter_http_ports)
             ]
         else:
             targets.append(Target(section, f"{endpoint.host}:{endpoint.http_port}", section))

@@ -11,7 +11,7 @@ Adding a protocol is a new module plus a line of config (`adapter.protocol_modul
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,6 +21,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from clawdbot.adapter.gateway import Gateway
+from clawdbot.adapter.limits import budget_headers, rate_headers
 from clawdbot.adapter.servicer import GatewayRpcs
 from clawdbot.common.config import Config
 from clawdbot.common.service import ServiceHost
@@ -81,13 +82,24 @@ def explain_request(
 
 def routing_headers(served: router_pb2.ModelResponse | router_pb2.StreamEvent) -> list[tuple[str, str]]:
     """Response headers that explain and account for a routed call: who served it, chosen
-    how, at what cost (not known at the start of a stream), and whether the cache did."""
+    how, at what cost (not known at the start of a stream), whether the cache did; the
+    key's budget left (a stream's: after its hold, from the announcement) and the request's
+    x-ratelimit-* headers (as of its admission), when the key has a budget or limits."""
     headers = [("x-clawdbot-model-instance", served.instance), ("x-clawdbot-strategy", served.strategy)]
     if isinstance(served, router_pb2.ModelResponse):
         headers.append(("x-clawdbot-cost-usd", f"{served.cost_usd:.8f}"))
     if served.cache:
         headers.append(("x-clawdbot-cache", served.cache))
+    headers += budget_headers(served.spend)
+    headers += rate_headers()
     return headers
+
+
+async def send_headers(context: grpc.aio.ServicerContext, headers: Sequence[tuple[str, str]]) -> None:
+    """Response headers (initial metadata), when there are any: without, gRPC sends its
+    own with the first message."""
+    if headers:
+        await context.send_initial_metadata(headers)
 
 
 def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:

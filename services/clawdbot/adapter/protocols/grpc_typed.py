@@ -2,6 +2,9 @@
 
 Typed messages are mapped to OpenAI JSON by json_format (field names match OpenAI's),
 `extra` is merged in as-is, and from there the request follows the same path as REST.
+What REST sends as response headers (routing, cost, budget left, x-ratelimit-*) goes out
+as initial metadata; a refused call's Retry-After and x-ratelimit-* too, beside the error
+the server gate puts in the trailing metadata.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import orjson
 from google.protobuf import empty_pb2, json_format, struct_pb2
 from google.protobuf.message import Message
 
+from clawdbot.adapter.limits import rate_headers
 from clawdbot.adapter.openai_requests import (
     ParsedRequest,
     parse_chat,
@@ -30,6 +34,7 @@ from clawdbot.adapter.protocols.base import (
     explain_request,
     metadata_dict,
     routing_headers,
+    send_headers,
 )
 from clawdbot.common.clients.jobs import Job
 from clawdbot.common.errors import GatewayError
@@ -37,6 +42,17 @@ from clawdbot.common.json_numbers import whole_numbers
 from clawdbot.gen.v1 import gateway_pb2, router_pb2
 
 M = TypeVar("M", bound=Message)
+
+
+async def send_error_headers(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
+    """A refused call's Retry-After and x-ratelimit-* as initial metadata, read by typed
+    clients as REST clients read the headers (the error itself travels in the trailing
+    metadata). Only before anything was sent: initial metadata goes once."""
+    headers = list(err.headers or rate_headers())
+    if err.retry_after:
+        headers.insert(0, ("retry-after", err.retry_after))
+    if headers:
+        await context.send_initial_metadata(headers)
 
 
 def to_openai(message: Message) -> dict[str, Any]:
@@ -84,11 +100,12 @@ class GrpcProtocol:
             try:
                 meta = await self._gateway.accept(headers, "grpc", context.peer())
                 parsed: ParsedRequest = parsed_of(to_openai(request))
-                response = await self._gateway.complete(self._gateway.model_request(parsed, meta, None))
+                response = await self._gateway.complete(await self._gateway.model_request(parsed, meta, None))
                 await context.send_initial_metadata(routing_headers(response))
                 return reply(response) if callable(reply) else from_openai(response.openai_json, reply)
             except GatewayError as err:
                 status = err.status  # for the metrics; the server gate answers it
+                await send_error_headers(context, err)
                 raise
             except Exception:
                 status = 500  # the server gate logs it and answers internal_error
@@ -146,22 +163,26 @@ class GrpcProtocol:
         started = time.perf_counter()
         headers = metadata_dict(context)
         status = 200
+        announced = False
         with self._gateway.span("grpc chat.stream", headers, "grpc"):
             try:
                 meta = await self._gateway.accept(headers, "grpc", context.peer())
                 body = to_openai(request)
                 body["stream"] = True
                 parsed = parse_chat(body)
-                model_request = self._gateway.model_request(parsed, meta, None)
+                model_request = await self._gateway.model_request(parsed, meta, None)
                 async with contextlib.aclosing(self._gateway.stream(model_request)) as events:
                     async for event in events:
                         if event.HasField("instance"):
                             await context.send_initial_metadata(routing_headers(event))
+                            announced = True
                         else:
                             chunk = from_openai(event.chunk_json, gateway_pb2.ChatCompletionChunk())
                             yield chunk
             except GatewayError as err:
                 status = err.status  # for the metrics; the server gate answers it
+                if not announced:
+                    await send_error_headers(context, err)
                 raise
             except Exception:
                 status = 500  # the server gate logs it and answers internal_error
@@ -207,7 +228,12 @@ class GrpcProtocol:
         self, request: gateway_pb2.WorkflowRunRequest, context: grpc.aio.ServicerContext
     ) -> struct_pb2.Struct:
         meta = await self._gateway.accept(metadata_dict(context), "grpc", context.peer())
-        run = await self._gateway.run_workflow(meta, request.name, orjson.dumps(workflow_input(request)))
+        try:
+            run = await self._gateway.run_workflow(meta, request.name, orjson.dumps(workflow_input(request)))
+        except GatewayError as err:
+            await send_error_headers(context, err)
+            raise
+        await send_headers(context, rate_headers())
         return json_struct(run)
 
     async def stream_workflow(
@@ -218,15 +244,21 @@ class GrpcProtocol:
         headers = metadata_dict(context)
         status = 200
         with self._gateway.span("grpc workflow.stream", headers, "grpc"):
+            started_run = False
             try:
                 meta = await self._gateway.accept(headers, "grpc", context.peer())
                 run_input = workflow_input(request)
                 events = self._gateway.stream_workflow(meta, request.name, orjson.dumps(run_input))
                 async with contextlib.aclosing(events):
                     async for event in events:
+                        if not started_run:
+                            started_run = True
+                            await send_headers(context, rate_headers())
                         yield json_struct(event)
             except GatewayError as err:
                 status = err.status  # for the metrics; the server gate answers it
+                if not started_run:
+                    await send_error_headers(context, err)
                 raise
             except Exception:
                 status = 500  # the server gate logs it and answers internal_error
@@ -239,7 +271,13 @@ class GrpcProtocol:
     ) -> gateway_pb2.Job:
         meta = await self._gateway.accept(metadata_dict(context), "grpc", context.peer())
         body = whole_numbers(json_format.MessageToDict(request, preserving_proto_field_name=True))
-        return job_message(await self._gateway.jobs.submit(meta, body))
+        try:
+            job = await self._gateway.jobs.submit(meta, body)
+        except GatewayError as err:
+            await send_error_headers(context, err)
+            raise
+        await send_headers(context, rate_headers())
+        return job_message(job)
 
     async def get_job(self, request: gateway_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.Job:
         meta = await self._gateway.accept(metadata_dict(context), "grpc", context.peer())
@@ -287,6 +325,14 @@ class GrpcProtocol:
     async def revoke_key(self, request: gateway_pb2.KeyRequest, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
         await self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
         return json_format.ParseDict(await self._gateway.keys.revoke(request.id), struct_pb2.Struct())
+
+    async def get_spend(
+        self, request: gateway_pb2.GetSpendRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.SpendReport:
+        await self._gateway.accept(metadata_dict(context), "grpc", context.peer(), admin=True)
+        # `from` is a Python keyword: the generated field is reached by name.
+        report = await self._gateway.keys.spend(request.group_by, getattr(request, "from"), request.to)
+        return json_format.ParseDict(report, gateway_pb2.SpendReport())
 
 
 def create_key_body(request: gateway_pb2.CreateKeyRequest) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from google.api import httpbody_pb2
 from google.protobuf import empty_pb2
 
 from clawdbot.adapter.gateway import workflow_event_type
+from clawdbot.adapter.limits import rate_headers
 from clawdbot.adapter.openai_requests import (
     ParsedRequest,
     load_json_object,
@@ -35,6 +36,7 @@ from clawdbot.adapter.protocols.base import (
     message_json,
     metadata_dict,
     routing_headers,
+    send_headers,
 )
 from clawdbot.adapter.transcripts import render_transcription
 from clawdbot.common.bounded import off_loop_if_large
@@ -98,7 +100,9 @@ class RestProtocol:
         headers = [(STATUS_HEADER, str(err.status))]
         if err.retry_after:
             headers.append(("retry-after", err.retry_after))
-        headers.extend(err.headers)
+        # A refusal by the rate limiter carries its own x-ratelimit-*; any other failure of
+        # an admitted request, those of its admission.
+        headers.extend(err.headers or rate_headers())
         await context.send_initial_metadata(headers)
         return httpbody_pb2.HttpBody(content_type=JSON, data=err.to_json())
 
@@ -114,7 +118,7 @@ class RestProtocol:
                 meta = await gateway.accept(headers, "rest", context.peer())
                 span.set_attribute("clawdbot.request_id", meta.request_id)
                 parsed = parse_chat(load_json_object(request.data))
-                model_request = gateway.model_request(parsed, meta, request.data)
+                model_request = await gateway.model_request(parsed, meta, request.data)
                 if not parsed.stream:
                     response = await gateway.complete(model_request)
                     await context.send_initial_metadata(routing_headers(response))
@@ -184,7 +188,7 @@ class RestProtocol:
         self, context: grpc.aio.ServicerContext, parsed: ParsedRequest, meta: router_pb2.RequestMeta, raw: bytes | None
     ) -> router_pb2.ModelResponse:
         """One model call through the router; its routing headers go out with the answer."""
-        response = await self._gateway.complete(self._gateway.model_request(parsed, meta, raw))
+        response = await self._gateway.complete(await self._gateway.model_request(parsed, meta, raw))
         await context.send_initial_metadata(routing_headers(response))
         return response
 
@@ -248,12 +252,14 @@ class RestProtocol:
                 run_input = orjson.dumps(body.get("input"))
                 if not stream:
                     run = await gateway.run_workflow(meta, request.name, run_input)
+                    await send_headers(context, rate_headers())
                     yield httpbody_pb2.HttpBody(content_type=JSON, data=run)
                     return
                 async with contextlib.aclosing(gateway.stream_workflow(meta, request.name, run_input)) as events:
                     # The first event before any byte goes out: an unknown workflow or a
                     # bad input still gets its own status and a JSON error body.
                     first = await anext(events)
+                    await send_headers(context, rate_headers())
                     yield httpbody_pb2.HttpBody(content_type=SSE, data=workflow_sse(first))
                     try:
                         async for event in events:
@@ -300,7 +306,9 @@ class RestProtocol:
         async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
             job = await self._gateway.jobs.submit(meta, load_json_object(request.data))
             # 202: accepted (the queue has it), not done.
-            await context.send_initial_metadata([(STATUS_HEADER, "202"), ("location", f"/v1/jobs/{job.id}")])
+            await context.send_initial_metadata(
+                [(STATUS_HEADER, "202"), ("location", f"/v1/jobs/{job.id}"), *rate_headers()]
+            )
             return httpbody_pb2.HttpBody(content_type=JSON, data=orjson.dumps(job.public()))
 
         return await self._unary("job.submit", "POST /v1/jobs", context, work)
@@ -411,6 +419,16 @@ class RestProtocol:
             return httpbody_pb2.HttpBody(content_type=JSON, data=orjson.dumps(revoked))
 
         return await self._unary("keys.revoke", "DELETE /v1/admin/keys/{id}", context, work, admin=True)
+
+    async def get_spend(
+        self, request: gateway_pb2.GetSpendRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def work(meta: router_pb2.RequestMeta) -> httpbody_pb2.HttpBody:
+            # `from` is a Python keyword: the generated field is reached by name.
+            report = await self._gateway.keys.spend(request.group_by, getattr(request, "from"), request.to)
+            return httpbody_pb2.HttpBody(content_type=JSON, data=orjson.dumps(report))
+
+        return await self._unary("spend", "GET /v1/admin/spend", context, work, admin=True)
 
 
 def create_protocol() -> RestProtocol:

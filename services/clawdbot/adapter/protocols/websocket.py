@@ -15,9 +15,12 @@ Frames, server -> client (always text JSON; `id` echoes the request's):
                                    (as over SSE: run.started, step.started, step.retrying,
                                    step.finished, and run.completed with the whole run)
     {"type": "done", "id", "instance", "cache", "request_id"}    end of one chat request
+                                   (with "budget_remaining_usd" when the key has a budget)
     {"type": "done", "id", "request_id"}                         end of one workflow run
     {"type": "error", "id", "status", "error": {<OpenAI error>}} the request failed;
                                                                   the socket stays open
+        (a 429 over the key's rate limits also has "retry_after": seconds, as text, and
+        "headers": {x-ratelimit-*}, what an HTTP answer would carry)
 Several requests may be in flight on one socket; their frames interleave by id. At most
 adapter.ws_max_in_flight (16) at once: one more is answered with an error frame of status
 429 (too_many_in_flight), and the socket stays open.
@@ -122,6 +125,17 @@ def read_frame(frame: dict[str, Any]) -> Frame:
             "The frame needs a 'body' object with the chat request.", "body", "invalid_frame"
         )
     return Frame("chat", frame_id, body)
+
+
+def error_frame(frame_id: Any, err: GatewayError) -> dict[str, Any]:
+    """The error frame of a failed request: what REST would answer as status, body and
+    (for a refusal by the rate limiter) Retry-After and x-ratelimit-* headers."""
+    frame: dict[str, Any] = {"type": "error", "id": frame_id, "status": err.status, **err.to_dict()}
+    if err.retry_after:
+        frame["retry_after"] = err.retry_after
+    if err.headers:
+        frame["headers"] = dict(err.headers)
+    return frame
 
 
 def decode_frame(data: str | bytes, max_bytes: int) -> Frame:
@@ -229,8 +243,10 @@ class WebSocketProtocol:
                 raw = await off_loop_if_large(len(data), load_frame, data, self._max_frame)
                 frame_id = correlation_id(raw)
                 # The key again, for each frame (from memory): a key revoked or changed
-                # while the socket is open holds from the next frame on.
-                await gateway.accept(headers, "ws", api_key=api_key)
+                # while the socket is open holds from the next frame on, grant included.
+                fresh = await gateway.accept(headers, "ws", api_key=api_key)
+                meta.grant.CopyFrom(fresh.grant)
+                meta.strategy = fresh.strategy
                 request_id_var.set(meta.request_id)
                 frame = read_frame(raw)
                 if frame.kind == "workflow":
@@ -241,7 +257,7 @@ class WebSocketProtocol:
                     await self._chat(ws, frame, meta)
             except GatewayError as err:
                 status = err.status
-                await self._send(ws, {"type": "error", "id": frame_id, "status": err.status, **err.to_dict()})
+                await self._send(ws, error_frame(frame_id, err))
             except (ConnectionResetError, asyncio.CancelledError):
                 status = 499
                 raise
@@ -257,13 +273,14 @@ class WebSocketProtocol:
         body = frame.body
         body.setdefault("stream", True)
         parsed = parse_chat(body)
-        model_request = gateway.model_request(parsed, meta, None)
+        model_request = await gateway.model_request(parsed, meta, None)
         instance = cache = ""
+        spend = router_pb2.Spend()
         if parsed.stream:
             async with contextlib.aclosing(gateway.stream(model_request)) as events:
                 async for event in events:
                     if event.HasField("instance"):
-                        instance, cache = event.instance, event.cache
+                        instance, cache, spend = event.instance, event.cache, event.spend
                     else:
                         await self._send(
                             ws,
@@ -275,13 +292,21 @@ class WebSocketProtocol:
                         )
         else:
             response = await gateway.complete(model_request)
-            instance, cache = response.instance, response.cache
+            instance, cache, spend = response.instance, response.cache, response.spend
             await self._send(
                 ws, {"type": "chat.completion", "id": frame.id, "data": orjson.Fragment(response.openai_json)}
             )
-        await self._send(
-            ws, {"type": "done", "id": frame.id, "instance": instance, "cache": cache, "request_id": meta.request_id}
-        )
+        done: dict[str, Any] = {
+            "type": "done",
+            "id": frame.id,
+            "instance": instance,
+            "cache": cache,
+            "request_id": meta.request_id,
+        }
+        if spend.budgeted:
+            # What x-clawdbot-budget-remaining-usd says over HTTP (a stream's: after its hold).
+            done["budget_remaining_usd"] = round(max(spend.remaining_usd, 0.0), 8)
+        await self._send(ws, done)
 
     async def _run_workflow(self, ws: web.WebSocketResponse, frame: Frame, meta: router_pb2.RequestMeta) -> None:
         events = self._gateway.stream_workflow(meta, frame.workflow, orjson.dumps(frame.input))

@@ -96,6 +96,18 @@ def _conversation(body: dict[str, Any]) -> tuple[str, str]:
     return "\n".join(system), "\n".join(turns)
 
 
+def cache_scope(meta: router_pb2.RequestMeta, shared: bool) -> str:
+    """Whose answers a request may be served: its key's cache default when it has one
+    (meta.grant.cache_scope "private": this key's alone; "shared": everyone's), else the
+    configured scope (cache.shared)."""
+    wanted = meta.grant.cache_scope
+    if wanted == "private":
+        return meta.api_key_id
+    if wanted == "shared" or shared:
+        return "shared"
+    return meta.api_key_id
+
+
 def _deterministic(task: str, body: dict[str, Any]) -> bool:
     if task in DETERMINISTIC_TASKS:
         return True
@@ -135,7 +147,7 @@ class ResponseCache:
             return None  # the router will refuse it with the right message
         if not isinstance(body, dict) or not (opt == "on" or _deterministic(request.task, body)):
             return None
-        scope = "shared" if self._config.shared else request.meta.api_key_id
+        scope = cache_scope(request.meta, self._config.shared)
         version = self._versions.get(request.model, "")
         key = cache_key(request.task, request.model, version, scope, body, request.binary)
         options = body.get("stream_options")
@@ -182,6 +194,9 @@ class ResponseCache:
             return CacheLookup()
         response.cache = f"hit-{first.level}"
         response.cost_usd = 0.0  # a cached answer costs nothing
+        # Nor does it say anything about the key's budget now (entries stored before
+        # spend was left out may carry another call's).
+        response.ClearField("spend")
         return CacheLookup(response)
 
     async def _read_chunked(self, plan: CachePlan) -> tuple[cache_pb2.CacheChunk | None, bytes]:
@@ -195,6 +210,13 @@ class ResponseCache:
         return first, b"".join(parts)
 
     async def store(self, plan: CachePlan, lease: str, response: router_pb2.ModelResponse) -> None:
+        if response.HasField("spend"):
+            # What the call cost its key, and that key's budget left, are no part of the
+            # answer: a hit (perhaps another key's, shared) costs nothing and tells nothing.
+            stripped = router_pb2.ModelResponse()
+            stripped.CopyFrom(response)
+            stripped.ClearField("spend")
+            response = stripped
         body = response.SerializeToString()
         meta = cache_pb2.CacheEntryMeta(
             content_type=CONTENT_TYPE,

@@ -7,7 +7,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from clawdbot.common.keystore.types import Money, UtcDateTime
@@ -40,6 +40,8 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # {"strategy", "cache", "workflows"} (migration 0002; {} for keys made before it).
+    defaults: Mapped[dict[str, Any]] = mapped_column(JSON, server_default=text("'{}'"))
 
 
 class SpendEntry(Base):

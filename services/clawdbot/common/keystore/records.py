@@ -21,8 +21,21 @@ MAX_BUDGET_USD = 1e6
 MAX_RATE = 1_000_000_000
 MAX_PARALLEL = 10_000
 PERIODS = ("day", "month", "total")
+MAX_STRATEGY = 64
+MAX_WORKFLOWS = 64
+CACHE_SCOPES = ("shared", "private", "")
 
-FIELDS = ("name", "models", "budget", "rate_limit", "max_parallel", "expires_at", "metadata", "admin")
+FIELDS = (
+    "name",
+    "models",
+    "budget",
+    "rate_limit",
+    "max_parallel",
+    "expires_at",
+    "metadata",
+    "admin",
+    "defaults",
+)
 
 
 class KeyNotFound(GatewayError):
@@ -49,6 +62,10 @@ class KeyRecord:
     created_at: datetime
     updated_at: datetime
     revoked_at: datetime | None
+    # {"strategy": str, "cache": "shared" | "private" | "", "workflows": [globs]}; the store
+    # always gives the full shape ("" / [] = no default). A record built elsewhere may
+    # leave it {}: read it with .get.
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
         """JSON-ready view for the admin API: no secret, no hash."""
@@ -66,6 +83,7 @@ class KeyRecord:
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
             "revoked_at": _iso(self.revoked_at),
+            "defaults": _defaults(self.defaults),
         }
 
     def allows_model(self, model: str) -> bool:
@@ -191,6 +209,41 @@ def _metadata(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _defaults(value: Any) -> dict[str, Any]:
+    """Always the full shape (strategy, cache, workflows), so readers need no .get chains."""
+    if value is None:
+        return {"strategy": "", "cache": "", "workflows": []}
+    if not isinstance(value, dict):
+        raise _bad("defaults", '`defaults` must be an object {"strategy", "cache", "workflows"}.')
+    unknown = sorted(set(value) - {"strategy", "cache", "workflows"})
+    if unknown:
+        raise _bad(f"defaults.{unknown[0]}", f"`defaults` has an unknown field `{unknown[0]}`.")
+    strategy = value.get("strategy")
+    if strategy is None:
+        strategy = ""
+    if not isinstance(strategy, str) or len(strategy) > MAX_STRATEGY:
+        raise _bad("defaults.strategy", f"`defaults.strategy` must be a string of at most {MAX_STRATEGY} characters.")
+    cache = value.get("cache")
+    if cache is None:
+        cache = ""
+    if cache not in CACHE_SCOPES:
+        raise _bad("defaults.cache", '`defaults.cache` must be "shared", "private" or "".')
+    workflows = value.get("workflows")
+    if workflows is None:
+        workflows = []
+    if not isinstance(workflows, list | tuple):
+        raise _bad("defaults.workflows", "`defaults.workflows` must be a list of workflow names or globs.")
+    if len(workflows) > MAX_WORKFLOWS:
+        raise _bad("defaults.workflows", f"`defaults.workflows` has more than {MAX_WORKFLOWS} entries.")
+    for glob in workflows:
+        if not isinstance(glob, str) or not glob or len(glob) > MAX_GLOB:
+            raise _bad(
+                "defaults.workflows",
+                f"each of `defaults.workflows` must be a non-empty string of at most {MAX_GLOB} characters.",
+            )
+    return {"strategy": strategy, "cache": cache, "workflows": list(workflows)}
+
+
 def _admin(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _bad("admin", "`admin` must be true or false.")
@@ -206,6 +259,7 @@ _VALIDATORS: dict[str, Any] = {
     "expires_at": _expires_at,
     "metadata": _metadata,
     "admin": _admin,
+    "defaults": _defaults,
 }
 
 
@@ -230,6 +284,7 @@ class KeySpec:
     expires_at: datetime | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     admin: bool = False
+    defaults: dict[str, Any] = field(default_factory=lambda: _defaults(None))
 
     @classmethod
     def parse(cls, body: dict[str, Any]) -> KeySpec:

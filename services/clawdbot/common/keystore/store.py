@@ -12,13 +12,14 @@ from __future__ import annotations
 import builtins
 import hashlib
 import logging
+import math
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -37,6 +38,48 @@ ID_PREFIX = "key_"
 PREFIX_CHARS = 8
 # How long a SQLite writer waits for another process's transaction before giving up.
 SQLITE_BUSY_TIMEOUT_S = 30
+
+
+# Ledger column widths (models.SpendEntry): longer values are shortened, never refused —
+# a write the database refuses would be retried forever by the ledger writer.
+_MAX_KEY_ID = 40
+_MAX_TEXT = 200
+GROUP_BYS = {"key": ("key",), "model": ("model",), "key,model": ("key", "model"), "model,key": ("key", "model")}
+
+
+class SpendLike(Protocol):
+    """What the ledger records of one settled call: clawdbot.common.quota.SpendRecord has
+    these fields (typed structurally so the store does not depend on the quota package)."""
+
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def instance(self) -> str: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def input_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def cost_usd(self) -> float: ...
+    @property
+    def at(self) -> datetime: ...
+
+
+def _fit(value: str, width: int) -> str:
+    """`value` within `width` characters, still unique: a long one keeps a prefix and gets
+    a digest of the whole, so a repeated long request id is still the same id."""
+    if len(value) <= width:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:32]
+    return value[: width - 33] + "#" + digest
+
+
+def _utc(when: datetime) -> datetime:
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def hash_secret(secret: str) -> str:
@@ -66,7 +109,18 @@ def _record(row: ApiKey) -> KeyRecord:
         created_at=row.created_at,
         updated_at=row.updated_at,
         revoked_at=row.revoked_at,
+        defaults=_full_defaults(row.defaults),
     )
+
+
+def _full_defaults(stored: dict[str, Any] | None) -> dict[str, Any]:
+    # Rows from before migration 0002 hold {}: fill the shape in rather than fail on them.
+    stored = stored or {}
+    return {
+        "strategy": str(stored.get("strategy") or ""),
+        "cache": str(stored.get("cache") or ""),
+        "workflows": [str(glob) for glob in stored.get("workflows") or ()],
+    }
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -151,6 +205,7 @@ class KeyStore:
             expires_at=spec.expires_at,
             meta=dict(spec.metadata),
             admin=spec.admin,
+            defaults=dict(spec.defaults),
             created_at=now,
             updated_at=now,
             revoked_at=None,
@@ -257,6 +312,105 @@ class KeyStore:
         statement = insert(SpendEntry).values(**values).on_conflict_do_nothing(index_elements=["key_id", "request_id"])
         async with self._sessions() as session, session.begin():
             await session.execute(statement)
+
+    async def record_spends(self, records: Sequence[SpendLike]) -> None:
+        """Many settled calls in one transaction (the ledger writer's batch). Idempotent per
+        (key_id, request_id) like record_spend, so a batch retried after a failure that
+        did commit bills nothing twice. A record that cannot be stored as it is (negative
+        or non-finite numbers, a key id past its column) is logged and skipped: refusing the
+        batch would only make the writer retry it forever."""
+        rows: builtins.list[dict[str, Any]] = []
+        for record in records:
+            cost = float(record.cost_usd)
+            if (
+                record.input_tokens < 0
+                or record.output_tokens < 0
+                or not math.isfinite(cost)
+                or cost < 0
+                or not record.key_id
+                or len(record.key_id) > _MAX_KEY_ID
+            ):
+                log.error(
+                    "ledger record skipped: not storable",
+                    extra={
+                        "key_id": record.key_id[:_MAX_TEXT],
+                        "request_id": record.request_id[:_MAX_TEXT],
+                        "model": record.model[:_MAX_TEXT],
+                        "input_tokens": record.input_tokens,
+                        "output_tokens": record.output_tokens,
+                        "cost_usd": repr(record.cost_usd),
+                    },
+                )
+                continue
+            rows.append(
+                {
+                    "key_id": record.key_id,
+                    "model": _fit(record.model, _MAX_TEXT),
+                    "instance": _fit(record.instance, _MAX_TEXT),
+                    "request_id": _fit(record.request_id, _MAX_TEXT),
+                    "input_tokens": int(record.input_tokens),
+                    "output_tokens": int(record.output_tokens),
+                    # Through str: the float's shortest repr (0.001), not its binary expansion.
+                    "cost_usd": Decimal(str(cost)),
+                    "at": _utc(record.at),
+                }
+            )
+        if not rows:
+            return
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        statement = insert(SpendEntry).on_conflict_do_nothing(index_elements=["key_id", "request_id"])
+        # A list of parameter sets: SQLAlchemy batches them (executemany / insertmanyvalues)
+        # within each dialect's parameter limits, all inside this one transaction.
+        async with self._sessions() as session, session.begin():
+            await session.execute(statement, rows)
+
+    async def spend_total(self, key_id: str, since: datetime | None) -> float:
+        """USD this key spent from `since` (inclusive) on, or ever (None): what the budget
+        counters are seeded from when Redis does not have them."""
+        query = select(func.sum(SpendEntry.cost_usd)).where(SpendEntry.key_id == key_id)
+        if since is not None:
+            query = query.where(SpendEntry.at >= _utc(since))
+        async with self._sessions() as session:
+            total = await session.scalar(query)
+        return float(total or 0)
+
+    async def spend_report(
+        self, group_by: str, since: datetime | None, until: datetime | None
+    ) -> builtins.list[dict[str, Any]]:
+        """The ledger summed per key, per model or per (key, model), over [since, until)
+        (None: unbounded): rows {"key_id"?, "model"?, "requests", "input_tokens",
+        "output_tokens", "cost_usd"}, the most expensive first.
+        group_by other than "key", "model", "key,model": 400 naming `group_by`."""
+        dimensions = GROUP_BYS.get(group_by.replace(" ", ""))
+        if dimensions is None:
+            raise GatewayError.bad_request('`group_by` must be "key", "model" or "key,model".', param="group_by")
+        columns = [SpendEntry.key_id if name == "key" else SpendEntry.model for name in dimensions]
+        cost = func.sum(SpendEntry.cost_usd)
+        query = select(
+            *columns,
+            func.count().label("requests"),
+            func.sum(SpendEntry.input_tokens).label("input_tokens"),
+            func.sum(SpendEntry.output_tokens).label("output_tokens"),
+            cost.label("cost_usd"),
+        ).group_by(*columns)
+        if since is not None:
+            query = query.where(SpendEntry.at >= _utc(since))
+        if until is not None:
+            query = query.where(SpendEntry.at < _utc(until))
+        query = query.order_by(cost.desc(), *columns)
+        async with self._sessions() as session:
+            result = (await session.execute(query)).all()
+        report: builtins.list[dict[str, Any]] = []
+        for row in result:
+            entry: dict[str, Any] = {}
+            for index, name in enumerate(dimensions):
+                entry["key_id" if name == "key" else "model"] = row[index]
+            entry["requests"] = int(row.requests)
+            entry["input_tokens"] = int(row.input_tokens or 0)
+            entry["output_tokens"] = int(row.output_tokens or 0)
+            entry["cost_usd"] = float(row.cost_usd or 0)
+            report.append(entry)
+        return report
 
     async def spend(self, key_id: str, since: datetime | None = None) -> dict[str, float]:
         """USD per model for this key, from `since` (inclusive) on, or ever."""

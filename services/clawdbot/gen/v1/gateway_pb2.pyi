@@ -57,6 +57,44 @@ class UpdateKeyRequest(_message.Message):
     changes: _struct_pb2.Struct
     def __init__(self, id: _Optional[str] = ..., changes: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
+class GetSpendRequest(_message.Message):
+    __slots__ = ("group_by", "to")
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    group_by: str
+    to: str
+    def __init__(self, group_by: _Optional[str] = ..., to: _Optional[str] = ..., **kwargs) -> None: ...
+
+class SpendRow(_message.Message):
+    __slots__ = ("key_id", "model", "requests", "input_tokens", "output_tokens", "cost_usd")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    model: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    def __init__(self, key_id: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ...) -> None: ...
+
+class SpendReport(_message.Message):
+    __slots__ = ("object", "group_by", "to", "data")
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    object: str
+    group_by: str
+    to: str
+    data: _containers.RepeatedCompositeFieldContainer[SpendRow]
+    def __init__(self, object: _Optional[str] = ..., group_by: _Optional[str] = ..., to: _Optional[str] = ..., data: _Optional[_Iterable[_Union[SpendRow, _Mapping]]] = ..., **kwargs) -> None: ...
+
 class ReloadConfigRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

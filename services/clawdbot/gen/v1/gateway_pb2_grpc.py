@@ -148,6 +148,11 @@ class GatewayStub:
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.GetSpendHttp = channel.unary_unary(
+                '/clawdbot.v1.Gateway/GetSpendHttp',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.GetSpendRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.CreateChatCompletion = channel.unary_unary(
                 '/clawdbot.v1.Gateway/CreateChatCompletion',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.ChatCompletionRequest.SerializeToString,
@@ -257,6 +262,11 @@ class GatewayStub:
                 '/clawdbot.v1.Gateway/RevokeKey',
                 request_serializer=clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                _registered_method=True)
+        self.GetSpend = channel.unary_unary(
+                '/clawdbot.v1.Gateway/GetSpend',
+                request_serializer=clawdbot_dot_v1_dot_gateway__pb2.GetSpendRequest.SerializeToString,
+                response_deserializer=clawdbot_dot_v1_dot_gateway__pb2.SpendReport.FromString,
                 _registered_method=True)
 
 
@@ -427,6 +437,18 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSpendHttp(self, request, context):
+        """GET /v1/admin/spend?group_by=key|model|key,model&from=&to=: the spend ledger summed
+        per key and/or model over [from, to) (admin keys only). from and to: ISO 8601 (no
+        offset = UTC) or unix seconds; from defaults to the start of the current UTC month,
+        to to now. -> {"object": "list", "group_by", "from", "to", "data": [rows]}, rows
+        {"key_id"?, "model"?, "requests", "input_tokens", "output_tokens", "cost_usd"},
+        the most expensive first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateChatCompletion(self, request, context):
         """Typed gRPC twins of the routes above.
         """
@@ -562,6 +584,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSpend(self, request, context):
+        """The spend ledger summed, as GET /v1/admin/spend (admin keys only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -675,6 +704,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
+            'GetSpendHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSpendHttp,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.GetSpendRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
             'CreateChatCompletion': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateChatCompletion,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.ChatCompletionRequest.FromString,
@@ -784,6 +818,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.RevokeKey,
                     request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+            ),
+            'GetSpend': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSpend,
+                    request_deserializer=clawdbot_dot_v1_dot_gateway__pb2.GetSpendRequest.FromString,
+                    response_serializer=clawdbot_dot_v1_dot_gateway__pb2.SpendReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1391,6 +1430,33 @@ class Gateway:
             _registered_method=True)
 
     @staticmethod
+    def GetSpendHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/GetSpendHttp',
+            clawdbot_dot_v1_dot_gateway__pb2.GetSpendRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateChatCompletion(request,
             target,
             options=(),
@@ -1974,6 +2040,33 @@ class Gateway:
             '/clawdbot.v1.Gateway/RevokeKey',
             clawdbot_dot_v1_dot_gateway__pb2.KeyRequest.SerializeToString,
             google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSpend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawdbot.v1.Gateway/GetSpend',
+            clawdbot_dot_v1_dot_gateway__pb2.GetSpendRequest.SerializeToString,
+            clawdbot_dot_v1_dot_gateway__pb2.SpendReport.FromString,
             options,
             channel_credentials,
             insecure,
