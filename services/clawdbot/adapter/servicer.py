@@ -183,6 +183,47 @@ class RestServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> httpbody_pb2.HttpBody:
         return await self._rest.get_spend(request, context)
 
+    # Anthropic's Messages API and OpenAI's Responses API (adapter/dialects/).
+
+    async def MessagesHttp(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async with contextlib.aclosing(self._rest.anthropic.messages(request, context)) as bodies:
+            async for body in bodies:
+                yield body
+
+    async def CountTokensHttp(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        return await self._rest.anthropic.count_tokens(request, context)
+
+    async def ResponsesHttp(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async with contextlib.aclosing(self._rest.responses.create(request, context)) as bodies:
+            async for body in bodies:
+                yield body
+
+    async def InputTokensHttp(
+        self, request: httpbody_pb2.HttpBody, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        return await self._rest.responses.input_tokens(request, context)
+
+    async def GetResponseHttp(
+        self, request: gateway_pb2.ResponseRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        return await self._rest.responses.get(request, context)
+
+    async def DeleteResponseHttp(
+        self, request: gateway_pb2.ResponseRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        return await self._rest.responses.delete(request, context)
+
+    async def ListInputItemsHttp(
+        self, request: gateway_pb2.ResponseRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        return await self._rest.responses.input_items(request, context)
+
 
 class TypedServicer(gateway_pb2_grpc.GatewayServicer):
     """The typed gRPC methods, served by GrpcProtocol."""
@@ -299,6 +340,51 @@ class TypedServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GetSpendRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.SpendReport:
         return await self._typed.get_spend(request, context)
+
+    async def CreateMessage(self, request: struct_pb2.Struct, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
+        return await self._typed.anthropic.create_message(request, context)
+
+    async def StreamMessage(
+        self, request: struct_pb2.Struct, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[struct_pb2.Struct]:
+        async with contextlib.aclosing(self._typed.anthropic.stream_message(request, context)) as events:
+            async for event in events:
+                yield event
+
+    async def CountMessageTokens(
+        self, request: struct_pb2.Struct, context: grpc.aio.ServicerContext
+    ) -> struct_pb2.Struct:
+        return await self._typed.anthropic.count_tokens(request, context)
+
+    async def CreateResponse(self, request: struct_pb2.Struct, context: grpc.aio.ServicerContext) -> struct_pb2.Struct:
+        return await self._typed.responses.create(request, context)
+
+    async def StreamResponse(
+        self, request: struct_pb2.Struct, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[struct_pb2.Struct]:
+        async with contextlib.aclosing(self._typed.responses.stream(request, context)) as events:
+            async for event in events:
+                yield event
+
+    async def GetResponse(
+        self, request: gateway_pb2.ResponseRequest, context: grpc.aio.ServicerContext
+    ) -> struct_pb2.Struct:
+        return await self._typed.responses.get(request, context)
+
+    async def DeleteResponse(
+        self, request: gateway_pb2.ResponseRequest, context: grpc.aio.ServicerContext
+    ) -> struct_pb2.Struct:
+        return await self._typed.responses.delete(request, context)
+
+    async def ListInputItems(
+        self, request: gateway_pb2.ResponseRequest, context: grpc.aio.ServicerContext
+    ) -> struct_pb2.Struct:
+        return await self._typed.responses.input_items(request, context)
+
+    async def CountResponseInputTokens(
+        self, request: struct_pb2.Struct, context: grpc.aio.ServicerContext
+    ) -> struct_pb2.Struct:
+        return await self._typed.responses.input_tokens(request, context)
 
 
 class GatewayServicer(RestServicer, TypedServicer):

@@ -19,6 +19,8 @@ import orjson
 from google.protobuf import empty_pb2, json_format, struct_pb2
 from google.protobuf.message import Message
 
+from clawdbot.adapter.dialects.anthropic_api import AnthropicTyped
+from clawdbot.adapter.dialects.responses_api import ResponsesTyped
 from clawdbot.adapter.limits import rate_headers
 from clawdbot.adapter.openai_requests import (
     ParsedRequest,
@@ -82,6 +84,9 @@ class GrpcProtocol:
         self._max_audio_seconds = ctx.config.gateway.max_audio_seconds
         # The Gateway's typed methods (adapter/servicer.py TypedServicer) delegate to this.
         ctx.rpcs.serve_typed(self)
+        # The Messages and Responses APIs' typed twins.
+        self.anthropic = AnthropicTyped(ctx)
+        self.responses = ResponsesTyped(ctx)
 
     async def _unary(
         self,

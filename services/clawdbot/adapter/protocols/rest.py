@@ -18,6 +18,8 @@ import orjson
 from google.api import httpbody_pb2
 from google.protobuf import empty_pb2
 
+from clawdbot.adapter.dialects.anthropic_api import AnthropicRest
+from clawdbot.adapter.dialects.responses_api import ResponsesRest
 from clawdbot.adapter.gateway import workflow_event_type
 from clawdbot.adapter.limits import rate_headers
 from clawdbot.adapter.openai_requests import (
@@ -83,6 +85,9 @@ class RestProtocol:
         self._max_audio_seconds = ctx.config.gateway.max_audio_seconds
         # The Gateway's *Http methods (adapter/servicer.py RestServicer) delegate to this.
         ctx.rpcs.serve_rest(self)
+        # Anthropic's Messages API and OpenAI's Responses API, on the same REST server.
+        self.anthropic = AnthropicRest(ctx)
+        self.responses = ResponsesRest(ctx)
         # Calls refused by admission control are answered here too, or the transcoder
         # would turn them into its own error shape instead of OpenAI's.
         ctx.host.admission.refusal = self._refused

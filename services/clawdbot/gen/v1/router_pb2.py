@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63lawdbot/v1/router.proto\x12\x0b\x63lawdbot.v1\"\xba\x02\n\x0bRequestMeta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tclient_ip\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12\x12\n\nuser_agent\x18\x06 \x01(\t\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x36\n\x07headers\x18\x08 \x03(\x0b\x32%.clawdbot.v1.RequestMeta.HeadersEntry\x12\x15\n\rcache_control\x18\t \x01(\t\x12$\n\x05grant\x18\n \x01(\x0b\x32\x15.clawdbot.v1.KeyGrant\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x08KeyGrant\x12\x0e\n\x06models\x18\x01 \x03(\t\x12\x12\n\nbudget_usd\x18\x02 \x01(\x01\x12\x15\n\rbudget_period\x18\x03 \x01(\t\x12\x0e\n\x06stored\x18\x04 \x01(\x08\x12\x13\n\x0b\x63\x61\x63he_scope\x18\x05 \x01(\t\"o\n\x05Spend\x12\x10\n\x08\x62udgeted\x18\x01 \x01(\x08\x12\x15\n\rremaining_usd\x18\x02 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\r\x12\x15\n\routput_tokens\x18\x05 \x01(\r\"\x88\x01\n\x0cModelRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x13\n\x0bopenai_json\x18\x05 \x01(\x0c\x12\x0e\n\x06\x62inary\x18\x06 \x01(\x0c\"\xb2\x01\n\rModelResponse\x12\x13\n\x0bopenai_json\x18\x01 \x01(\x0c\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x10\n\x08\x63ost_usd\x18\x04 \x01(\x01\x12\x0e\n\x06\x62inary\x18\x05 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x07 \x01(\t\x12!\n\x05spend\x18\x08 \x01(\x0b\x32\x12.clawdbot.v1.Spend\"\xab\x01\n\x0bStreamEvent\x12\x14\n\nchunk_json\x18\x01 \x01(\x0cH\x00\x12\x12\n\x08instance\x18\x02 \x01(\tH\x00\x12%\n\x07settled\x18\x05 \x01(\x0b\x32\x12.clawdbot.v1.SpendH\x00\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x04 \x01(\t\x12!\n\x05spend\x18\x06 \x01(\x0b\x32\x12.clawdbot.v1.SpendB\x07\n\x05\x65vent\"\\\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\"C\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07quality\x18\x03 \x01(\x01\"\xa3\x01\n\x0e\x45xplainRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x10\n\x08modality\x18\x07 \x01(\t\"=\n\nScoreTerms\x12\x0f\n\x07latency\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x03 \x01(\x01\"\xa8\x02\n\x0e\x43\x61ndidateScore\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1a\n\x12\x65xpected_latency_s\x18\x04 \x01(\x01\x12\x19\n\x11\x65xpected_cost_usd\x18\x05 \x01(\x01\x12\x0f\n\x07quality\x18\x06 \x01(\x01\x12\x0c\n\x04\x63old\x18\x07 \x01(\x08\x12\x0f\n\x07\x62reaker\x18\x08 \x01(\t\x12\x11\n\tin_flight\x18\t \x01(\x05\x12&\n\x05terms\x18\n \x01(\x0b\x32\x17.clawdbot.v1.ScoreTerms\x12\r\n\x05score\x18\x0b \x01(\x01\x12\x0c\n\x04rank\x18\x0c \x01(\x05\x12\x16\n\x0elatency_source\x18\r \x01(\t\x12\x0b\n\x03qps\x18\x0e \x01(\x01\"\xc3\x01\n\x0b\x45xplanation\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12(\n\x07weights\x18\x04 \x01(\x0b\x32\x17.clawdbot.v1.ScoreTerms\x12/\n\ncandidates\x18\x05 \x03(\x0b\x32\x1b.clawdbot.v1.CandidateScore\x12\x0e\n\x06\x63hosen\x18\x06 \x01(\t\x12\x0b\n\x03why\x18\x07 \x01(\t\x12\r\n\x05rules\x18\x08 \x03(\t\"A\n\x17RouterListModelsRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\"H\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\"B\n\x18RouterListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.clawdbot.v1.ModelInfo\"7\n\rReloadRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\"\x83\x01\n\x0eReloadResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\x12\x0c\n\x04kept\x18\x04 \x03(\t\x12\x11\n\tunhealthy\x18\x05 \x03(\t\x12\x0f\n\x07took_ms\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\"6\n\x0cProbeRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\":\n\nProbeReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x11\n\tlatency_s\x18\x02 \x01(\x01\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"@\n\x16RouterInstancesRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\"$\n\x14RouterInstancesReply\x12\x0c\n\x04json\x18\x01 \x01(\x0c\x32\xcf\x04\n\x06Router\x12\x41\n\x08\x43omplete\x12\x19.clawdbot.v1.ModelRequest\x1a\x1a.clawdbot.v1.ModelResponse\x12G\n\x0e\x43ompleteStream\x12\x19.clawdbot.v1.ModelRequest\x1a\x18.clawdbot.v1.StreamEvent0\x01\x12Y\n\nListModels\x12$.clawdbot.v1.RouterListModelsRequest\x1a%.clawdbot.v1.RouterListModelsResponse\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.clawdbot.v1.FeedbackRequest\x1a\x1d.clawdbot.v1.FeedbackResponse\x12@\n\x07\x45xplain\x12\x1b.clawdbot.v1.ExplainRequest\x1a\x18.clawdbot.v1.Explanation\x12\x41\n\x06Reload\x12\x1a.clawdbot.v1.ReloadRequest\x1a\x1b.clawdbot.v1.ReloadResponse\x12;\n\x05Probe\x12\x19.clawdbot.v1.ProbeRequest\x1a\x17.clawdbot.v1.ProbeReply\x12S\n\tInstances\x12#.clawdbot.v1.RouterInstancesRequest\x1a!.clawdbot.v1.RouterInstancesReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63lawdbot/v1/router.proto\x12\x0b\x63lawdbot.v1\"\xba\x02\n\x0bRequestMeta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tclient_ip\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12\x12\n\nuser_agent\x18\x06 \x01(\t\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x36\n\x07headers\x18\x08 \x03(\x0b\x32%.clawdbot.v1.RequestMeta.HeadersEntry\x12\x15\n\rcache_control\x18\t \x01(\t\x12$\n\x05grant\x18\n \x01(\x0b\x32\x15.clawdbot.v1.KeyGrant\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x08KeyGrant\x12\x0e\n\x06models\x18\x01 \x03(\t\x12\x12\n\nbudget_usd\x18\x02 \x01(\x01\x12\x15\n\rbudget_period\x18\x03 \x01(\t\x12\x0e\n\x06stored\x18\x04 \x01(\x08\x12\x13\n\x0b\x63\x61\x63he_scope\x18\x05 \x01(\t\"o\n\x05Spend\x12\x10\n\x08\x62udgeted\x18\x01 \x01(\x08\x12\x15\n\rremaining_usd\x18\x02 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\r\x12\x15\n\routput_tokens\x18\x05 \x01(\r\"\xaa\x02\n\x0cModelRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x13\n\x0bopenai_json\x18\x05 \x01(\x0c\x12\x0e\n\x06\x62inary\x18\x06 \x01(\x0c\x12\x0f\n\x07\x64ialect\x18\x07 \x01(\t\x12\x13\n\x0bnative_json\x18\x08 \x01(\x0c\x12\x44\n\x0enative_headers\x18\t \x03(\x0b\x32,.clawdbot.v1.ModelRequest.NativeHeadersEntry\x1a\x34\n\x12NativeHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc3\x01\n\rModelResponse\x12\x13\n\x0bopenai_json\x18\x01 \x01(\x0c\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x10\n\x08\x63ost_usd\x18\x04 \x01(\x01\x12\x0e\n\x06\x62inary\x18\x05 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x07 \x01(\t\x12!\n\x05spend\x18\x08 \x01(\x0b\x32\x12.clawdbot.v1.Spend\x12\x0f\n\x07\x64ialect\x18\t \x01(\t\"\xbc\x01\n\x0bStreamEvent\x12\x14\n\nchunk_json\x18\x01 \x01(\x0cH\x00\x12\x12\n\x08instance\x18\x02 \x01(\tH\x00\x12%\n\x07settled\x18\x05 \x01(\x0b\x32\x12.clawdbot.v1.SpendH\x00\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x04 \x01(\t\x12!\n\x05spend\x18\x06 \x01(\x0b\x32\x12.clawdbot.v1.Spend\x12\x0f\n\x07\x64ialect\x18\x07 \x01(\tB\x07\n\x05\x65vent\"\\\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\"C\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07quality\x18\x03 \x01(\x01\"\xa3\x01\n\x0e\x45xplainRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x10\n\x08modality\x18\x07 \x01(\t\"=\n\nScoreTerms\x12\x0f\n\x07latency\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x03 \x01(\x01\"\xa8\x02\n\x0e\x43\x61ndidateScore\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1a\n\x12\x65xpected_latency_s\x18\x04 \x01(\x01\x12\x19\n\x11\x65xpected_cost_usd\x18\x05 \x01(\x01\x12\x0f\n\x07quality\x18\x06 \x01(\x01\x12\x0c\n\x04\x63old\x18\x07 \x01(\x08\x12\x0f\n\x07\x62reaker\x18\x08 \x01(\t\x12\x11\n\tin_flight\x18\t \x01(\x05\x12&\n\x05terms\x18\n \x01(\x0b\x32\x17.clawdbot.v1.ScoreTerms\x12\r\n\x05score\x18\x0b \x01(\x01\x12\x0c\n\x04rank\x18\x0c \x01(\x05\x12\x16\n\x0elatency_source\x18\r \x01(\t\x12\x0b\n\x03qps\x18\x0e \x01(\x01\"\xc3\x01\n\x0b\x45xplanation\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12(\n\x07weights\x18\x04 \x01(\x0b\x32\x17.clawdbot.v1.ScoreTerms\x12/\n\ncandidates\x18\x05 \x03(\x0b\x32\x1b.clawdbot.v1.CandidateScore\x12\x0e\n\x06\x63hosen\x18\x06 \x01(\t\x12\x0b\n\x03why\x18\x07 \x01(\t\x12\r\n\x05rules\x18\x08 \x03(\t\"A\n\x17RouterListModelsRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\"H\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\"B\n\x18RouterListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.clawdbot.v1.ModelInfo\"7\n\rReloadRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\"\x83\x01\n\x0eReloadResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\x12\x0c\n\x04kept\x18\x04 \x03(\t\x12\x11\n\tunhealthy\x18\x05 \x03(\t\x12\x0f\n\x07took_ms\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\"6\n\x0cProbeRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\":\n\nProbeReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x11\n\tlatency_s\x18\x02 \x01(\x01\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"@\n\x16RouterInstancesRequest\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.clawdbot.v1.RequestMeta\"$\n\x14RouterInstancesReply\x12\x0c\n\x04json\x18\x01 \x01(\x0c\x32\xcf\x04\n\x06Router\x12\x41\n\x08\x43omplete\x12\x19.clawdbot.v1.ModelRequest\x1a\x1a.clawdbot.v1.ModelResponse\x12G\n\x0e\x43ompleteStream\x12\x19.clawdbot.v1.ModelRequest\x1a\x18.clawdbot.v1.StreamEvent0\x01\x12Y\n\nListModels\x12$.clawdbot.v1.RouterListModelsRequest\x1a%.clawdbot.v1.RouterListModelsResponse\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.clawdbot.v1.FeedbackRequest\x1a\x1d.clawdbot.v1.FeedbackResponse\x12@\n\x07\x45xplain\x12\x1b.clawdbot.v1.ExplainRequest\x1a\x18.clawdbot.v1.Explanation\x12\x41\n\x06Reload\x12\x1a.clawdbot.v1.ReloadRequest\x1a\x1b.clawdbot.v1.ReloadResponse\x12;\n\x05Probe\x12\x19.clawdbot.v1.ProbeRequest\x1a\x17.clawdbot.v1.ProbeReply\x12S\n\tInstances\x12#.clawdbot.v1.RouterInstancesRequest\x1a!.clawdbot.v1.RouterInstancesReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REQUESTMETA_HEADERSENTRY']._loaded_options = None
   _globals['_REQUESTMETA_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_MODELREQUEST_NATIVEHEADERSENTRY']._loaded_options = None
+  _globals['_MODELREQUEST_NATIVEHEADERSENTRY']._serialized_options = b'8\001'
   _globals['_REQUESTMETA']._serialized_start=42
   _globals['_REQUESTMETA']._serialized_end=356
   _globals['_REQUESTMETA_HEADERSENTRY']._serialized_start=310
@@ -42,41 +44,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPEND']._serialized_start=466
   _globals['_SPEND']._serialized_end=577
   _globals['_MODELREQUEST']._serialized_start=580
-  _globals['_MODELREQUEST']._serialized_end=716
-  _globals['_MODELRESPONSE']._serialized_start=719
-  _globals['_MODELRESPONSE']._serialized_end=897
-  _globals['_STREAMEVENT']._serialized_start=900
-  _globals['_STREAMEVENT']._serialized_end=1071
-  _globals['_FEEDBACKREQUEST']._serialized_start=1073
-  _globals['_FEEDBACKREQUEST']._serialized_end=1165
-  _globals['_FEEDBACKRESPONSE']._serialized_start=1167
-  _globals['_FEEDBACKRESPONSE']._serialized_end=1234
-  _globals['_EXPLAINREQUEST']._serialized_start=1237
-  _globals['_EXPLAINREQUEST']._serialized_end=1400
-  _globals['_SCORETERMS']._serialized_start=1402
-  _globals['_SCORETERMS']._serialized_end=1463
-  _globals['_CANDIDATESCORE']._serialized_start=1466
-  _globals['_CANDIDATESCORE']._serialized_end=1762
-  _globals['_EXPLANATION']._serialized_start=1765
-  _globals['_EXPLANATION']._serialized_end=1960
-  _globals['_ROUTERLISTMODELSREQUEST']._serialized_start=1962
-  _globals['_ROUTERLISTMODELSREQUEST']._serialized_end=2027
-  _globals['_MODELINFO']._serialized_start=2029
-  _globals['_MODELINFO']._serialized_end=2101
-  _globals['_ROUTERLISTMODELSRESPONSE']._serialized_start=2103
-  _globals['_ROUTERLISTMODELSRESPONSE']._serialized_end=2169
-  _globals['_RELOADREQUEST']._serialized_start=2171
-  _globals['_RELOADREQUEST']._serialized_end=2226
-  _globals['_RELOADRESPONSE']._serialized_start=2229
-  _globals['_RELOADRESPONSE']._serialized_end=2360
-  _globals['_PROBEREQUEST']._serialized_start=2362
-  _globals['_PROBEREQUEST']._serialized_end=2416
-  _globals['_PROBEREPLY']._serialized_start=2418
-  _globals['_PROBEREPLY']._serialized_end=2476
-  _globals['_ROUTERINSTANCESREQUEST']._serialized_start=2478
-  _globals['_ROUTERINSTANCESREQUEST']._serialized_end=2542
-  _globals['_ROUTERINSTANCESREPLY']._serialized_start=2544
-  _globals['_ROUTERINSTANCESREPLY']._serialized_end=2580
-  _globals['_ROUTER']._serialized_start=2583
-  _globals['_ROUTER']._serialized_end=3174
+  _globals['_MODELREQUEST']._serialized_end=878
+  _globals['_MODELREQUEST_NATIVEHEADERSENTRY']._serialized_start=826
+  _globals['_MODELREQUEST_NATIVEHEADERSENTRY']._serialized_end=878
+  _globals['_MODELRESPONSE']._serialized_start=881
+  _globals['_MODELRESPONSE']._serialized_end=1076
+  _globals['_STREAMEVENT']._serialized_start=1079
+  _globals['_STREAMEVENT']._serialized_end=1267
+  _globals['_FEEDBACKREQUEST']._serialized_start=1269
+  _globals['_FEEDBACKREQUEST']._serialized_end=1361
+  _globals['_FEEDBACKRESPONSE']._serialized_start=1363
+  _globals['_FEEDBACKRESPONSE']._serialized_end=1430
+  _globals['_EXPLAINREQUEST']._serialized_start=1433
+  _globals['_EXPLAINREQUEST']._serialized_end=1596
+  _globals['_SCORETERMS']._serialized_start=1598
+  _globals['_SCORETERMS']._serialized_end=1659
+  _globals['_CANDIDATESCORE']._serialized_start=1662
+  _globals['_CANDIDATESCORE']._serialized_end=1958
+  _globals['_EXPLANATION']._serialized_start=1961
+  _globals['_EXPLANATION']._serialized_end=2156
+  _globals['_ROUTERLISTMODELSREQUEST']._serialized_start=2158
+  _globals['_ROUTERLISTMODELSREQUEST']._serialized_end=2223
+  _globals['_MODELINFO']._serialized_start=2225
+  _globals['_MODELINFO']._serialized_end=2297
+  _globals['_ROUTERLISTMODELSRESPONSE']._serialized_start=2299
+  _globals['_ROUTERLISTMODELSRESPONSE']._serialized_end=2365
+  _globals['_RELOADREQUEST']._serialized_start=2367
+  _globals['_RELOADREQUEST']._serialized_end=2422
+  _globals['_RELOADRESPONSE']._serialized_start=2425
+  _globals['_RELOADRESPONSE']._serialized_end=2556
+  _globals['_PROBEREQUEST']._serialized_start=2558
+  _globals['_PROBEREQUEST']._serialized_end=2612
+  _globals['_PROBEREPLY']._serialized_start=2614
+  _globals['_PROBEREPLY']._serialized_end=2672
+  _globals['_ROUTERINSTANCESREQUEST']._serialized_start=2674
+  _globals['_ROUTERINSTANCESREQUEST']._serialized_end=2738
+  _globals['_ROUTERINSTANCESREPLY']._serialized_start=2740
+  _globals['_ROUTERINSTANCESREPLY']._serialized_end=2776
+  _globals['_ROUTER']._serialized_start=2779
+  _globals['_ROUTER']._serialized_end=3370
 # @@protoc_insertion_point(module_scope)

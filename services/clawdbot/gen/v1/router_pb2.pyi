@@ -66,23 +66,36 @@ class Spend(_message.Message):
     def __init__(self, budgeted: _Optional[bool] = ..., remaining_usd: _Optional[float] = ..., cost_usd: _Optional[float] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
-    __slots__ = ("meta", "task", "model", "stream", "openai_json", "binary")
+    __slots__ = ("meta", "task", "model", "stream", "openai_json", "binary", "dialect", "native_json", "native_headers")
+    class NativeHeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     META_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     OPENAI_JSON_FIELD_NUMBER: _ClassVar[int]
     BINARY_FIELD_NUMBER: _ClassVar[int]
+    DIALECT_FIELD_NUMBER: _ClassVar[int]
+    NATIVE_JSON_FIELD_NUMBER: _ClassVar[int]
+    NATIVE_HEADERS_FIELD_NUMBER: _ClassVar[int]
     meta: RequestMeta
     task: str
     model: str
     stream: bool
     openai_json: bytes
     binary: bytes
-    def __init__(self, meta: _Optional[_Union[RequestMeta, _Mapping]] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., stream: _Optional[bool] = ..., openai_json: _Optional[bytes] = ..., binary: _Optional[bytes] = ...) -> None: ...
+    dialect: str
+    native_json: bytes
+    native_headers: _containers.ScalarMap[str, str]
+    def __init__(self, meta: _Optional[_Union[RequestMeta, _Mapping]] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., stream: _Optional[bool] = ..., openai_json: _Optional[bytes] = ..., binary: _Optional[bytes] = ..., dialect: _Optional[str] = ..., native_json: _Optional[bytes] = ..., native_headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ModelResponse(_message.Message):
-    __slots__ = ("openai_json", "instance", "strategy", "cost_usd", "binary", "content_type", "cache", "spend")
+    __slots__ = ("openai_json", "instance", "strategy", "cost_usd", "binary", "content_type", "cache", "spend", "dialect")
     OPENAI_JSON_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +104,7 @@ class ModelResponse(_message.Message):
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     SPEND_FIELD_NUMBER: _ClassVar[int]
+    DIALECT_FIELD_NUMBER: _ClassVar[int]
     openai_json: bytes
     instance: str
     strategy: str
@@ -99,23 +113,26 @@ class ModelResponse(_message.Message):
     content_type: str
     cache: str
     spend: Spend
-    def __init__(self, openai_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ..., cost_usd: _Optional[float] = ..., binary: _Optional[bytes] = ..., content_type: _Optional[str] = ..., cache: _Optional[str] = ..., spend: _Optional[_Union[Spend, _Mapping]] = ...) -> None: ...
+    dialect: str
+    def __init__(self, openai_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., strategy: _Optional[str] = ..., cost_usd: _Optional[float] = ..., binary: _Optional[bytes] = ..., content_type: _Optional[str] = ..., cache: _Optional[str] = ..., spend: _Optional[_Union[Spend, _Mapping]] = ..., dialect: _Optional[str] = ...) -> None: ...
 
 class StreamEvent(_message.Message):
-    __slots__ = ("chunk_json", "instance", "settled", "strategy", "cache", "spend")
+    __slots__ = ("chunk_json", "instance", "settled", "strategy", "cache", "spend", "dialect")
     CHUNK_JSON_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     SETTLED_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     SPEND_FIELD_NUMBER: _ClassVar[int]
+    DIALECT_FIELD_NUMBER: _ClassVar[int]
     chunk_json: bytes
     instance: str
     settled: Spend
     strategy: str
     cache: str
     spend: Spend
-    def __init__(self, chunk_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., settled: _Optional[_Union[Spend, _Mapping]] = ..., strategy: _Optional[str] = ..., cache: _Optional[str] = ..., spend: _Optional[_Union[Spend, _Mapping]] = ...) -> None: ...
+    dialect: str
+    def __init__(self, chunk_json: _Optional[bytes] = ..., instance: _Optional[str] = ..., settled: _Optional[_Union[Spend, _Mapping]] = ..., strategy: _Optional[str] = ..., cache: _Optional[str] = ..., spend: _Optional[_Union[Spend, _Mapping]] = ..., dialect: _Optional[str] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("meta", "request_id", "score")
