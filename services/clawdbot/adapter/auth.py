@@ -21,11 +21,11 @@ import os
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Literal
 
 from clawdbot.common.config import ConfigError, StaticKey
 from clawdbot.common.errors import GatewayError
+from clawdbot.common.keystore import allowed
 from clawdbot.common.quota import RateLimits
 from clawdbot.gen.v1 import router_pb2
 
@@ -80,13 +80,13 @@ class Principal:
         )
 
     def allows_workflow(self, name: str) -> bool:
-        return not self.workflows or any(fnmatchcase(name, glob) for glob in self.workflows)
+        return allowed(self.workflows, name)
 
     def allows_model(self, model: str) -> bool:
         """Whether the key may ask for `model` by that name. A routing name ("auto", a
         group) is a name like any other: allowed when the key allows every model or one
         of its globs matches the name itself, since what it routes to is not known yet."""
-        return not self.models or any(fnmatchcase(model, glob) for glob in self.models)
+        return allowed(self.models, model)
 
 
 def declared_principal(key: StaticKey, key_id: str) -> Principal:

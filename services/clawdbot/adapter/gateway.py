@@ -30,6 +30,7 @@ from clawdbot.adapter.metadata import build_meta
 from clawdbot.adapter.openai_requests import ParsedRequest
 from clawdbot.adapter.virtual_keys import VirtualKeys
 from clawdbot.common.clients.cache import CacheLookup, ResponseCache
+from clawdbot.common.dialects import NATIVE_REPLAY
 from clawdbot.common.errors import GatewayError
 from clawdbot.common.logging import request_id_var
 from clawdbot.common.metrics import Metrics
@@ -95,6 +96,9 @@ class Gateway:
         if public:
             principal = ANONYMOUS
         else:
+            if api_key is None and not headers.get("authorization"):
+                # Anthropic's clients send their key as x-api-key; any route takes it.
+                api_key = headers.get("x-api-key") or None
             principal = await self._auth.authenticate(headers.get("authorization"), api_key)
         if admin and not principal.is_admin:
             raise forbidden()
@@ -229,9 +233,17 @@ class Gateway:
         if plan is not None and self._cache is not None:
             found = await self._cache.read(plan)
             cached = found.response
-            if cached is not None and cached.openai_json:
-                yield router_pb2.StreamEvent(instance=cached.instance, strategy=cached.strategy, cache=cached.cache)
-                for payload in replay_chat(orjson.loads(cached.openai_json), plan.include_usage):
+            if cached is not None and cached.openai_json and (not cached.dialect or cached.dialect in NATIVE_REPLAY):
+                yield router_pb2.StreamEvent(
+                    instance=cached.instance, strategy=cached.strategy, cache=cached.cache, dialect=cached.dialect
+                )
+                answer = orjson.loads(cached.openai_json)
+                # A native answer (another dialect's, passed through) replays as its own events.
+                if cached.dialect:
+                    replay = NATIVE_REPLAY[cached.dialect](answer)
+                else:
+                    replay = replay_chat(answer, plan.include_usage)
+                for payload in replay:
                     yield router_pb2.StreamEvent(chunk_json=payload)
                 return
         chunks: list[bytes] = []

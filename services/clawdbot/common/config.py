@@ -554,13 +554,16 @@ class Pricing(_Strict):
     per_audio_second: float = Field(0.0, ge=0)  # transcription and speech
 
 
+ANTHROPIC_BASE_URL = "https://api.anthropic.com/v1"
+
+
 class ModelEntry(_Strict):
     name: str = Field(..., min_length=1)  # the model id clients send
     task: Task = "chat"
     # Several tasks from one deployment (a model that chats and embeds); `task` then unused.
     tasks: tuple[Task, ...] = ()
-    connector: Literal["openai", "worker"] = "openai"
-    base_url: str
+    connector: Literal["openai", "worker", "anthropic"] = "openai"
+    base_url: str  # connector anthropic: defaults to ANTHROPIC_BASE_URL
     api_key_env: str | None = None
     upstream_model: str | None = None  # id sent upstream; defaults to name
     instance: str | None = None  # unique instance id; defaults to name (or name#N)
@@ -571,6 +574,14 @@ class ModelEntry(_Strict):
     context_length: int | None = Field(None, gt=0)
     max_in_flight: int | None = Field(None, gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_base_url(cls, data: Any) -> Any:
+        # Anthropic's API has one home; an entry names another (a proxy, a mock) to override.
+        if isinstance(data, dict) and data.get("connector") == "anthropic" and not data.get("base_url"):
+            return {**data, "base_url": ANTHROPIC_BASE_URL}
+        return data
 
     @field_validator("base_url")
     @classmethod
@@ -585,6 +596,8 @@ class ModelEntry(_Strict):
         # Intent classification has no OpenAI-compatible API: only the worker serves it.
         if self.connector == "openai" and "intent" in (self.tasks or (self.task,)):
             raise ValueError("task intent is served by the worker only (connector: worker)")
+        if self.connector == "anthropic" and set(self.tasks or (self.task,)) != {"chat"}:
+            raise ValueError("connector anthropic serves task chat only (Anthropic's API has no other)")
         return self
 
 

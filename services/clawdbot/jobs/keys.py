@@ -21,10 +21,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 
 from clawdbot.common.errors import GatewayError
-from clawdbot.common.keystore import KeyNotFound, KeyRecord, KeyStore
+from clawdbot.common.keystore import KeyNotFound, KeyRecord, KeyStore, allowed
 from clawdbot.common.keystore.grants import grant_of
 from clawdbot.gen.v1 import router_pb2
 
@@ -46,7 +45,7 @@ def allows_workflow(record: KeyRecord, name: str) -> bool:
     """As the adapter decides at submission: no workflow globs in the key's defaults
     allow every workflow."""
     globs = (record.defaults or {}).get("workflows") or ()
-    return not globs or any(fnmatchcase(name, glob) for glob in globs)
+    return allowed(globs, name)
 
 
 def workflow_not_allowed(name: str) -> GatewayError:

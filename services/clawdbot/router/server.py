@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import orjson
@@ -38,7 +38,8 @@ from clawdbot.common.telemetry import inject_headers
 from clawdbot.gen.v1 import monitor_pb2_grpc, router_pb2, router_pb2_grpc
 from clawdbot.router.attempts import Attempts
 from clawdbot.router.breaker import CircuitBreaker
-from clawdbot.router.connectors.base import Connector
+from clawdbot.router.connectors.anthropic import AnthropicConnector
+from clawdbot.router.connectors.base import Connector, NativeConnector, NativeRequest, StreamMeter
 from clawdbot.router.connectors.openai import OpenAIConnector, UpstreamError
 from clawdbot.router.connectors.worker import WorkerConnector
 from clawdbot.router.health_view import HealthView
@@ -352,17 +353,23 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             # not a failure to try elsewhere.
             charge = await self._hold(request.meta, instance, worst)
             started = time.perf_counter()
+            native = self._native(request, instance)
             try:
                 with self._attempt(request.task, instance, request.meta) as observation:
-                    answer = await self._connectors[instance.connector].call(
-                        instance,
-                        request.task,
-                        plan.body,
-                        inject_headers(),
-                        request.meta.request_id,
-                        timeout_s,
-                        request.binary,
-                    )
+                    if native is not None:
+                        answer = await native[0].call_native(
+                            instance, native[1], inject_headers(), request.meta.request_id, timeout_s
+                        )
+                    else:
+                        answer = await self._connectors[instance.connector].call(
+                            instance,
+                            request.task,
+                            plan.body,
+                            inject_headers(),
+                            request.meta.request_id,
+                            timeout_s,
+                            request.binary,
+                        )
             except UpstreamError as err:
                 await self._spending.release(charge)
                 failure = err
@@ -374,7 +381,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 await self._spending.settle(charge, worst.input_tokens, 0, worst.input_cost(instance))
                 raise
             data = answer.data
-            usage = data.get("usage")
+            # A native answer's usage, read in Chat's terms (input counts cache reads and
+            # writes); the answer itself goes back as the upstream sent it.
+            usage = native[0].native_usage(data) if native is not None else data.get("usage")
             self._stats.get(instance.id).record_success(time.perf_counter() - started, _usage_tokens(usage)[1])
             cost = self._account(request.meta, request.task, instance, usage, observation)
             prompt, completion = _usage_tokens(usage)
@@ -383,11 +392,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 # and the audio produced, never free.
                 prompt, cost = worst.input_tokens, unreported_cost(instance, worst, answer.binary)
             spend = await self._spending.settle(charge, prompt, completion, cost)
-            if "model" in data:
+            if "model" in data and native is None:
                 data["model"] = instance.name
             span.set_attribute("clawdbot.instance", instance.id)
             return router_pb2.ModelResponse(
-                openai_json=orjson.dumps(data),
+                openai_json=answer.raw if native is not None else orjson.dumps(data),
+                dialect=native[1].dialect if native is not None else "",
                 instance=instance.id,
                 strategy=plan.strategy,
                 cost_usd=cost,
@@ -398,6 +408,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         raise failure or GatewayError.unavailable(
             explain_choice(plan.ranked, None, plan.weights), code="no_available_instance"
         )
+
+    def _native(
+        self, request: router_pb2.ModelRequest, instance: Instance
+    ) -> tuple[NativeConnector, NativeRequest] | None:
+        """The pass-through for this attempt: when the caller spoke a dialect natively and
+        the instance's connector speaks it too, the caller's own body goes, else the Chat
+        translation (openai_json) does."""
+        if not (request.dialect and request.native_json):
+            return None
+        connector = self._connectors[instance.connector]
+        if getattr(connector, "native_dialect", "") != request.dialect:
+            return None
+        native = cast(NativeConnector, connector)
+        return native, NativeRequest(request.dialect, request.native_json, dict(request.native_headers))
 
     async def _hold(self, meta: router_pb2.RequestMeta, instance: Instance, worst: Estimate) -> Charge:
         """The attempt's budget hold. The attempt already took the instance's breaker (in
@@ -447,13 +471,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             charge = await self._hold(request.meta, instance, worst)
             started = time.perf_counter()
             first_at: float | None = None
-            counter = _StreamCounter(strip_usage)
+            native = self._native(request, instance)
+            counter = _StreamCounter(strip_usage) if native is None else _NativeStreamCounter(native[0].stream_meter())
             try:
                 try:
                     with self._attempt(request.task, instance, request.meta) as observation:
-                        chunks = self._connectors[instance.connector].stream(
-                            instance, plan.body, inject_headers(), request.meta.request_id, timeout_s
-                        )
+                        if native is not None:
+                            chunks = native[0].stream_native(
+                                instance, native[1], inject_headers(), request.meta.request_id, timeout_s
+                            )
+                        else:
+                            chunks = self._connectors[instance.connector].stream(
+                                instance, plan.body, inject_headers(), request.meta.request_id, timeout_s
+                            )
                         async for payload in chunks:
                             if first_at is None:
                                 first_at = time.perf_counter()
@@ -461,7 +491,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                     first_at - started
                                 )
                                 yield router_pb2.StreamEvent(
-                                    instance=instance.id, strategy=plan.strategy, spend=charge.announced()
+                                    instance=instance.id,
+                                    strategy=plan.strategy,
+                                    spend=charge.announced(),
+                                    dialect=native[1].dialect if native is not None else "",
                                 )
                             relayed = counter.restamp(payload, instance)
                             if relayed is not None:
@@ -699,16 +732,33 @@ class _StreamCounter:
         return self.chunks > 0 or any(_usage_tokens(self.usage))
 
 
+class _NativeStreamCounter(_StreamCounter):
+    """For native events: relays them untouched, reading usage off them (the meter
+    knows the dialect's events)."""
+
+    def __init__(self, meter: StreamMeter) -> None:
+        super().__init__()
+        self._meter = meter
+
+    def restamp(self, payload: bytes, instance: Instance) -> bytes | None:
+        self._meter.observe(payload)
+        self.usage, self.chunks = self._meter.usage, self._meter.chunks
+        return payload
+
+
 def create_server(config: Config, config_source: Path | None = None) -> ServiceHost:
     """config_source: the file reloads read (default: the one CLAWDBOT_SOURCE_CONFIG or
     CLAWDBOT_CONFIG names); it is watched for changes."""
     metrics = Metrics("router")
     host = ServiceHost("router", config.router, metrics, reflection_services=("clawdbot.v1.Router",))
     openai, worker = OpenAIConnector(config.router.max_connections), WorkerConnector()
+    anthropic = AnthropicConnector(config.router.max_connections)
     # Budgets and the spend ledger: the key store opened (and migrated) by the background
     # job at start, the ledger flushed by it and, at shutdown, by close().
     spend = RouterSpending(config)
-    servicer = RouterServicer(config, {"openai": openai, "worker": worker}, metrics, spend.spending)
+    servicer = RouterServicer(
+        config, {"openai": openai, "worker": worker, "anthropic": anthropic}, metrics, spend.spending
+    )
     source = config_source or Path(os.environ.get(SOURCE_CONFIG_ENV) or config_path())
     servicer.reloader = Reloader(source, servicer)
     router_pb2_grpc.add_RouterServicer_to_server(servicer, host.grpc_server)
@@ -735,4 +785,5 @@ def create_server(config: Config, config_source: Path | None = None) -> ServiceH
     host.on_shutdown(servicer.reloader.close)
     host.on_shutdown(openai.close)
     host.on_shutdown(worker.close)
+    host.on_shutdown(anthropic.close)
     return host

@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -34,7 +33,7 @@ import redis.asyncio as aioredis
 from clawdbot.common.audio_bounds import AudioError, is_wav, read_wav
 from clawdbot.common.config import Config
 from clawdbot.common.errors import GatewayError
-from clawdbot.common.keystore import KeyStore
+from clawdbot.common.keystore import KeyStore, allowed
 from clawdbot.common.quota import BudgetBook, LedgerWriter, SpendRecord, quota_redis
 from clawdbot.gen.v1 import router_pb2
 from clawdbot.router.registry import Instance
@@ -107,7 +106,7 @@ def unreported_cost(instance: Instance, worst: Estimate, binary: bytes) -> float
 def check_model(grant: router_pb2.KeyGrant, model: str) -> None:
     """403 model_not_allowed unless the key's globs allow `model` (by the name asked for,
     as the adapter checks it: "auto" or a group is a name like any other)."""
-    if grant.models and not any(fnmatchcase(model, glob) for glob in grant.models):
+    if not allowed(grant.models, model):
         raise GatewayError.model_not_allowed(model)
 
 

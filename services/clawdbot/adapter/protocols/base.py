@@ -24,6 +24,7 @@ from clawdbot.adapter.gateway import Gateway
 from clawdbot.adapter.limits import budget_headers, rate_headers
 from clawdbot.adapter.servicer import GatewayRpcs
 from clawdbot.common.config import Config
+from clawdbot.common.errors import GatewayError
 from clawdbot.common.service import ServiceHost
 from clawdbot.gen.v1 import gateway_pb2, router_pb2
 
@@ -100,6 +101,22 @@ async def send_headers(context: grpc.aio.ServicerContext, headers: Sequence[tupl
     own with the first message."""
     if headers:
         await context.send_initial_metadata(headers)
+
+
+# An answer's HTTP status, for REST routes (HttpBody carries none): Envoy's Lua filter
+# moves it into :status.
+STATUS_HEADER = "x-clawdbot-status"
+
+
+def error_headers(status: int, err: GatewayError) -> list[tuple[str, str]]:
+    """The headers of an error answer on a REST route, whatever its body's dialect: its
+    status, Retry-After, and the x-ratelimit-* of the rate limiter's refusal, or else of
+    the request's admission."""
+    headers = [(STATUS_HEADER, str(status))]
+    if err.retry_after:
+        headers.append(("retry-after", err.retry_after))
+    headers.extend(err.headers or rate_headers())
+    return headers
 
 
 def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:

@@ -33,7 +33,9 @@ from clawdbot.adapter.openai_requests import (
     parse_transcription,
 )
 from clawdbot.adapter.protocols.base import (
+    STATUS_HEADER,
     ProtocolContext,
+    error_headers,
     explain_request,
     message_json,
     metadata_dict,
@@ -47,7 +49,6 @@ from clawdbot.gen.v1 import gateway_pb2, router_pb2
 
 log = logging.getLogger(__name__)
 
-STATUS_HEADER = "x-clawdbot-status"
 JSON = "application/json"
 SSE = "text/event-stream"
 SSE_DONE = b"data: [DONE]\n\n"
@@ -99,16 +100,13 @@ class RestProtocol:
         # the gRPC status (and the error in trailing metadata).
         if not method.endswith("Http"):
             return None
+        # Anthropic's clients read Anthropic's error shape.
+        if method.endswith(("/MessagesHttp", "/CountTokensHttp")):
+            return await self.anthropic.refused(context, err)
         return await self._error(context, err)
 
     async def _error(self, context: grpc.aio.ServicerContext, err: GatewayError) -> httpbody_pb2.HttpBody:
-        headers = [(STATUS_HEADER, str(err.status))]
-        if err.retry_after:
-            headers.append(("retry-after", err.retry_after))
-        # A refusal by the rate limiter carries its own x-ratelimit-*; any other failure of
-        # an admitted request, those of its admission.
-        headers.extend(err.headers or rate_headers())
-        await context.send_initial_metadata(headers)
+        await context.send_initial_metadata(error_headers(err.status, err))
         return httpbody_pb2.HttpBody(content_type=JSON, data=err.to_json())
 
     async def chat_completions(

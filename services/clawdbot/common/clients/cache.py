@@ -149,14 +149,18 @@ class ResponseCache:
             return None
         scope = cache_scope(request.meta, self._config.shared)
         version = self._versions.get(request.model, "")
-        key = cache_key(request.task, request.model, version, scope, body, request.binary)
+        key = cache_key(
+            request.task, request.model, version, scope, body, request.binary, request.dialect, request.native_json
+        )
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         namespace = text = ""
         if request.task == "chat" and request.model in self._config.semantic.models:
             system, text = _conversation(body)
             params = {k: v for k, v in body.items() if k not in IGNORED_FIELDS and k != "messages"}
-            namespace = cache_key("semantic", request.model, version, scope, {"system": system, "params": params})
+            namespace = cache_key(
+                "semantic", request.model, version, scope, {"system": system, "params": params}, dialect=request.dialect
+            )
         return CachePlan(
             key, not no_cache, max_age, include_usage, request.meta, namespace, text[-SEMANTIC_TEXT_CHARS:]
         )

@@ -22,13 +22,44 @@ IGNORED_FIELDS: Final = frozenset(
 )
 
 
-def cache_key(task: str, model: str, version: str, scope: str, body: dict[str, Any], binary: bytes = b"") -> str:
-    """`v1:<task>:<sha256>`; the task stays readable for operators looking at Redis."""
+def cache_key(
+    task: str,
+    model: str,
+    version: str,
+    scope: str,
+    body: dict[str, Any],
+    binary: bytes = b"",
+    dialect: str = "",
+    native: bytes = b"",
+) -> str:
+    """`v1:<task>:<sha256>`; the task stays readable for operators looking at Redis.
+
+    The caller's dialect ("" for Chat Completions, "anthropic", "responses") is part of the
+    key: an answer stored for one (perhaps the upstream's native answer in it, passed
+    through) is never replayed to a caller of another. So is the caller's own body
+    (`native`, same fields ignored): what its translation leaves out for an upstream that
+    reads the native body (a document block, say) still tells two requests apart."""
     material = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
-    document = orjson.dumps(
-        {"task": task, "model": model, "version": version, "scope": scope, "request": whole_numbers(material)},
-        option=orjson.OPT_SORT_KEYS,
-    )
+    document_fields: dict[str, Any] = {
+        "task": task,
+        "model": model,
+        "version": version,
+        "scope": scope,
+        "request": whole_numbers(material),
+    }
+    if dialect:
+        # Only when set: Chat keys stay what they were, so no stored entry is orphaned.
+        document_fields["dialect"] = dialect
+    if native:
+        try:
+            original = orjson.loads(native)
+        except orjson.JSONDecodeError:
+            original = None
+        if isinstance(original, dict):
+            document_fields["native"] = whole_numbers({k: v for k, v in original.items() if k not in IGNORED_FIELDS})
+        else:
+            document_fields["native_sha256"] = hashlib.sha256(native).hexdigest()
+    document = orjson.dumps(document_fields, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.sha256(document)
     if binary:
         digest.update(hashlib.sha256(binary).digest())

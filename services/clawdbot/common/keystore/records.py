@@ -3,10 +3,11 @@ validation of both: every bound is checked here, with a 400 naming the parameter
 
 from __future__ import annotations
 
-import fnmatch
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from typing import Any
 
 import orjson
@@ -36,6 +37,14 @@ FIELDS = (
     "admin",
     "defaults",
 )
+
+
+def allowed(globs: Iterable[str], name: str) -> bool:
+    """Whether a key's globs (models, workflows) allow `name`; none allow everything.
+    Case-sensitive on every OS: model and workflow names are identifiers, not file names.
+    Every service decides with this one function (adapter, router, jobs, key store)."""
+    patterns = tuple(globs)
+    return not patterns or any(fnmatchcase(name, glob) for glob in patterns)
 
 
 class KeyNotFound(GatewayError):
@@ -87,8 +96,7 @@ class KeyRecord:
         }
 
     def allows_model(self, model: str) -> bool:
-        # Case-sensitive on every OS: model names are identifiers, not file names.
-        return not self.models or any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
+        return allowed(self.models, model)
 
     def usable(self, now: datetime) -> bool:
         """Not revoked, not expired."""
