@@ -574,6 +574,9 @@ class ModelEntry(_Strict):
     context_length: int | None = Field(None, gt=0)
     max_in_flight: int | None = Field(None, gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
+    # The upstream serves OpenAI's Responses API at {base_url}/responses: Responses callers
+    # are passed through (their own body, only the model replaced), not translated to Chat.
+    responses_api: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -598,6 +601,8 @@ class ModelEntry(_Strict):
             raise ValueError("task intent is served by the worker only (connector: worker)")
         if self.connector == "anthropic" and set(self.tasks or (self.task,)) != {"chat"}:
             raise ValueError("connector anthropic serves task chat only (Anthropic's API has no other)")
+        if self.responses_api and (self.connector != "openai" or set(self.tasks or (self.task,)) != {"chat"}):
+            raise ValueError("responses_api is for connector openai with task chat only")
         return self
 
 

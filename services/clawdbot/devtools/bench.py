@@ -45,6 +45,12 @@ REQUEST_BODY: dict[str, Any] = {
 }
 # Deterministic, so the gateway caches it: after the first request, every one is a hit.
 CACHED_BODY: dict[str, Any] = {**REQUEST_BODY, "temperature": 0}
+# The same question in Anthropic's Messages API and OpenAI's Responses API: translated to
+# the one internal request and back (the Responses row stores each response, the default).
+MESSAGES_BODY: dict[str, Any] = {**REQUEST_BODY, "max_tokens": 64}
+RESPONSES_BODY: dict[str, Any] = {"model": BENCH_MODEL, "input": "hi"}
+# Rows whose added latency the report gives beside the Chat Completions row's.
+DIALECT_ROWS = ("messages", "responses")
 # The mock runs without --api-key and ignores this; it only keeps the request shape
 # identical to what goes through the gateway.
 DIRECT_API_KEY = "bench-direct"
@@ -443,6 +449,14 @@ def added_latency(rows: Sequence[Row]) -> dict[str, Any]:
         gw_v, direct_v = gw.percentiles_ms.get(pct), direct.percentiles_ms.get(pct)
         if gw_v is not None and direct_v is not None:
             out[f"{label}_c{c}_ms"] = round(gw_v - direct_v, 3)
+    # The other dialects' p50 at the lowest connection count, beside Chat Completions'.
+    direct = by_key.get(("direct", conns[0]))
+    direct_p50 = direct.percentiles_ms.get("50") if direct else None
+    for target in DIALECT_ROWS:
+        row = by_key.get((target, conns[0]))
+        p50 = row.percentiles_ms.get("50") if row else None
+        if p50 is not None and direct_p50 is not None:
+            out[f"{target}_p50_c{conns[0]}_ms"] = round(p50 - direct_p50, 3)
     return out
 
 
@@ -613,6 +627,20 @@ def run(args: argparse.Namespace, rows: list[Row]) -> None:
                     workdir,
                     CACHED_BODY,
                 )
+                for target, path, body in (
+                    ("messages", "/v1/messages", MESSAGES_BODY),
+                    ("responses", "/v1/responses", RESPONSES_BODY),
+                ):
+                    rows += bench_target(
+                        target,
+                        base.rstrip("/") + path,
+                        key if isinstance(key, str) else None,
+                        args.connections,
+                        args.duration,
+                        args.warmup,
+                        workdir,
+                        body,
+                    )
 
 
 def build_report(args: argparse.Namespace, rows: Sequence[Row], error: str | None) -> dict[str, Any]:
@@ -654,8 +682,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if added:
         print()
         for key, value in added.items():
-            label, conns, _ = key.split("_")
-            print(f"added latency (gateway - direct) {label} at c={conns[1:]}: {value:+.3f} ms")
+            # "p50_c1_ms" (Chat Completions) or "messages_p50_c1_ms" (another dialect).
+            *target, label, conns, _ = key.split("_")
+            route = target[0] if target else "gateway"
+            print(f"added latency ({route} - direct) {label} at c={conns[1:]}: {value:+.3f} ms")
     elif not args.skip_gateway and error is None:
         print("\nadded latency: n/a (missing direct or gateway results)")
     comparison = report["virtual_key"]["vs_static_key"]

@@ -36,6 +36,8 @@ class Instance:
     version: str = ""
     context_length: int | None = None
     max_in_flight: int | None = None
+    # The upstream serves OpenAI's Responses API too (ModelEntry.responses_api).
+    responses_api: bool = False
 
     def quality_for(self, task: str) -> float | None:
         return self.quality.get(task)
@@ -74,6 +76,7 @@ class Registry:
                 version=entry.version,
                 context_length=entry.context_length,
                 max_in_flight=entry.max_in_flight,
+                responses_api=entry.responses_api,
             )
             self._by_name[entry.name].append(instance)
             for task in instance.tasks:

@@ -39,7 +39,7 @@ from clawdbot.gen.v1 import monitor_pb2_grpc, router_pb2, router_pb2_grpc
 from clawdbot.router.attempts import Attempts
 from clawdbot.router.breaker import CircuitBreaker
 from clawdbot.router.connectors.anthropic import AnthropicConnector
-from clawdbot.router.connectors.base import Connector, NativeConnector, NativeRequest, StreamMeter
+from clawdbot.router.connectors.base import Connector, NativeConnector, NativeRequest, StreamMeter, passes_through
 from clawdbot.router.connectors.openai import OpenAIConnector, UpstreamError
 from clawdbot.router.connectors.worker import WorkerConnector
 from clawdbot.router.health_view import HealthView
@@ -418,7 +418,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if not (request.dialect and request.native_json):
             return None
         connector = self._connectors[instance.connector]
-        if getattr(connector, "native_dialect", "") != request.dialect:
+        if not passes_through(connector, instance, request.dialect):
             return None
         native = cast(NativeConnector, connector)
         return native, NativeRequest(request.dialect, request.native_json, dict(request.native_headers))

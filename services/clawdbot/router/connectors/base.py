@@ -109,3 +109,14 @@ class NativeConnector(Connector, Protocol):
         ...
 
     def stream_meter(self) -> StreamMeter: ...
+
+
+def passes_through(connector: Connector, instance: Instance, dialect: str) -> bool:
+    """Whether `instance` takes a `dialect` caller's own body: its connector speaks the
+    dialect (`native_dialect`) and, where that depends on the upstream (OpenAI's Responses
+    API: `serves_native(instance)`), this instance's upstream does. A connector without
+    `serves_native` speaks its dialect on every instance (Anthropic's)."""
+    if not dialect or getattr(connector, "native_dialect", "") != dialect:
+        return False
+    serves = getattr(connector, "serves_native", None)
+    return serves is None or bool(serves(instance))
