@@ -217,26 +217,6 @@ class AnthropicConnector:
             headers["x-api-key"] = instance.api_key
         return headers
 
-    def _unreachable(self, instance: Instance, exc: BaseException) -> UpstreamError:
-        return UpstreamError.make(
-            502,
-            f"upstream {instance.id} is unreachable ({type(exc).__name__}).",
-            "upstream_error",
-            "upstream_unreachable",
-            retryable=True,
-            kind="unreachable",
-        )
-
-    def _timeout(self, instance: Instance, timeout_s: float) -> UpstreamError:
-        return UpstreamError.make(
-            504,
-            f"upstream {instance.id} did not answer within {timeout_s:.3g} s.",
-            "timeout",
-            "upstream_timeout",
-            retryable=True,
-            kind="timeout",
-        )
-
     @staticmethod
     def _translate(instance: Instance, body: dict[str, Any], stream: bool) -> bytes:
         try:
@@ -282,9 +262,9 @@ class AnthropicConnector:
                     raise map_status(instance, resp.status, raw, resp.headers)
                 return raw
         except TimeoutError as exc:
-            raise self._timeout(instance, timeout_s) from exc
+            raise UpstreamError.timed_out(instance, timeout_s) from exc
         except aiohttp.ClientError as exc:
-            raise self._unreachable(instance, exc) from exc
+            raise UpstreamError.unreachable(instance, exc) from exc
 
     @staticmethod
     def _message(instance: Instance, raw: bytes) -> dict[str, Any]:
@@ -419,10 +399,10 @@ class AnthropicConnector:
             exc.retryable = exc.retryable and not started
             raise
         except TimeoutError as exc:
-            err = self._timeout(instance, timeout_s)
+            err = UpstreamError.timed_out(instance, timeout_s)
             err.retryable = not started
             raise err from exc
         except aiohttp.ClientError as exc:
-            err = self._unreachable(instance, exc)
+            err = UpstreamError.unreachable(instance, exc)
             err.retryable = not started
             raise err from exc

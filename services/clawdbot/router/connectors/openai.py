@@ -69,6 +69,29 @@ class UpstreamError(GatewayError):
         err.kind = kind
         return err
 
+    @classmethod
+    def unreachable(cls, instance: Instance, exc: BaseException) -> UpstreamError:
+        """The upstream could not be reached (refused, reset, DNS): another may be tried."""
+        return cls.make(
+            502,
+            f"upstream {instance.id} is unreachable ({type(exc).__name__}).",
+            "upstream_error",
+            "upstream_unreachable",
+            retryable=True,
+            kind="unreachable",
+        )
+
+    @classmethod
+    def timed_out(cls, instance: Instance, timeout_s: float) -> UpstreamError:
+        return cls.make(
+            504,
+            f"upstream {instance.id} did not answer within {timeout_s:.3g} s.",
+            "timeout",
+            "upstream_timeout",
+            retryable=True,
+            kind="timeout",
+        )
+
 
 def _upstream_message(body: bytes) -> tuple[str | None, str | None, str | None]:
     """(message, type, param) from an upstream error body, if it has OpenAI's shape."""
@@ -162,26 +185,6 @@ class OpenAIConnector:
             headers["Authorization"] = f"Bearer {instance.api_key}"
         return headers
 
-    def _unreachable(self, instance: Instance, exc: BaseException) -> UpstreamError:
-        return UpstreamError.make(
-            502,
-            f"upstream {instance.id} is unreachable ({type(exc).__name__}).",
-            "upstream_error",
-            "upstream_unreachable",
-            retryable=True,
-            kind="unreachable",
-        )
-
-    def _timeout(self, instance: Instance, timeout_s: float) -> UpstreamError:
-        return UpstreamError.make(
-            504,
-            f"upstream {instance.id} did not answer within {timeout_s:.3g} s.",
-            "timeout",
-            "upstream_timeout",
-            retryable=True,
-            kind="timeout",
-        )
-
     async def call(
         self,
         instance: Instance,
@@ -213,9 +216,9 @@ class OpenAIConnector:
                     raise map_status(instance, resp.status, raw, resp.headers)
                 content_type = resp.headers.get("Content-Type", "")
         except TimeoutError as exc:
-            raise self._timeout(instance, timeout_s) from exc
+            raise UpstreamError.timed_out(instance, timeout_s) from exc
         except aiohttp.ClientError as exc:
-            raise self._unreachable(instance, exc) from exc
+            raise UpstreamError.unreachable(instance, exc) from exc
         if task == "speech":
             return Answer({}, raw, content_type or "application/octet-stream")
         try:
@@ -299,11 +302,11 @@ class OpenAIConnector:
             exc.retryable = exc.retryable and not started
             raise
         except TimeoutError as exc:
-            err = self._timeout(instance, timeout_s)
+            err = UpstreamError.timed_out(instance, timeout_s)
             err.retryable = not started
             raise err from exc
         except aiohttp.ClientError as exc:
-            err = self._unreachable(instance, exc)
+            err = UpstreamError.unreachable(instance, exc)
             err.retryable = not started
             raise err from exc
 
@@ -352,9 +355,9 @@ class OpenAIConnector:
                 if resp.status != 200:
                     raise map_status(instance, resp.status, raw, resp.headers)
         except TimeoutError as exc:
-            raise self._timeout(instance, timeout_s) from exc
+            raise UpstreamError.timed_out(instance, timeout_s) from exc
         except aiohttp.ClientError as exc:
-            raise self._unreachable(instance, exc) from exc
+            raise UpstreamError.unreachable(instance, exc) from exc
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -421,11 +424,11 @@ class OpenAIConnector:
             exc.retryable = exc.retryable and not started
             raise
         except TimeoutError as exc:
-            err = self._timeout(instance, timeout_s)
+            err = UpstreamError.timed_out(instance, timeout_s)
             err.retryable = not started
             raise err from exc
         except aiohttp.ClientError as exc:
-            err = self._unreachable(instance, exc)
+            err = UpstreamError.unreachable(instance, exc)
             err.retryable = not started
             raise err from exc
 
