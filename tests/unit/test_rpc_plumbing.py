@@ -29,6 +29,7 @@ from clawdbot.common.metrics import Metrics
 from clawdbot.common.server_gate import GatedServer, ServerGate
 from clawdbot.common.service import grpc_target, internal_channel, mesh_channel
 from clawdbot.common.telemetry import remote_context, trace_metadata, tracer_provider
+from tests.support import wait_for_async
 
 _TOKEN = "unit-test-internal-token"
 _SERVICE = "test.Plumbing"
@@ -92,6 +93,17 @@ class _Served:
 
     def server_spans(self, method: str) -> list[ReadableSpan]:
         return [s for s in self.spans(f"{_SERVICE}/{method}") if s.kind == SpanKind.SERVER]
+
+    async def ended_spans(self, method: str, count: int = 1) -> list[ReadableSpan]:
+        """The method's server spans once `count` have ended. A caller may hold its answer
+        (or its error) before the gate has ended the call's span: the gate ends it, and
+        records the call's duration with it, as the handler's task unwinds."""
+
+        async def ended() -> list[ReadableSpan] | None:
+            spans = self.server_spans(method)
+            return spans if len(spans) >= count else None
+
+        return await wait_for_async(ended, 10, f"{count} ended {method} span(s)")
 
     def duration_count(self, method: str, code: int) -> float:
         value = self.metrics.registry.get_sample_value(
@@ -159,7 +171,7 @@ async def test_a_call_is_a_server_span_child_of_the_callers_with_its_request_id(
         request_id_var.set("")
         # Outside any span and request: a new trace, and no request id.
         assert await _unary(channel, "Echo")(b"again", timeout=10) == b"again"
-    first, second = running.server_spans("Echo")
+    first, second = await running.ended_spans("Echo", 2)
     assert first.context.trace_id == caller.get_span_context().trace_id
     assert first.parent is not None and first.parent.span_id == caller.get_span_context().span_id
     assert first.parent.is_remote
@@ -186,7 +198,7 @@ async def test_a_gateway_error_becomes_its_status_message_and_trailing_error(ser
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details() == "that will not do"
     assert GatewayError.from_rpc_error(err, "test") == GatewayError.bad_request("that will not do", "input")
     assert any(key == ERROR_METADATA_KEY for key, _value in err.trailing_metadata() or ())
-    [span] = running.server_spans("Refuse")
+    [span] = await running.ended_spans("Refuse")
     assert span.attributes is not None and span.attributes["rpc.grpc.status_code"] == 3
     # The caller's mistake: not an error of the server's (the semantic conventions).
     assert span.status.status_code == StatusCode.UNSET
@@ -208,7 +220,7 @@ async def test_a_bug_is_logged_with_its_traceback_and_answered_without_details(
     [record] = [r for r in caplog.records if r.getMessage() == "call failed"]
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
     assert record.__dict__["rpc"] == f"{_SERVICE}/Crash"
-    [span] = running.server_spans("Crash")
+    [span] = await running.ended_spans("Crash")
     assert span.status.status_code == StatusCode.ERROR
     assert [e.name for e in span.events] == ["exception"]
 
@@ -220,7 +232,7 @@ async def test_a_handlers_own_abort_keeps_its_status_on_the_span(served: tuple[_
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await _unary(channel, "Abort")(b"", timeout=10)
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND and raised.value.details() == "no such thing"
-    [span] = running.server_spans("Abort")
+    [span] = await running.ended_spans("Abort")
     assert span.attributes is not None and span.attributes["rpc.grpc.status_code"] == 5
     assert running.duration_count("Abort", 5) == 1
 
@@ -249,10 +261,10 @@ async def test_streams_are_traced_until_they_end_and_fail_with_their_status(serv
             assert [m async for m in chat(parts(), timeout=10)] == [b"A", b"B"]
     trace_id = caller.get_span_context().trace_id
     for method, code in (("Count", 14), ("Gather", 0), ("Chat", 0)):
-        [span] = running.server_spans(method)
+        [span] = await running.ended_spans(method)
         assert span.context.trace_id == trace_id, method
         assert span.attributes is not None and span.attributes["rpc.grpc.status_code"] == code, method
-    [failed] = running.server_spans("Count")
+    [failed] = await running.ended_spans("Count")
     assert failed.status.status_code == StatusCode.ERROR and failed.status.description == "ran dry mid-stream"
 
 
@@ -298,7 +310,7 @@ async def test_a_call_sites_own_trace_context_wins(served: tuple[_Served, _Handl
     async with internal_channel(running.target, _TOKEN) as channel:
         with running.provider.get_tracer("test").start_as_current_span("caller"):
             await _unary(channel, "Echo")(b"", timeout=10, metadata=(("traceparent", theirs),))
-    [span] = running.server_spans("Echo")
+    [span] = await running.ended_spans("Echo")
     assert format(span.context.trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert span.parent is not None and format(span.parent.span_id, "016x") == "00f067aa0ba902b7"
 
