@@ -24,7 +24,7 @@ from clawdbot.common.dialects import anthropic as dialect
 from clawdbot.common.errors import GatewayError
 from clawdbot.router.connectors.base import Answer, NativeRequest
 from clawdbot.router.connectors.native import NotAnObject, passed_body
-from clawdbot.router.connectors.openai import UpstreamError
+from clawdbot.router.connectors.openai import UpstreamError, provider_failure
 from clawdbot.router.registry import Instance
 
 _MESSAGES_PATH = "/messages"
@@ -46,29 +46,9 @@ def map_status(instance: Instance, status: int, body: bytes, headers: Mapping[st
     what = f"HTTP {status}"
     if status == 0:  # an error event: its type says what status it would have had
         status, what = _event_status(body), "an error event"
-    if status == 429:
-        return UpstreamError.make(
-            429,
-            failure.message,
-            "rate_limit_error",
-            "rate_limit_exceeded",
-            retryable=True,
-            kind="rate_limited",
-            retry_after=headers.get("retry-after"),
-        )
-    if status in (401, 403):
-        return UpstreamError.make(
-            502,
-            f"{where} rejected the gateway's credentials ({status}).",
-            "upstream_error",
-            "upstream_auth_failed",
-            retryable=True,
-            kind="auth",
-        )
-    if status in (408, 504):
-        return UpstreamError.make(
-            504, f"{where} timed out.", "timeout", "upstream_timeout", retryable=True, kind="timeout"
-        )
+    common = provider_failure(instance, status, failure.message, headers.get("retry-after"))
+    if common is not None:
+        return common
     if status == dialect.OVERLOADED_STATUS:
         # Kept as the 503 `overloaded` error_from_anthropic makes of it: the Messages route
         # answers it as 529 overloaded_error, which Anthropic's clients retry.

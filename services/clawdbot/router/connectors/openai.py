@@ -108,8 +108,13 @@ def _upstream_message(body: bytes) -> tuple[str | None, str | None, str | None]:
     return (str(detail) if detail else None), None, None
 
 
-def map_status(instance: Instance, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
-    message, type_, param = _upstream_message(body)
+def provider_failure(
+    instance: Instance, status: int, message: str | None, retry_after: str | None
+) -> UpstreamError | None:
+    """What any provider's HTTP status means whatever its dialect: rate limited (429,
+    another instance may take it), the gateway's own credentials refused (401/403: a
+    502, the caller's key was fine), timed out (408/504). None for the other statuses,
+    which each connector reads in its provider's terms."""
     where = f"upstream {instance.id}"
     if status == 429:
         return UpstreamError.make(
@@ -119,10 +124,9 @@ def map_status(instance: Instance, status: int, body: bytes, headers: Mapping[st
             "rate_limit_exceeded",
             retryable=True,
             kind="rate_limited",
-            retry_after=headers.get("Retry-After"),
+            retry_after=retry_after,
         )
     if status in (401, 403):
-        # The caller's key was fine; the gateway's credentials for the provider were not.
         return UpstreamError.make(
             502,
             f"{where} rejected the gateway's credentials ({status}).",
@@ -135,6 +139,15 @@ def map_status(instance: Instance, status: int, body: bytes, headers: Mapping[st
         return UpstreamError.make(
             504, f"{where} timed out.", "timeout", "upstream_timeout", retryable=True, kind="timeout"
         )
+    return None
+
+
+def map_status(instance: Instance, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
+    message, type_, param = _upstream_message(body)
+    where = f"upstream {instance.id}"
+    common = provider_failure(instance, status, message, headers.get("Retry-After"))
+    if common is not None:
+        return common
     if 400 <= status < 500:
         code = "model_not_found" if status == 404 else "invalid_request"
         return UpstreamError.make(
